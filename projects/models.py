@@ -1,0 +1,470 @@
+"""The DistillHub domain: teams, projects and every stage of the distillation loop.
+
+Money is stored as ``Decimal`` US dollars, tokens as integers, latencies in milliseconds,
+sizes in bytes, progress as a fraction in [0, 1].
+"""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class Team(models.Model):
+    """A group of users that owns projects; every object a user sees belongs to one of their teams."""
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    MEMBER = "member", "Member"
+    VIEWER = "viewer", "Viewer (read only)"
+
+
+class Membership(models.Model):
+    """A user's role in a team. Viewers read; members and owners also write."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="membership_team_user_unique")]
+
+    @property
+    def can_write(self) -> bool:
+        return self.role in (Role.OWNER, Role.MEMBER)
+
+
+class TaskType(models.TextChoices):
+    CLASSIFICATION = "classification", "Classification"
+    EXTRACTION = "extraction", "Extraction (JSON)"
+    SUMMARIZATION = "summarization", "Summarization"
+    GENERATION = "generation", "Generation"
+
+
+class Project(models.Model):
+    """One narrow task to distil: its type, the teacher's instructions, labels or output schema.
+
+    ``labels``: list of label strings (classification). ``output_schema``: a JSON Schema dict
+    (extraction). ``few_shot``: list of ``{"query": str, "answer": str}``. ``checks``: settings of
+    the quality checks, e.g. ``{"min_length": 1, "max_length": 4000, "refusal": true,
+    "judge_teacher": null}``. Split fractions sum to 1.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="projects")
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    task_type = models.CharField(max_length=20, choices=TaskType.choices, default=TaskType.CLASSIFICATION)
+    instructions = models.TextField(blank=True, default="")
+    labels = models.JSONField(default=list, blank=True)
+    output_schema = models.JSONField(null=True, blank=True)
+    few_shot = models.JSONField(default=list, blank=True)
+    checks = models.JSONField(default=dict, blank=True)
+    split_train = models.FloatField(default=0.8)
+    split_validation = models.FloatField(default=0.1)
+    split_test = models.FloatField(default=0.1)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+JOB_ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Job(models.Model):
+    """A background job on Celery and the single source of its state for pages and the CLI.
+
+    ``progress`` is a fraction in [0, 1]. ``payload`` holds the task's arguments (ids, options);
+    ``result`` a JSON summary written when it ends. A task claims its row with a conditional
+    UPDATE (queued -> running) so a redelivered message does nothing.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=40)
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    progress = models.FloatField(default=0.0)
+    message = models.TextField(blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    payload = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    celery_task_id = models.CharField(max_length=255, blank=True, default="")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"], name="job_status_heartbeat")]
+
+    @property
+    def ended(self) -> bool:
+        return self.status in JOB_ENDED
+
+    def __str__(self) -> str:
+        return f"Job {self.pk} {self.kind} {self.status}"
+
+
+# --- Ingest ---------------------------------------------------------------------------------
+
+
+class Split(models.TextChoices):
+    TRAIN = "train", "Train"
+    VALIDATION = "validation", "Validation"
+    TEST = "test", "Test (held out)"
+    GOLDEN = "golden", "Golden set"
+
+
+class Dataset(models.Model):
+    """One uploaded file and its import report (``skipped``: list of ``{"line": int, "reason": str}``)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        IMPORTED = "imported", "Imported"
+        FAILED = "failed", "Failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=255)
+    file = models.FileField(upload_to="uploads/%Y/%m/", max_length=500, blank=True)
+    golden = models.BooleanField(default=False)
+    text_column = models.CharField(max_length=200, blank=True, default="")
+    reference_column = models.CharField(max_length=200, blank=True, default="")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    encoding = models.CharField(max_length=50, blank=True, default="")
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    imported = models.IntegerField(default=0)
+    duplicates = models.IntegerField(default=0)
+    skipped = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True, default="")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="dataset")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class Query(models.Model):
+    """One input to the task. ``text_hash`` is the sha256 of the normalised text (NFKC,
+    case-folded, whitespace collapsed); it is unique per project and golden flag, and decides the
+    split deterministically. ``reference`` is the gold answer or label when one was given."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries")
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries")
+    text = models.TextField()
+    text_hash = models.CharField(max_length=64)
+    split = models.CharField(max_length=10, choices=Split.choices, db_index=True)
+    golden = models.BooleanField(default=False)
+    reference = models.TextField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    line = models.IntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "golden", "text_hash"], name="query_project_golden_hash_unique"),
+        ]
+        indexes = [models.Index(fields=["project", "split", "id"], name="query_project_split_id")]
+
+
+# --- Teachers and generation ----------------------------------------------------------------
+
+
+class Teacher(models.Model):
+    """A model that answers queries. ``provider``: ``openai`` (any OpenAI-compatible endpoint),
+    ``transformers`` (a local model: bundled short name, HF id or folder) or ``ensemble`` (of
+    ``members``). The API key is never stored: ``api_key_env`` names the environment variable.
+    Prices are USD per 1M tokens."""
+
+    class Provider(models.TextChoices):
+        OPENAI = "openai", "OpenAI-compatible API"
+        TRANSFORMERS = "transformers", "Local transformers model"
+        ENSEMBLE = "ensemble", "Ensemble of teachers"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="teachers")
+    name = models.CharField(max_length=100)
+    provider = models.CharField(max_length=20, choices=Provider.choices)
+    model = models.CharField(max_length=300, blank=True, default="")
+    base_url = models.CharField(max_length=500, blank=True, default="")
+    api_key_env = models.CharField(max_length=100, blank=True, default="")
+    temperature = models.FloatField(default=0.3)
+    max_tokens = models.IntegerField(default=256)
+    top_logprobs = models.IntegerField(null=True, blank=True)
+    timeout_s = models.FloatField(default=60.0)
+    price_in_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    price_out_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    members = models.ManyToManyField("self", symmetrical=False, blank=True, related_name="ensembles")
+    options = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="teacher_project_name_unique")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GenerationRun(models.Model):
+    """One pass of the teacher(s) over the train queries, with rejection sampling by the checks.
+    Counters are kept current while it runs; cost in USD."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="generation_runs")
+    teachers = models.ManyToManyField(Teacher, related_name="runs")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="generation_run")
+    samples_per_query = models.IntegerField(default=1)
+    concurrency = models.IntegerField(default=16)
+    limit = models.IntegerField(null=True, blank=True)
+    budget_usd = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    stop_reason = models.CharField(max_length=200, blank=True, default="")
+    accepted = models.IntegerField(default=0)
+    rejected = models.IntegerField(default=0)
+    failed = models.IntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    options = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class SampleStatus(models.TextChoices):
+    ACCEPTED = "accepted", "Accepted"
+    REJECTED = "rejected", "Rejected"
+    FAILED = "failed", "Failed (no answer)"
+
+
+class Sample(models.Model):
+    """One teacher answer to one query, with every check's result.
+
+    ``prompt``: the exact chat messages sent. ``parsed``: the label string or the JSON object.
+    ``label_probs``: ``{label: probability}`` (soft labels) where the teacher gives them.
+    ``checks``: list of ``{"name": str, "passed": bool, "reason": str}``. ``status`` is what the
+    checks decided; ``review_status`` is the human decision that overrides it (null: none yet).
+    ``final_response`` is what training uses: the edit if one was made, else the response.
+    """
+
+    run = models.ForeignKey(GenerationRun, on_delete=models.CASCADE, related_name="samples")
+    query = models.ForeignKey(Query, on_delete=models.CASCADE, related_name="samples")
+    teacher = models.ForeignKey(Teacher, on_delete=models.CASCADE, related_name="samples")
+    sample_index = models.IntegerField(default=0)
+    prompt = models.JSONField(default=list, blank=True)
+    response = models.TextField(null=True, blank=True)
+    parsed = models.JSONField(null=True, blank=True)
+    finish_reason = models.CharField(max_length=40, blank=True, default="")
+    input_tokens = models.IntegerField(default=0)
+    output_tokens = models.IntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, default=0)
+    latency_ms = models.FloatField(null=True, blank=True)
+    label_probs = models.JSONField(null=True, blank=True)
+    token_logprobs = models.JSONField(null=True, blank=True)
+    checks = models.JSONField(default=list, blank=True)
+    failed_checks = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=10, choices=SampleStatus.choices, db_index=True)
+    error = models.TextField(blank=True, default="")
+    # Human review
+    review_status = models.CharField(max_length=10, null=True, blank=True, choices=[("accepted", "Accepted"), ("rejected", "Rejected")])
+    edited_response = models.TextField(null=True, blank=True)
+    reviewed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    audit = models.BooleanField(default=False)
+    version = models.IntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "query", "teacher", "sample_index"], name="sample_slot_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["run", "status", "review_status", "id"], name="sample_queue"),
+        ]
+
+    @property
+    def final_response(self) -> str | None:
+        return self.edited_response if self.edited_response is not None else self.response
+
+    @property
+    def curated(self) -> bool:
+        """True when the sample belongs in the training set (accepted by checks or by a human)."""
+        if self.review_status:
+            return self.review_status == "accepted"
+        return self.status == SampleStatus.ACCEPTED
+
+
+class ReviewDecision(models.Model):
+    """History of human decisions on a sample: who, what, when; the original answer kept."""
+
+    sample = models.ForeignKey(Sample, on_delete=models.CASCADE, related_name="decisions")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    decision = models.CharField(max_length=20)
+    previous_review_status = models.CharField(max_length=10, null=True, blank=True)
+    previous_edited_response = models.TextField(null=True, blank=True)
+    original_response = models.TextField(null=True, blank=True)
+    edited_response = models.TextField(null=True, blank=True)
+    undone = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+# --- Training -------------------------------------------------------------------------------
+
+
+class TrainingMethod(models.TextChoices):
+    SFT_LORA = "sft-lora", "SFT with LoRA"
+    SFT_FULL = "sft-full", "Full SFT"
+    CLASSIFIER_KD = "classifier-kd", "Classifier with soft-label KD"
+    LOGIT_KD = "logit-kd", "Token-level logit KD"
+
+
+class TrainingRun(models.Model):
+    """A student trained from the curated dataset. ``hyperparams`` holds every setting used
+    (LoRA rank, alpha, target modules, learning rate, epochs, temperature, KD alpha, ...).
+    ``dataset_sha256`` is the content hash of the curated dataset it was trained on."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_run")
+    method = models.CharField(max_length=20, choices=TrainingMethod.choices)
+    student_model = models.CharField(max_length=300)
+    preset = models.CharField(max_length=40, blank=True, default="")
+    hyperparams = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    stop_reason = models.CharField(max_length=300, blank=True, default="")
+    dataset_sha256 = models.CharField(max_length=64, blank=True, default="")
+    dataset_rows = models.IntegerField(default=0)
+    student_prompt_template = models.TextField(blank=True, default="")
+    teacher_prompt_template = models.TextField(blank=True, default="")
+    preflight = models.JSONField(default=dict, blank=True)
+    train_loss = models.FloatField(null=True, blank=True)
+    best_val_loss = models.FloatField(null=True, blank=True)
+    best_step = models.IntegerField(null=True, blank=True)
+    output_dir = models.CharField(max_length=500, blank=True, default="")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class TrainingMetric(models.Model):
+    """One logged point of a training curve; ``split`` is ``train`` or ``validation``."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="metrics")
+    step = models.IntegerField()
+    epoch = models.FloatField(null=True, blank=True)
+    split = models.CharField(max_length=12, default="train")
+    loss = models.FloatField(null=True, blank=True)
+    learning_rate = models.FloatField(null=True, blank=True)
+    grad_norm = models.FloatField(null=True, blank=True)
+    fidelity = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["step"]
+        constraints = [models.UniqueConstraint(fields=["run", "step", "split"], name="trainingmetric_run_step_split_unique")]
+
+
+class ModelArtifact(models.Model):
+    """A file or folder a training run produced: ``adapter``, ``merged``, ``tokenizer``, ``int8``,
+    ``classifier``. ``path`` is relative to the data dir's storage; size in bytes."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="artifacts")
+    training_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=20)
+    path = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["training_run", "kind"], name="artifact_run_kind_unique")]
+
+
+# --- Evaluation -----------------------------------------------------------------------------
+
+
+class Evaluation(models.Model):
+    """Student(s) vs teacher(s) on the test split or the golden set. ``charts``: plotly figure
+    dicts by name; ``summary``: headline figures; ``verdict``: e.g. "ready to ship"."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="evaluations")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="evaluation")
+    split = models.CharField(max_length=10, default=Split.TEST)
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    verdict = models.CharField(max_length=300, blank=True, default="")
+    ready_to_ship = models.BooleanField(null=True, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+    charts = models.JSONField(default=dict, blank=True)
+    options = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class EvalResult(models.Model):
+    """One model's figures in an evaluation. ``role``: ``teacher``, ``student`` or ``base``.
+    ``quality`` is the task's headline metric (accuracy, field F1, ROUGE-L); ``quality_retention``
+    = student quality / teacher quality. Latencies in ms, throughput in queries/s, cost in USD per
+    1,000 queries."""
+
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="results")
+    model_name = models.CharField(max_length=300)
+    role = models.CharField(max_length=10)
+    teacher = models.ForeignKey(Teacher, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    artifact = models.ForeignKey(ModelArtifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    metrics = models.JSONField(default=dict, blank=True)
+    quality = models.FloatField(null=True, blank=True)
+    quality_retention = models.FloatField(null=True, blank=True)
+    latency_ms_p50 = models.FloatField(null=True, blank=True)
+    latency_ms_p95 = models.FloatField(null=True, blank=True)
+    throughput_qps = models.FloatField(null=True, blank=True)
+    size_bytes = models.BigIntegerField(null=True, blank=True)
+    cost_per_1k_usd = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class EvalPrediction(models.Model):
+    """One model's answer to one evaluation query, for the side-by-side view."""
+
+    result = models.ForeignKey(EvalResult, on_delete=models.CASCADE, related_name="predictions")
+    query = models.ForeignKey(Query, on_delete=models.CASCADE, related_name="+")
+    output = models.TextField(blank=True, default="")
+    label = models.CharField(max_length=300, null=True, blank=True)
+    probs = models.JSONField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    correct = models.BooleanField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["result", "query"], name="evalprediction_result_query_unique")]

@@ -1,0 +1,89 @@
+"""Reads used by views, the CLI and exports. Every read that takes an id goes through a
+user's teams, so another team's objects answer 404."""
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from django.http import Http404
+
+from projects.models import Job, Membership, Project, Team
+
+
+def teams_for_user(user) -> QuerySet[Team]:
+    """Teams the user belongs to (any role)."""
+    if not user.is_authenticated:
+        return Team.objects.none()
+    return Team.objects.filter(memberships__user=user)
+
+
+def projects_for_user(user) -> QuerySet[Project]:
+    """Projects of the user's teams, newest first."""
+    return Project.objects.filter(team__in=teams_for_user(user)).select_related("team")
+
+
+def project_for_user(user, slug: str) -> Project:
+    """The project with ``slug`` if one of the user's teams owns it; Http404 otherwise."""
+    try:
+        return projects_for_user(user).get(slug=slug)
+    except Project.DoesNotExist:
+        raise Http404("No such project") from None
+
+
+def jobs_for_user(user) -> QuerySet[Job]:
+    """Jobs of the user's teams, newest first."""
+    return Job.objects.filter(team__in=teams_for_user(user)).select_related("project")
+
+
+def job_for_user(user, job_id: int) -> Job:
+    """The job with ``job_id`` if one of the user's teams owns it; Http404 otherwise."""
+    try:
+        return jobs_for_user(user).get(pk=job_id)
+    except Job.DoesNotExist:
+        raise Http404("No such job") from None
+
+
+def membership_for(user, team: Team) -> Membership | None:
+    """The user's membership of ``team``, or None."""
+    if not user.is_authenticated:
+        return None
+    return Membership.objects.filter(team=team, user=user).first()
+
+
+def user_can_write(user, team: Team) -> bool:
+    """True for owners and members of ``team``; viewers and outsiders read at most."""
+    m = membership_for(user, team)
+    return bool(m and m.can_write)
+
+
+def project_stages(project: Project) -> list[dict]:
+    """The loop as a row of stages for the overview: each ``{"key", "title", "counts": [(label,
+    value)], "url_name"}``. Counts come from cheap aggregate queries."""
+    from django.db.models import Count, Q
+
+    from projects.models import Evaluation, Query, Sample, TrainingRun
+
+    q = Query.objects.filter(project=project).aggregate(
+        total=Count("id"),
+        train=Count("id", filter=Q(split="train")),
+        test=Count("id", filter=Q(split="test")),
+        golden=Count("id", filter=Q(golden=True)),
+    )
+    s = Sample.objects.filter(run__project=project).aggregate(
+        accepted=Count("id", filter=Q(status="accepted")),
+        rejected=Count("id", filter=Q(status="rejected")),
+        to_review=Count("id", filter=Q(status="rejected", review_status__isnull=True)),
+        reviewed=Count("id", filter=Q(review_status__isnull=False)),
+    )
+    runs = TrainingRun.objects.filter(project=project)
+    latest_eval = Evaluation.objects.filter(project=project).first()
+    return [
+        {"key": "queries", "title": "Queries", "url_name": "queries_page",
+         "counts": [("queries", q["total"]), ("train", q["train"]), ("test", q["test"]), ("golden", q["golden"])]},
+        {"key": "generation", "title": "Teacher data", "url_name": "generation_page",
+         "counts": [("accepted", s["accepted"]), ("rejected", s["rejected"])]},
+        {"key": "review", "title": "Review", "url_name": "review_page",
+         "counts": [("to review", s["to_review"]), ("reviewed", s["reviewed"])]},
+        {"key": "training", "title": "Students", "url_name": "training_page",
+         "counts": [("runs", runs.count()), ("succeeded", runs.filter(status="succeeded").count())]},
+        {"key": "evaluation", "title": "Evaluation", "url_name": "evaluation_page",
+         "counts": [("verdict", latest_eval.verdict if latest_eval and latest_eval.verdict else "—")]},
+    ]

@@ -1,0 +1,12 @@
+"""Every page's URL; each page group's module under views/ exports its own ``urlpatterns``."""
+from projects.views import evaluation, generation, jobs, projects, queries, review, training
+
+urlpatterns = [
+    *projects.urlpatterns,
+    *jobs.urlpatterns,
+    *queries.urlpatterns,
+    *generation.urlpatterns,
+    *review.urlpatterns,
+    *training.urlpatterns,
+    *evaluation.urlpatterns,
+]

@@ -1,0 +1,17 @@
+"""Evaluation pages (placeholder until its issue fills it in)."""
+from __future__ import annotations
+
+from django.shortcuts import render
+from django.urls import path
+
+from projects import selectors
+
+
+def evaluation_page(request, slug: str):
+    project = selectors.project_for_user(request.user, slug)
+    return render(request, "projects/placeholder.html", {"project": project, "title": "Evaluation", "section": "evaluation"})
+
+
+urlpatterns = [
+    path("p/<slug:slug>/evaluation/", evaluation_page, name="evaluation_page"),
+]

@@ -1,0 +1,17 @@
+"""Queries pages (placeholder until its issue fills it in)."""
+from __future__ import annotations
+
+from django.shortcuts import render
+from django.urls import path
+
+from projects import selectors
+
+
+def queries_page(request, slug: str):
+    project = selectors.project_for_user(request.user, slug)
+    return render(request, "projects/placeholder.html", {"project": project, "title": "Queries", "section": "queries"})
+
+
+urlpatterns = [
+    path("p/<slug:slug>/queries/", queries_page, name="queries_page"),
+]

@@ -1,0 +1,154 @@
+"""Shared fixtures: real PostgreSQL (pytest-django's test database), real Redis and a real
+Celery worker process consuming the `default`, `teacher` and `gpu` queues.
+
+Tests that need the worker must use ``transactional_db`` (``@pytest.mark.django_db(transaction=True)``)
+so the worker, in another process, sees their rows."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("DISTILLHUB_SHARED_DATA", REPO.parent / "shared" / "data"))
+PASSWORD = "correct-horse-42"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The public datasets beside the checkout (../shared/data)."""
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read the public datasets from ../shared/data "
+                    "(or set DISTILLHUB_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def team(db):
+    from projects.services.teams import team_create
+
+    return team_create(name="Acme Support")
+
+
+@pytest.fixture
+def other_team(db):
+    from projects.services.teams import team_create
+
+    return team_create(name="Rival Corp")
+
+
+def _user(team, name, role):
+    from projects.services.teams import user_create
+
+    return user_create(username=name, team=team, role=role, password=PASSWORD)
+
+
+@pytest.fixture
+def owner(team):
+    return _user(team, "olivia", "owner")
+
+
+@pytest.fixture
+def member(team):
+    return _user(team, "mark", "member")
+
+
+@pytest.fixture
+def viewer(team):
+    return _user(team, "vera", "viewer")
+
+
+@pytest.fixture
+def outsider(other_team):
+    return _user(other_team, "oscar", "owner")
+
+
+@pytest.fixture
+def project(team, owner):
+    from projects.services.projects import project_create
+
+    return project_create(team=team, user=owner, name="Support intents", task_type="classification",
+                          labels=["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"],
+                          instructions="Classify the customer's message into one intent.")
+
+
+@pytest.fixture
+def owner_client(client, owner):
+    client.force_login(owner)
+    return client
+
+
+def _redis_url_for_tests() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_proc(django_db_setup, django_db_blocker):
+    """A real Celery worker (a separate process) on the test database and the configured Redis.
+    Session-scoped: started once, killed at the end. Queues are purged first."""
+    from django.conf import settings
+    from django.db import connection
+
+    db = settings.DATABASES["default"]
+    test_name = connection.settings_dict["NAME"]
+    user = db.get("USER") or "postgres"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    pw = db.get("PASSWORD") or ""
+    auth = f"{user}:{pw}@" if pw else f"{user}@"
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{auth}{host}:{port}/{test_name}"
+    env["REDIS_URL"] = _redis_url_for_tests()
+    env["DISTILLHUB_DATA_DIR"] = str(settings.DATA_DIR)
+    env["DISTILLHUB_MODEL_CACHE"] = str(settings.MODEL_CACHE_DIR)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log_path = Path(settings.DATA_DIR) / "test-celery-worker.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "distillhub", "worker", "-Q", "default,teacher,gpu",
+         "--concurrency", "2", "--pool", "prefork", "--loglevel", "INFO", "--purge", "--without-gossip",
+         "--without-mingle", "--hostname", f"test-{os.getpid()}@%h"],
+        cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"celery worker exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
+        if "ready." in log_path.read_text():
+            break
+        time.sleep(0.3)
+    else:
+        raise RuntimeError(f"celery worker did not become ready; see {log_path}")
+    proc.log_path = log_path
+    yield proc
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def celery_worker(celery_worker_proc, transactional_db):
+    """Use in tests that queue work: a running worker plus a transactional database."""
+    return celery_worker_proc
+
+
+def wait_job(job_id: int, timeout: float = 120.0):
+    """Poll the Job row until it ends; returns it. Fails the test on timeout."""
+    from projects.models import Job
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = Job.objects.get(pk=job_id)
+        if job.ended:
+            return job
+        time.sleep(0.25)
+    job = Job.objects.get(pk=job_id)
+    pytest.fail(f"job {job_id} did not end within {timeout}s: status={job.status} message={job.message!r}")

@@ -1,0 +1,43 @@
+"""The layout rules of DESIGN.md that code can check."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_pipeline_has_no_django_imports():
+    files = list((REPO / "workers" / "pipeline").rglob("*.py"))
+    assert files, "workers/pipeline is empty"
+    offenders = {str(f.relative_to(REPO)): sorted(_imports(f) & {"django", "projects", "distillhub", "celery"})
+                 for f in files}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert offenders == {}
+
+
+def test_services_are_keyword_only():
+    """Every public function in projects/services takes keyword-only arguments."""
+    bad = []
+    for f in (REPO / "projects" / "services").rglob("*.py"):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                if node.args.args or node.args.posonlyargs:
+                    # decorators/registration helpers that take one positional callback are allowed
+                    if node.name in {"job_subject_sync"}:
+                        continue
+                    bad.append(f"{f.name}:{node.name}")
+    assert bad == []
+
+
+def test_no_utils_module():
+    assert not [p for p in REPO.rglob("utils.py") if ".venv" not in p.parts]
