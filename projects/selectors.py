@@ -87,3 +87,44 @@ def project_stages(project: Project) -> list[dict]:
         {"key": "evaluation", "title": "Evaluation", "url_name": "evaluation_page",
          "counts": [("verdict", latest_eval.verdict if latest_eval and latest_eval.verdict else "—")]},
     ]
+
+
+def curated_samples(project: Project):
+    """The curated dataset: samples on train-split queries that a human accepted, or that the
+    checks accepted and no human rejected. Ordered by id (stable for hashing and export)."""
+    from django.db.models import Q
+
+    from projects.models import Sample, Split
+
+    return (
+        Sample.objects.filter(run__project=project, query__split=Split.TRAIN, query__golden=False)
+        .filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
+        .select_related("query", "teacher")
+        .order_by("id")
+    )
+
+
+def curated_dataset_rows(project: Project):
+    """Yield the curated dataset as plain dicts: ``{"sample_id", "query_id", "query", "answer",
+    "label", "label_probs", "teacher"}``; ``answer`` is the human edit when there is one.
+    Streams with an iterator, so 100,000 rows do not sit in memory."""
+    for s in curated_samples(project).iterator(chunk_size=2000):
+        label = s.parsed if isinstance(s.parsed, str) else None
+        yield {"sample_id": s.id, "query_id": s.query_id, "query": s.query.text, "answer": s.final_response,
+               "label": label, "label_probs": s.label_probs, "teacher": s.teacher.name}
+
+
+def curated_dataset_sha256(project: Project) -> tuple[str, int]:
+    """Content hash of the curated dataset (sha256 over the canonical JSON of each row's query,
+    answer, label and soft labels, in id order) and its row count: training runs record it."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    n = 0
+    for row in curated_dataset_rows(project):
+        h.update(json.dumps([row["query"], row["answer"], row["label"], row["label_probs"]],
+                            ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        h.update(b"\n")
+        n += 1
+    return h.hexdigest(), n

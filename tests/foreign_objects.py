@@ -1,0 +1,30 @@
+"""Objects owned by another team, one per URL parameter, for tests/test_access.py. Each area
+fills in its own function with the ids its URLs take (e.g. ``{"run_id": ...}``)."""
+from __future__ import annotations
+
+
+def foreign_ids(*, project, team, user) -> dict:
+    ids: dict = {}
+    for fn in (_ingest, _generation, _review, _training, _evaluation):
+        ids.update(fn(project=project, team=team, user=user))
+    return ids
+
+
+def _ingest(*, project, team, user) -> dict:
+    return {}
+
+
+def _generation(*, project, team, user) -> dict:
+    return {}
+
+
+def _review(*, project, team, user) -> dict:
+    return {}
+
+
+def _training(*, project, team, user) -> dict:
+    return {}
+
+
+def _evaluation(*, project, team, user) -> dict:
+    return {}
