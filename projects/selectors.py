@@ -108,7 +108,8 @@ def curated_dataset_rows(project: Project):
     """Yield the curated dataset as plain dicts: ``{"sample_id", "query_id", "query", "answer",
     "label", "label_probs", "teacher"}``; ``answer`` is the human edit when there is one.
     Streams with an iterator, so 100,000 rows do not sit in memory."""
-    for s in curated_samples(project).iterator(chunk_size=2000):
+    # Large columns the rows do not use stay in the database (100,000+ rows stream in chunks).
+    for s in curated_samples(project).defer("prompt", "token_logprobs", "checks").iterator(chunk_size=2000):
         label = s.parsed if isinstance(s.parsed, str) else None
         yield {"sample_id": s.id, "query_id": s.query_id, "query": s.query.text, "answer": s.final_response,
                "label": label, "label_probs": s.label_probs, "teacher": s.teacher.name}
@@ -128,3 +129,46 @@ def curated_dataset_sha256(project: Project) -> tuple[str, int]:
         h.update(b"\n")
         n += 1
     return h.hexdigest(), n
+
+
+def project_task_spec(project: Project):
+    """The project's task definition as the pipeline's ``TaskSpec``."""
+    from workers.pipeline.specs import TaskSpec
+
+    return TaskSpec(task_type=project.task_type, instructions=project.instructions or "",
+                    labels=tuple(project.labels or ()), output_schema=project.output_schema,
+                    few_shot=tuple(project.few_shot or ()), checks=dict(project.checks or {}))
+
+
+def curated_export_lines(project: Project, fmt: str):
+    """Yield the curated dataset as JSONL lines (UTF-8 bytes, each ending in ``\n``, real
+    characters rather than ``\\u`` escapes), one per row of ``curated_dataset_rows``.
+
+    ``fmt="openai-chat"``: OpenAI chat fine-tuning rows ``{"messages": [{"role": "user", ...},
+    {"role": "assistant", ...}]}``; the user turn is the STUDENT prompt
+    (``prompts.student_messages``: short task prefix + query, no system prompt), since the file
+    trains a student; the assistant turn is the curated answer (the human edit if any).
+
+    ``fmt="hf-jsonl"``: one flat object a Hugging Face ``datasets.load_dataset("json", ...)``
+    loads with a fixed schema: ``{"sample_id", "query", "answer", "label", "label_probs":
+    [{"label", "prob"}], "teacher", "prompt": [user message], "completion": [assistant
+    message]}`` (``prompt``/``completion`` is TRL's conversational prompt-completion format)."""
+    import json
+
+    from workers.pipeline.prompts import student_messages
+
+    task = project_task_spec(project)
+    for row in curated_dataset_rows(project):
+        user_msgs = student_messages(task, row["query"])
+        answer = {"role": "assistant", "content": row["answer"] or ""}
+        if fmt == "openai-chat":
+            obj = {"messages": [*user_msgs, answer]}
+        elif fmt == "hf-jsonl":
+            probs = row["label_probs"] or {}
+            obj = {"sample_id": row["sample_id"], "query": row["query"], "answer": row["answer"] or "",
+                   "label": row["label"],
+                   "label_probs": [{"label": str(k), "prob": float(v)} for k, v in probs.items()],
+                   "teacher": row["teacher"], "prompt": user_msgs, "completion": [answer]}
+        else:
+            raise ValueError(f"format: {fmt!r} is not one of openai-chat, hf-jsonl")
+        yield (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
