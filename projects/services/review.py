@@ -383,7 +383,7 @@ def review_audit_mark(*, project: Project) -> int:
             c.execute(f"""
                 UPDATE {Sample._meta.db_table} SET audit = TRUE
                 WHERE run_id = ANY(%s) AND status = 'accepted' AND audit = FALSE AND id > %s AND id <= %s
-                  AND ((id::numeric * {_KNUTH}) % {_TWO32}) < %s""",
+                  AND ((id::numeric * {_KNUTH}) %% {_TWO32}) < %s""",
                       [runs, p.review_audit_marked_upto, upto, p.review_audit_share * _TWO32])
             n = c.rowcount
         p.review_audit_marked_upto = upto
