@@ -206,6 +206,17 @@ def test_page_escapes_teacher_html_and_shows_checks_and_probs(owner_client, proj
     assert "label_in_set</strong>: failed — not one of the labels" in body
     assert "0.610" in body and "0.390" in body
     assert "js/review.js" in body and 'data-key="a"' in body
+    assert ">label_in_set (1)</option>" in body  # the failed-check filter with its count
+
+
+def test_page_filters_pick_the_item(owner_client, project, rejected):
+    url = reverse("review_page", kwargs={"slug": project.slug})
+    body = owner_client.get(url, {"check": "max_length", "q": "refund"}).content.decode()
+    assert f'data-sample="{rejected[2].pk}"' in body and "1 to review" in body
+    body = owner_client.get(url, {"teacher": str(rejected[1].teacher_id)}).content.decode()
+    assert f'data-sample="{rejected[1].pk}"' in body
+    body = owner_client.get(url, {"mode": "bogus"}).content.decode()
+    assert "mode: &#x27;bogus&#x27; is not one of rejected, audit" in body
 
 
 def test_decide_via_htmx_swaps_in_next_item_and_undo(owner_client, project, rejected, owner):
@@ -273,6 +284,9 @@ def test_viewer_pages_read_only(client, viewer, project, rejected):
     client.force_login(viewer)
     page = client.get(reverse("review_page", kwargs={"slug": project.slug})).content.decode()
     assert "card arival" in page and 'data-key="a"' not in page and "cannot decide" in page
+    # j pages on through the queue without claiming anything
+    nxt = client.get(reverse("review_next", kwargs={"slug": project.slug}), {"after": rejected[0].pk}, HTTP_HX_REQUEST="true")
+    assert f'data-sample="{rejected[1].pk}"' in nxt.content.decode()
     url = reverse("review_decide", kwargs={"slug": project.slug, "sample_id": rejected[0].pk})
     r = client.post(url, {"decision": "accept", "version": "0"}, HTTP_HX_REQUEST="true")
     assert r.status_code == 403 and "read-only" in r.content.decode()

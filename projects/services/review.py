@@ -58,13 +58,15 @@ class ReviewFilters:
     """Which items a queue holds. ``mode``: ``"rejected"`` (rejected by the checks) or
     ``"audit"`` (the audit share of accepted samples); ``check``: a failed check's name;
     ``teacher_id``; ``text``: case-insensitive substring of the query or the answer;
-    ``exclude_ids``: sample ids this reviewer skipped."""
+    ``exclude_ids``: sample ids this reviewer skipped; ``after_id``: only items after this id
+    (how a viewer, who claims nothing, pages through the queue)."""
 
     mode: str = "rejected"
     check: str = ""
     teacher_id: int | None = None
     text: str = ""
     exclude_ids: tuple[int, ...] = field(default_factory=tuple)
+    after_id: int | None = None
 
     @classmethod
     def from_params(cls, params, *, exclude_ids=()) -> "ReviewFilters":
@@ -78,8 +80,13 @@ class ReviewFilters:
             teacher_id = int(teacher) if teacher else None
         except ValueError:
             raise InvalidInput(f"teacher: {teacher!r} is not a teacher id") from None
+        after = (params.get("after") or "").strip()
+        try:
+            after_id = int(after) if after else None
+        except ValueError:
+            raise InvalidInput(f"after: {after!r} is not a sample id") from None
         return cls(mode=mode, check=(params.get("check") or "").strip(), teacher_id=teacher_id,
-                   text=(params.get("q") or "").strip(), exclude_ids=tuple(exclude_ids))
+                   text=(params.get("q") or "").strip(), exclude_ids=tuple(exclude_ids), after_id=after_id)
 
     def as_params(self) -> dict:
         """The filters as query-string parameters (skips are not part of them)."""
@@ -123,6 +130,8 @@ def review_queue(*, project: Project, filters=None) -> QuerySet[Sample]:
         qs = qs.filter(Q(query__text__icontains=f.text) | Q(response__icontains=f.text))
     if f.exclude_ids:
         qs = qs.exclude(id__in=list(f.exclude_ids))
+    if f.after_id:
+        qs = qs.filter(id__gt=f.after_id)
     return qs.order_by("id")
 
 

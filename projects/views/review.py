@@ -5,7 +5,6 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.db.models import Count, Func, F
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
@@ -87,11 +86,8 @@ def _render_item(request, project, sample, f: ReviewFilters, status: int = 200, 
 
 
 def _page_context(request, project, f: ReviewFilters) -> dict:
-    queue = review_queue(project=project, filters=ReviewFilters(mode=f.mode))
-    checks = (queue.annotate(name=Func(F("failed_checks"), function="jsonb_array_elements_text"))
-              .values("name").annotate(n=Count("id")).order_by("name")) if f.mode == "rejected" else []
     return {"section": "review", "teachers": Teacher.objects.filter(project=project).order_by("name"),
-            "check_counts": [(c["name"], c["n"]) for c in checks],
+            "check_counts": selectors.review_check_counts(project) if f.mode == "rejected" else [],
             "to_review": review_queue(project=project, filters=ReviewFilters(
                 mode=f.mode, check=f.check, teacher_id=f.teacher_id, text=f.text)).count(),
             "skipped": len(f.exclude_ids)}
