@@ -4,6 +4,7 @@ the next item swapped in without a page reload, edit with re-check, help, undo, 
 import shutil
 
 import pytest
+from django.db import connection
 
 from projects.models import Sample
 from tests.review_data import make_samples
@@ -80,3 +81,5 @@ def test_keyboard_review_flow(live_server, client, owner, project, monkeypatch):
             assert dialogs == []  # the teacher's <script> never ran
         finally:
             browser.close()
+            # Inside Playwright's event loop Django hands this context its own connection: close it.
+            connection.close()

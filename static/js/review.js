@@ -3,6 +3,11 @@
 // the same htmx request runs as with the mouse and the next item is swapped in without a reload.
 (function () {
   "use strict";
+  // A key pressed the instant a new item is swapped in may beat htmx's processing of that item;
+  // process it first (idempotent) so the request still goes through htmx, not a full page load.
+  function ready(el) {
+    if (window.htmx) htmx.process(el.closest("form") || el);
+  }
   function help() {
     var d = document.getElementById("review-help");
     if (!d) return;
@@ -28,6 +33,7 @@
       if (e.key === "Escape") t.blur();
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && t.form) {
         e.preventDefault();
+        ready(t.form);
         t.form.requestSubmit();
       }
       return;
@@ -37,7 +43,7 @@
     if (e.key === "e") { e.preventDefault(); toggleEdit(true); return; }
     var sel = '[data-key="' + e.key + '"], [data-key2="' + e.key + '"]';
     var el = document.querySelector("#review-item " + sel) || document.querySelector(sel);
-    if (el && !el.disabled) { e.preventDefault(); el.click(); }
+    if (el && !el.disabled) { e.preventDefault(); ready(el); el.click(); }
   });
   // Conflicts (409), refusals (403) and bad input (400) carry a message in the item partial:
   // show it instead of dropping the response, as htmx does for error statuses by default.
