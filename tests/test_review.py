@@ -316,3 +316,21 @@ def test_other_projects_sample_is_404(owner_client, project, rejected, other_tea
         assert owner_client.post(url, {"decision": "accept", "version": "0"}).status_code in (404, 405)
         assert owner_client.get(url).status_code in (404, 405)
     assert Sample.objects.get(pk=s.pk).review_status is None
+
+
+def test_large_bulk_runs_as_a_job_on_the_worker(celery_worker, client, owner, project, settings):
+    from projects.models import Job
+    from tests.conftest import wait_job
+
+    settings.DISTILLHUB_REVIEW_BULK_INLINE_MAX = 2
+    samples = make_samples(project, [{"query": f"q{i}", "failed": [LABEL_FAIL]} for i in range(4)])
+    client.force_login(owner)
+    url = reverse("review_bulk", kwargs={"slug": project.slug})
+    r = client.post(url, {"mode": "rejected", "decision": "accept", "expected_count": "4"})
+    job = Job.objects.get(kind="review_bulk")
+    assert r.status_code == 302 and r["Location"] == reverse("job_detail", kwargs={"job_id": job.pk})
+    job = wait_job(job.pk, 60)
+    assert (job.status, job.result["decided"], job.message) == ("succeeded", 4, "Accepted 4 samples")
+    assert sorted(Sample.objects.filter(review_status="accepted", reviewed_by=owner).values_list("id", flat=True)) == \
+        sorted(s.pk for s in samples)
+    assert review_undo(project=project, user=owner) == 4

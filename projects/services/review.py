@@ -374,6 +374,35 @@ def review_bulk(*, project: Project, user, filters, decision: str, expected_coun
     return len(ids)
 
 
+BULK_INLINE_MAX = 5000  # above this many samples a bulk decision runs as a background job
+
+
+def review_bulk_start(*, project: Project, user, filters, decision: str, expected_count: int):
+    """Queue a bulk decision as a background Job (kind ``review_bulk``) for large counts, so no
+    web request runs for minutes. The count is checked now and again when the job runs (the job
+    fails with the ReviewConflict message if it changed). Returns the Job. Raises NotAllowed,
+    InvalidInput, ReviewConflict like ``review_bulk``."""
+    from projects.services.jobs import job_create, job_enqueue
+
+    ensure_can_write(user=user, team=project.team)
+    if decision not in ("accept", "reject"):
+        raise InvalidInput(f"decision: bulk takes accept or reject, not {decision!r}")
+    f = _as_filters(filters)
+    n = review_bulk_count(project=project, filters=ReviewFilters(mode=f.mode, check=f.check,
+                                                                 teacher_id=f.teacher_id, text=f.text))
+    if n != int(expected_count):
+        raise ReviewConflict(f"{n} samples match now, not the {expected_count} you confirmed "
+                             "(the queue changed); nothing was decided. Check the count and confirm again.")
+    from workers.tasks import review_bulk_task
+
+    with transaction.atomic():
+        job = job_create(kind="review_bulk", team=project.team, project=project, user=user,
+                         payload={"filters": f.as_params(), "decision": decision, "expected_count": n,
+                                  "user_id": user.pk if user else None})
+        job_enqueue(job=job, task=review_bulk_task)
+    return job
+
+
 def audit_selected(*, sample_id: int, share: float) -> bool:
     """True when sample ``sample_id`` falls in an audit share ``share`` (0..1): Knuth's
     multiplicative hash of the id, so the draw is random-looking but the same every time."""

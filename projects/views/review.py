@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib import messages
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
@@ -14,12 +15,13 @@ from projects import selectors
 from projects.models import ReviewDecision, Sample, Teacher
 from projects.services import InvalidInput, InvalidState, NotAllowed, ServiceError
 from projects.services.review import (
-    EXPORT_FORMATS, EditFailsChecks, ReviewConflict, ReviewFilters, review_audit_configure, review_audit_mark,
-    review_bulk, review_bulk_count, review_claim, review_claim_next, review_decide, review_queue, review_release,
+    BULK_INLINE_MAX, EXPORT_FORMATS, EditFailsChecks, ReviewConflict, ReviewFilters, review_audit_configure, review_audit_mark,
+    review_bulk, review_bulk_count, review_bulk_start, review_claim, review_claim_next, review_decide, review_queue, review_release,
     review_undo,
 )
 
 SKIP_CAP = 500
+
 SEEN_CAP = 50
 
 
@@ -206,17 +208,21 @@ def review_bulk_view(request, slug: str):
         messages.error(request, f"decision: bulk takes accept or reject, not {decision!r}")
         return redirect(reverse("review_page", kwargs={"slug": slug}) + "?" + urlencode(f.as_params()))
     if request.method == "POST":
+        raw = params.get("expected_count") or ""
+        expected = int(raw) if raw.isdigit() else -1
+        # Large bulk actions run as a background job, so no request runs for minutes.
+        background = expected > getattr(settings, "DISTILLHUB_REVIEW_BULK_INLINE_MAX", BULK_INLINE_MAX)
+        service = review_bulk_start if background else review_bulk
         try:
-            n = review_bulk(project=project, user=request.user, filters=f, decision=decision,
-                            expected_count=int(params.get("expected_count") or -1))
-        except NotAllowed as exc:
+            result = service(project=project, user=request.user, filters=f, decision=decision, expected_count=expected)
+        except ServiceError as exc:
             messages.error(request, str(exc))
-            status = 403
-        except (ReviewConflict, ServiceError) as exc:
-            messages.error(request, str(exc))
-            status = 409 if isinstance(exc, ReviewConflict) else 400
+            status = 403 if isinstance(exc, NotAllowed) else 409 if isinstance(exc, ReviewConflict) else 400
         else:
-            messages.success(request, f"{'Accepted' if decision == 'accept' else 'Rejected'} {n} samples. "
+            if background:
+                messages.info(request, f"Deciding {expected} samples in the background (job {result.pk}).")
+                return redirect("job_detail", job_id=result.pk)
+            messages.success(request, f"{'Accepted' if decision == 'accept' else 'Rejected'} {result} samples. "
                                       "Undo on the queue page reverts the whole bulk action.")
             return redirect(reverse("review_page", kwargs={"slug": slug}) + "?" + urlencode(f.as_params()))
     count = review_bulk_count(project=project, filters=f)
