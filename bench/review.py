@@ -8,7 +8,8 @@ Uses a dedicated database, ``<your database>_bench`` (created if missing, migrat
 with psycopg COPY and reused while the sample count matches). Times are measured around Django's
 test client (the full request: middleware, session, queries, template), without a network.
 Prints the figures, then as its last line one JSON object with ``p95_ms_next``,
-``p95_ms_decide``, ``p50_ms_next``, ``p50_ms_decide``, ``samples``, ``export_rows_per_s``."""
+``p95_ms_decide``, ``p50_ms_next``, ``p50_ms_decide``, ``samples``, ``export_rows_per_s``,
+``export_first_byte_ms``."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +186,15 @@ def main() -> None:
         c.get(next_url, {"mode": "rejected", "check": "refusal", "teacher": str(teacher.pk)}, HTTP_HX_REQUEST="true")
         t_filtered.append((time.perf_counter() - t0) * 1000)
 
+    # The page's download: time to the first streamed bytes (a 100,000+ row export starts at once).
+    t0 = time.perf_counter()
+    r = clients[0].get(reverse("review_export", kwargs={"slug": project.slug}), {"format": "hf-jsonl"})
+    it = iter(r.streaming_content)
+    first = next(it)
+    first_byte_ms = (time.perf_counter() - t0) * 1000
+    assert first.startswith(b'{"sample_id":')
+    r.close()
+
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     res = curated_dataset_export(project=project, fmt="openai-chat", path="/tmp/bench-review-export.jsonl")
@@ -198,7 +208,7 @@ def main() -> None:
         "p50_ms_decide": round(statistics.median(t_decide), 2), "p95_ms_decide": round(_p(t_decide, 0.95), 2),
         "p95_ms_next_filtered": round(_p(t_filtered, 0.95), 2),
         "export_rows": res["rows"], "export_rows_per_s": round(res["rows"] / dt, 1),
-        "export_peak_rss_growth_mb": round(rss1 - rss0, 1),
+        "export_peak_rss_growth_mb": round(rss1 - rss0, 1), "export_first_byte_ms": round(first_byte_ms, 1),
     }
     print(f"samples in the database: {n:,}")
     print(f"next queue item:   p50 {out['p50_ms_next']} ms, p95 {out['p95_ms_next']} ms (target <= 100 ms)")
@@ -206,7 +216,7 @@ def main() -> None:
           "includes claiming and rendering the next item)")
     print(f"next item, filtered by check and teacher: p95 {out['p95_ms_next_filtered']} ms")
     print(f"export: {res['rows']:,} rows in {dt:.1f} s ({out['export_rows_per_s']:,} rows/s), "
-          f"peak RSS grew {out['export_peak_rss_growth_mb']} MB")
+          f"peak RSS grew {out['export_peak_rss_growth_mb']} MB; page download's first bytes after {out['export_first_byte_ms']} ms")
     print(json.dumps(out))
 
 

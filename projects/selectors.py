@@ -94,10 +94,13 @@ def curated_samples(project: Project):
     checks accepted and no human rejected. Ordered by id (stable for hashing and export)."""
     from django.db.models import Q
 
-    from projects.models import Sample, Split
+    from projects.models import GenerationRun, Sample, Split
 
+    # A literal run-id list (not a join on runs) lets Postgres estimate the row count and stream in
+    # id order from the primary key instead of sorting every row before the first one is sent.
+    runs = list(GenerationRun.objects.filter(project=project).values_list("id", flat=True))
     return (
-        Sample.objects.filter(run__project=project, query__split=Split.TRAIN, query__golden=False)
+        Sample.objects.filter(run_id__in=runs, query__split=Split.TRAIN, query__golden=False)
         .filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
         .select_related("query", "teacher")
         .order_by("id")
@@ -153,6 +156,17 @@ def curated_export_lines(project: Project, fmt: str):
     loads with a fixed schema: ``{"sample_id", "query", "answer", "label", "label_probs":
     [{"label", "prob"}], "teacher", "prompt": [user message], "completion": [assistant
     message]}`` (``prompt``/``completion`` is TRL's conversational prompt-completion format)."""
+    from django.db import transaction
+
+    if fmt not in ("openai-chat", "hf-jsonl"):
+        raise ValueError(f"format: {fmt!r} is not one of openai-chat, hf-jsonl")
+    # Inside a transaction the server-side cursor is a plain one that Postgres streams; in
+    # autocommit Django declares it WITH HOLD, which Postgres materializes in full first.
+    with transaction.atomic():
+        yield from _export_lines(project, fmt)
+
+
+def _export_lines(project: Project, fmt: str):
     import json
 
     from workers.pipeline.prompts import student_messages
@@ -163,14 +177,12 @@ def curated_export_lines(project: Project, fmt: str):
         answer = {"role": "assistant", "content": row["answer"] or ""}
         if fmt == "openai-chat":
             obj = {"messages": [*user_msgs, answer]}
-        elif fmt == "hf-jsonl":
+        else:
             probs = row["label_probs"] or {}
             obj = {"sample_id": row["sample_id"], "query": row["query"], "answer": row["answer"] or "",
                    "label": row["label"],
                    "label_probs": [{"label": str(k), "prob": float(v)} for k, v in probs.items()],
                    "teacher": row["teacher"], "prompt": user_msgs, "completion": [answer]}
-        else:
-            raise ValueError(f"format: {fmt!r} is not one of openai-chat, hf-jsonl")
         yield (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
