@@ -6,7 +6,9 @@ sizes in bytes, progress as a fraction in [0, 1].
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.db import models
+from django.db.models.functions import Upper
 
 
 class Team(models.Model):
@@ -160,6 +162,10 @@ class Dataset(models.Model):
     duplicates = models.IntegerField(default=0)
     skipped = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True, default="")
+    # The rest of the import report: ``format``, ``size_bytes``, ``rows_read``, ``splits``
+    # ({train, validation, test} or {golden} counts of the queries this file added),
+    # ``golden``, ``skipped_total``, ``warnings`` (list of {line, reason}), ``columns``.
+    report = models.JSONField(default=dict, blank=True)
     job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="dataset")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -185,7 +191,13 @@ class Query(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "golden", "text_hash"], name="query_project_golden_hash_unique"),
         ]
-        indexes = [models.Index(fields=["project", "split", "id"], name="query_project_split_id")]
+        indexes = [
+            models.Index(fields=["project", "split", "id"], name="query_project_split_id"),
+            # The query list pages through all splits by id (keyset pagination).
+            models.Index(fields=["project", "id"], name="query_project_id"),
+            # Substring search (ILIKE '%...%') over millions of queries.
+            GinIndex(OpClass(Upper("text"), name="gin_trgm_ops"), name="query_text_trgm"),
+        ]
 
 
 # --- Teachers and generation ----------------------------------------------------------------
