@@ -143,6 +143,10 @@ def dataset_import_run(
     try:
         with transaction.atomic():
             report = _import_rows(dataset=dataset, project=project, file_path=Path(file_path), header=header, progress=progress)
+    except UnicodeDecodeError as exc:
+        message = f"the file is not valid {exc.encoding} text ({exc.reason} at byte {exc.start} of a read block); nothing imported"
+        _mark_failed(dataset, message)
+        raise InvalidInput(f"{dataset.name}: {message}") from None
     except IngestError as exc:
         _mark_failed(dataset, str(exc))
         raise InvalidInput(f"{dataset.name}: {exc}") from None

@@ -207,16 +207,23 @@ def _detect_encoding(path: Path, head: bytes) -> tuple[str, str, str, list, int]
     if best is None:
         raise IngestError("the file's character encoding could not be detected (is it a text file?)")
     encoding = best.encoding
-    # Short Western texts decode identically under several single-byte code pages; when
-    # charset-normalizer rates Windows-1252 as good as its pick, take it (the common case).
-    for m in results:
-        if m.encoding == "cp1252" and m.percent_chaos <= best.percent_chaos + 0.5 and encoding != "utf_8":
-            encoding = "cp1252"
-            break
+    # Short texts in Western languages decode almost alike under several single-byte code
+    # pages (cp1250/cp1252/cp1257 differ in a few letters) and charset-normalizer's ranking
+    # among them is noisy; when it also finds Windows-1252 plausible (little more "chaos"),
+    # prefer it: it is what Excel and most Windows tools write.
+    if _single_byte(encoding):
+        for m in results:
+            if m.encoding == "cp1252" and m.percent_chaos <= best.percent_chaos + 10.0:
+                encoding = "cp1252"
+                break
     if encoding in ("utf_8", "utf-8"):
         warnings.append({"line": None, "reason": "some bytes are not valid UTF-8; replaced with U+FFFD"})
         return "utf-8", "replace", digest.hexdigest(), warnings, size
     return encoding, "strict", digest.hexdigest(), warnings, size
+
+
+def _single_byte(encoding: str) -> bool:
+    return encoding.startswith(("cp12", "cp8", "cp7", "iso8859", "latin", "mac_", "windows"))
 
 
 def _kind_for(filename: str, sample: str) -> str:
