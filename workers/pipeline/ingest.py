@@ -444,6 +444,17 @@ def _pos(f) -> float:
         return 0.0
 
 
+def _clean_value(value):
+    """``clean_text`` applied to every string inside a JSON value (keys included)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(str(k)): _clean_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    return value
+
+
 def _json_row(line: int, obj, *, text_column, reference_column) -> ParsedRow | SkippedRow:
     if isinstance(obj, str):
         obj = {"text": obj}
@@ -493,6 +504,7 @@ def _json_row(line: int, obj, *, text_column, reference_column) -> ParsedRow | S
     text = clean_text(text or "")
     if not text:
         return SkippedRow(line, "empty")
+    meta = _clean_value(meta)
     if len(text) > MAX_QUERY_CHARS:
         return SkippedRow(line, f"too long: {len(text)} characters (max {MAX_QUERY_CHARS})")
     if ref is not None:
