@@ -176,11 +176,13 @@ class Query(models.Model):
     case-folded, whitespace collapsed); it is unique per project and golden flag, and decides the
     split deterministically. ``reference`` is the gold answer or label when one was given."""
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries")
+    # No single-column indexes on project and split: the composite indexes below lead with
+    # project (and split), and every extra index slows bulk imports.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries", db_index=False)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries")
     text = models.TextField()
     text_hash = models.CharField(max_length=64)
-    split = models.CharField(max_length=10, choices=Split.choices, db_index=True)
+    split = models.CharField(max_length=10, choices=Split.choices)
     golden = models.BooleanField(default=False)
     reference = models.TextField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
