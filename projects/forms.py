@@ -107,8 +107,15 @@ class UploadForm(forms.Form):
     reference_column = forms.CharField(max_length=200, required=False,
                                        help_text="Optional column with the reference answer or label. Default: "
                                                  "reference / answer / label / category / intent if present.")
+    header = forms.ChoiceField(required=False, label="Header row", initial="",
+                               choices=[("", "Detect"), ("yes", "First row names the columns"), ("no", "No header row")],
+                               help_text="CSV / TSV only. Without a header, columns are numbered 1, 2, ...")
     golden = forms.BooleanField(required=False, label="Golden set",
                                 help_text="Import as the golden set (with references): used for evaluation, never for training.")
+
+
+    def clean_header(self) -> bool | None:
+        return {"yes": True, "no": False}.get(self.cleaned_data.get("header") or "")
 
 
 class QuerySearchForm(forms.Form):

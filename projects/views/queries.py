@@ -51,7 +51,7 @@ def queries_page(request, slug: str):
                     dataset = dataset_upload(project=project, upload=d["file"], user=request.user,
                                              text_column=d["text_column"].strip() or None,
                                              reference_column=d["reference_column"].strip() or None,
-                                             golden=d["golden"])
+                                             golden=d["golden"], header=d["header"])
                 except ServiceError as exc:
                     upload_form.add_error("file", str(exc))
                     status = 400
