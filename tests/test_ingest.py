@@ -255,3 +255,15 @@ def test_project_settings_edit(owner_client, project, viewer, client):
     assert client.post(url, {**form, "few_shot": "", "name": "hacked"}).status_code == 403
     project.refresh_from_db()
     assert project.name == "Support intents v2"
+
+
+@pytest.mark.django_db
+def test_queries_page_shows_each_import_report(owner_client, project, tmp_path):
+    with pytest.raises(InvalidInput):
+        do_import(project, write(tmp_path, "empty.csv", "text\n\n"))
+    do_import(project, write(tmp_path, "ok.jsonl", '{"query": "hello"}\n{"query": "hello"}\nnot json\n'))
+    body = owner_client.get(reverse("queries_page", kwargs={"slug": project.slug})).content.decode()
+    assert "Not imported (nothing was written): empty.csv: " not in body
+    assert "Not imported (nothing was written): no query could be read from the file (1 row skipped: line 2: empty)" in body
+    assert "<strong>1</strong> queries imported" in body and "<strong>1</strong> duplicates" in body
+    assert "<td>3</td><td>malformed JSON: Expecting value at column 1</td>" in body

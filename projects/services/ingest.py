@@ -195,7 +195,8 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
                                 json.dumps(row.metadata, ensure_ascii=False) if row.metadata else "{}"))
         if rows_read == 0:
             first = "; ".join(f"line {s['line']}: {s['reason']}" for s in skipped[:3])
-            raise IngestError(f"no query could be read from the file ({skipped_total} rows skipped: {first})")
+            plural = "s" if skipped_total != 1 else ""
+            raise IngestError(f"no query could be read from the file ({skipped_total} row{plural} skipped: {first})")
         if progress is not None:
             progress(0.92, f"Read {rows_read:,} rows; storing")
         cur.execute(
