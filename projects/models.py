@@ -6,7 +6,9 @@ sizes in bytes, progress as a fraction in [0, 1].
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.db import models
+from django.db.models.functions import Upper
 
 
 class Team(models.Model):
@@ -164,6 +166,10 @@ class Dataset(models.Model):
     duplicates = models.IntegerField(default=0)
     skipped = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True, default="")
+    # The rest of the import report: ``format``, ``size_bytes``, ``rows_read``, ``splits``
+    # ({train, validation, test} or {golden} counts of the queries this file added),
+    # ``golden``, ``skipped_total``, ``warnings`` (list of {line, reason}), ``columns``.
+    report = models.JSONField(default=dict, blank=True)
     job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="dataset")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -174,11 +180,13 @@ class Query(models.Model):
     case-folded, whitespace collapsed); it is unique per project and golden flag, and decides the
     split deterministically. ``reference`` is the gold answer or label when one was given."""
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries")
+    # No single-column indexes on project and split: the composite indexes below lead with
+    # project (and split), and every extra index slows bulk imports.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries", db_index=False)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries")
     text = models.TextField()
     text_hash = models.CharField(max_length=64)
-    split = models.CharField(max_length=10, choices=Split.choices, db_index=True)
+    split = models.CharField(max_length=10, choices=Split.choices)
     golden = models.BooleanField(default=False)
     reference = models.TextField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
@@ -189,7 +197,13 @@ class Query(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "golden", "text_hash"], name="query_project_golden_hash_unique"),
         ]
-        indexes = [models.Index(fields=["project", "split", "id"], name="query_project_split_id")]
+        indexes = [
+            models.Index(fields=["project", "split", "id"], name="query_project_split_id"),
+            # The query list pages through all splits by id (keyset pagination).
+            models.Index(fields=["project", "id"], name="query_project_id"),
+            # Substring search (ILIKE '%...%') over millions of queries.
+            GinIndex(OpClass(Upper("text"), name="gin_trgm_ops"), name="query_text_trgm"),
+        ]
 
 
 # --- Teachers and generation ----------------------------------------------------------------

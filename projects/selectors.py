@@ -206,3 +206,46 @@ def review_check_counts(project: Project, *, max_age_s: int = 60) -> list[tuple[
     out = [(r["name"], r["n"]) for r in rows]
     cache.set(key, out, max_age_s)
     return out
+# --- Ingest ---------------------------------------------------------------------------------
+
+
+def query_page(project: Project, *, split: str = "", search: str = "", after: int | None = None,
+               before: int | None = None, limit: int = 50) -> dict:
+    """One page of the project's queries, newest first, by keyset pagination on ``id`` (fast at
+    any depth over millions of rows: the (project, split, id) and (project, id) indexes).
+    ``search``: case-insensitive substring (a pg_trgm GIN index on UPPER(text) serves it).
+    ``after``: ids below it (older); ``before``: ids above it (newer). Returns ``{"rows":
+    [Query], "older": id | None, "newer": id | None}`` (the cursors for the next links)."""
+    from projects.models import Query
+
+    qs = Query.objects.filter(project=project)
+    if split:
+        qs = qs.filter(split=split)
+    if search:
+        qs = qs.filter(text__icontains=search)
+    qs = qs.only("id", "text", "split", "reference", "golden", "line", "dataset_id")
+    if before is not None:
+        rows = list(qs.filter(id__gt=before).order_by("id")[: limit + 1])
+        has_more_newer = len(rows) > limit
+        rows = rows[:limit][::-1]
+        has_more_older = qs.filter(id__lt=rows[-1].id).exists() if rows else False
+    else:
+        page = qs.filter(id__lt=after) if after is not None else qs
+        rows = list(page.order_by("-id")[: limit + 1])
+        has_more_older = len(rows) > limit
+        rows = rows[:limit]
+        has_more_newer = after is not None and bool(rows) and qs.filter(id__gt=rows[0].id).exists()
+    return {"rows": rows, "older": rows[-1].id if rows and has_more_older else None,
+            "newer": rows[0].id if rows and has_more_newer else None}
+
+
+def query_split_counts(project: Project) -> dict[str, int]:
+    """``{split: number of queries}`` for the project (every split key present)."""
+    from django.db.models import Count
+
+    from projects.models import Query, Split
+
+    counts = {s: 0 for s in Split.values}
+    for row in Query.objects.filter(project=project).values("split").annotate(n=Count("id")).order_by():
+        counts[row["split"]] = row["n"]
+    return counts

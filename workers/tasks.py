@@ -74,6 +74,28 @@ def jobs_mark_stale_task() -> list[int]:
 # --- Ingest ---------------------------------------------------------------------------------
 
 
+@shared_task(bind=True, name="workers.tasks.ingest_import_task")
+def ingest_import_task(self, job_id: int) -> None:
+    """Import the uploaded file of the Dataset in ``job.payload["dataset_id"]`` (one
+    transaction), reporting progress as the fraction of bytes read; the job's result is the
+    import report (see ``projects.services.ingest.dataset_report``)."""
+    from projects.services.ingest import dataset_import_job, dataset_report
+
+    def body(job: Job, reporter: JobReporter) -> dict:
+        def progress(fraction: float, message: str) -> None:
+            reporter.report(fraction, message)
+            reporter.check_cancel()
+
+        dataset = dataset_import_job(job=job, progress=progress)
+        report = dataset_report(dataset=dataset)
+        report["skipped"] = report["skipped"][:100]  # the full list stays on the Dataset
+        report["message"] = (f"Imported {dataset.imported:,} queries ({dataset.duplicates:,} duplicates, "
+                             f"{report['skipped_total']:,} skipped)")
+        return report
+
+    run_job(job_id, body, task_id=self.request.id or "")
+
+
 # --- Generation -----------------------------------------------------------------------------
 
 
