@@ -41,6 +41,10 @@ class StubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # One write per response and no Nagle delay: otherwise headers and body go out in two
+            # segments and the client's delayed ACK adds ~40 ms to every answer.
+            disable_nagle_algorithm = True
+            wbufsize = 1 << 16
 
             def log_message(self, *a):  # quiet
                 pass
@@ -51,7 +55,11 @@ class StubServer:
                 text = next((m.get("content") or "" for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
                 stub._handle(self, body, text)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # many clients connect at once; the default backlog of 5 drops them
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -131,3 +139,21 @@ class StubServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25},
         }, text=text)
+
+
+def serve_in_subprocess(**kwargs):
+    """Run a StubServer in a child process (so its threads do not share the caller's GIL, as a
+    real endpoint would not); returns ``(process, base_url)``. Terminate the process when done."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+
+    def target(conn, kw):
+        s = StubServer(**kw).start()
+        conn.send(s.base_url)
+        threading.Event().wait()
+
+    p = ctx.Process(target=target, args=(child, kwargs), daemon=True)
+    p.start()
+    return p, parent.recv()
