@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 JOB_KIND = "generation"
 DEFAULT_CHUNK_SIZE = 50
 DEFAULT_QUEUE = "teacher"
+# On cancel, requests already in flight get this long to finish so answers already paid for
+# are kept; then they are dropped. Cancel therefore takes at most ~1 s (the check) + this.
+CANCEL_GRACE_S = 2.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SPLITS = ("train", "validation", "test", "golden")
 
@@ -382,9 +385,11 @@ def _redis():
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
-def _claim_chunk(job_id: int, index: int) -> bool:
-    """True for the one worker that claims chunk ``index`` of job ``job_id`` (Redis SET NX)."""
-    return bool(_redis().set(f"distillhub:generation:{job_id}:chunk:{index}", "1", nx=True, ex=7 * 24 * 3600))
+def _claim_chunk(job: Job, index: int) -> bool:
+    """True for the one worker that claims chunk ``index`` of ``job`` (Redis SET NX). The key
+    carries the job's creation time too, so a recreated database never meets old claims."""
+    key = f"distillhub:generation:{job.pk}:{int(job.created_at.timestamp() * 1e6)}:chunk:{index}"
+    return bool(_redis().set(key, "1", nx=True, ex=7 * 24 * 3600))
 
 
 def generation_coordinate(*, job: Job, reporter) -> dict:
@@ -418,7 +423,7 @@ def generation_coordinate(*, job: Job, reporter) -> dict:
     for k, chunk in enumerate(chunks):
         reporter.check_cancel()
         _raise_if_stopped(run)
-        if _claim_chunk(job.pk, k):
+        if _claim_chunk(job, k):
             _process_chunk(job, run, chunk, reporter=reporter, total=total, n_eff=n_eff)
     last_done, last_change = -1, time.monotonic()
     stall_s = getattr(settings, "STALE_JOB_SECONDS", 600)
@@ -463,7 +468,7 @@ def generation_chunk_take(*, job_id: int, index: int, query_ids: list[int]) -> N
     run = GenerationRun.objects.select_related("project").filter(job=job).first()
     if run is None or run.stop_reason:
         return
-    if not _claim_chunk(job_id, index):
+    if not _claim_chunk(job, index):
         return
     task = _task_spec(run.project)
     try:
@@ -546,9 +551,9 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
                 row = GenerationRun.objects.filter(pk=run.pk).values("stop_reason", "cost_usd").first() or {}
                 jrow = Job.objects.filter(pk=job.pk).values("status", "cancel_requested").first() or {}
                 if jrow.get("cancel_requested") or jrow.get("status") in JOB_ENDED:
-                    gen.stop("cancelled", "cancelled by user")
+                    gen.stop("cancelled", "cancelled by user", grace_s=CANCEL_GRACE_S)
                 elif row.get("stop_reason"):
-                    gen.stop("stopped", row["stop_reason"])
+                    gen.stop("stopped", row["stop_reason"], grace_s=CANCEL_GRACE_S)
                 if total:
                     n_done = _count_done_groups(run, n_eff)
                     reporter.report(n_done / total, _progress_message(n_done, total, _refresh_counters(run)))

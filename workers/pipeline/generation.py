@@ -111,14 +111,21 @@ class Generator:
                 c.pick = self._ensemble_pick
 
     # -- control -----------------------------------------------------------------------------
-    def stop(self, reason: str, message: str = "") -> None:
-        """Stop the run (thread-safe): in-flight requests are cancelled, nothing new starts."""
+    def stop(self, reason: str, message: str = "", *, grace_s: float = 0.0) -> None:
+        """Stop the run (thread-safe): nothing new starts; requests in flight get ``grace_s``
+        seconds to finish (their answers, already paid for, are kept), then are cancelled."""
         with self._lock:
             if self.stop_reason is None:
                 self.stop_reason, self.stop_message = reason, message or reason
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._cancel_all)
+            try:
+                if grace_s > 0:
+                    loop.call_soon_threadsafe(loop.call_later, grace_s, self._cancel_all)
+                else:
+                    loop.call_soon_threadsafe(self._cancel_all)
+            except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
+                pass
 
     def add_spent(self, usd: float) -> None:
         """Account for cost spent elsewhere (other workers' chunks) against the budget."""
@@ -154,7 +161,7 @@ class Generator:
     async def _call(self, client, cfg: TeacherConfig, messages: list[dict], seed: int) -> TeacherReply:
         async with self._sem:
             if self.stop_reason:
-                raise asyncio.CancelledError()
+                raise asyncio.CancelledError()  # stopping: start nothing new
             est = cfg.estimate_cost_usd(messages) * max(1, len(cfg.members))
             if self.budget_usd is not None and self.spent_usd + self.reserved_usd + est > self.budget_usd:
                 exc = RunStopped("budget", f"the budget of ${self.budget_usd:.4f} would be passed "
