@@ -393,6 +393,34 @@ def _claim_chunk(job: Job, index: int) -> bool:
 
 
 def generation_coordinate(*, job: Job, reporter) -> dict:
+    """The coordinator task's body (see ``_coordinate``). The run's status is written here, before
+    the task ends the job, so a page or script that sees the job ended also sees the run ended."""
+    from workers.progress import JobCancelled
+
+    run_id = GenerationRun.objects.filter(job=job).values_list("pk", flat=True).first()
+    try:
+        result = _coordinate(job=job, reporter=reporter)
+    except JobCancelled:
+        _end_run(run_id, JobStatus.CANCELLED, "cancelled by user")
+        raise
+    except Exception as exc:
+        _end_run(run_id, JobStatus.FAILED, f"Failed: {exc}"[:200])
+        raise
+    _end_run(run_id, JobStatus.SUCCEEDED, "")
+    return result
+
+
+def _end_run(run_id, status: str, reason: str) -> None:
+    if run_id is None:
+        return
+    run = GenerationRun.objects.get(pk=run_id)
+    _refresh_counters(run)
+    GenerationRun.objects.filter(pk=run_id).update(status=status, finished_at=timezone.now())
+    if reason:
+        GenerationRun.objects.filter(pk=run_id, stop_reason="").update(stop_reason=reason)
+
+
+def _coordinate(*, job: Job, reporter) -> dict:
     """The coordinator task's body: send the pending chunks to the teacher queue, process
     unclaimed ones here, and wait until every group is finished (or the run stops), keeping
     counters and progress current. Returns the summary stored as the job's result. Raises
@@ -554,6 +582,8 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
                     gen.stop("cancelled", "cancelled by user", grace_s=CANCEL_GRACE_S)
                 elif row.get("stop_reason"):
                     gen.stop("stopped", row["stop_reason"], grace_s=CANCEL_GRACE_S)
+                if gen.budget_usd is not None and row.get("cost_usd") is not None:
+                    gen.sync_spent(float(row["cost_usd"]))
                 if total:
                     n_done = _count_done_groups(run, n_eff)
                     reporter.report(n_done / total, _progress_message(n_done, total, _refresh_counters(run)))

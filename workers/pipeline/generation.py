@@ -127,9 +127,18 @@ class Generator:
             except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
                 pass
 
-    def add_spent(self, usd: float) -> None:
-        """Account for cost spent elsewhere (other workers' chunks) against the budget."""
-        self.spent_usd += usd
+    def sync_spent(self, run_total_usd: float) -> None:
+        """Thread-safe: raise the spent figure to the run's total cost so far (written by every
+        worker), so chunks on several workers respect one budget."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            def apply() -> None:
+                self.spent_usd = max(self.spent_usd, run_total_usd)
+
+            try:
+                loop.call_soon_threadsafe(apply)
+            except RuntimeError:
+                pass
 
     def _cancel_all(self) -> None:
         for t in self._tasks:
