@@ -26,7 +26,7 @@ from django.db import transaction
 from django.db.models import Count, F, Max, Q, Sum
 from django.utils import timezone
 
-from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Split, Teacher, TaskType
+from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
 from projects.services import InvalidInput, InvalidState
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
