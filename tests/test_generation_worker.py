@@ -123,3 +123,33 @@ def test_cancel_within_seconds_then_resume_finishes_each_slot_once(celery_worker
     assert answered_before >= done_before
     assert float(run.cost_usd) == pytest.approx(41 * (20 * 2.5 + 5 * 10) / 1e6)
     assert Job.objects.get(pk=old_job.pk).status == "cancelled"
+
+
+@pytest.mark.timeout(180)
+def test_ensemble_of_api_teachers_votes_on_the_label(celery_worker, team, owner):
+    from projects.models import GenerationRun, Sample
+    from projects.services.generation import generation_start, teacher_create
+
+    servers = [StubServer(answer=lambda text, a=a: a).start()
+               for a in ("card_arrival", "Lost or stolen card", "lost_or_stolen_card")]
+    try:
+        project = banking_project(team, owner)
+        add_queries(project, [("I can't find my card anywhere", "lost_or_stolen_card"), ("card missing", "lost_or_stolen_card")])
+        members = [teacher_create(project=project, name=f"api{i}", provider="openai", model="m", base_url=s.base_url,
+                                  price_in_per_1m=1, price_out_per_1m=1) for i, s in enumerate(servers)]
+        ens = teacher_create(project=project, name="panel", provider="ensemble", members=[m.name for m in members])
+        run = generation_start(project=project, user=owner)  # default: the ensemble, not its members
+        assert list(run.teachers.all()) == [ens]
+        job = wait_job(run.job.pk, timeout=120)
+        assert job.status == "succeeded", job.error
+        samples = list(Sample.objects.filter(run=run))
+        assert len(samples) == 2 and {s.teacher_id for s in samples} == {ens.pk}
+        for s in samples:
+            assert s.response == "lost_or_stolen_card" and s.status == "accepted" and s.label_probs is None
+            assert any(c["name"] == "ensemble" and "majority vote of 3" in c["reason"] for c in s.checks)
+            assert s.input_tokens == 60 and float(s.cost_usd) == pytest.approx(75 / 1e6)
+        assert all(sum(srv.completed.values()) == 2 for srv in servers)
+        assert GenerationRun.objects.get(pk=run.pk).accepted == 2
+    finally:
+        for s in servers:
+            s.stop()
