@@ -89,3 +89,23 @@ def test_teacher_add_and_generate_against_llama_cpp_server(celery_worker, team, 
     assert out["input_tokens"] == sum(s.input_tokens for s in samples)
     # the run keeps USD to 6 decimals (samples to 8)
     assert out["cost_usd"] == pytest.approx((out["input_tokens"] * 0.5 + out["output_tokens"] * 1.5) / 1e6, abs=1e-6)
+
+
+@pytest.mark.timeout(180)
+def test_generate_wait_exits_1_when_the_run_stops(celery_worker, team, owner):
+    from tests.openai_stub import StubServer
+
+    stub = StubServer().start()
+    try:
+        project = banking_project(team, owner)
+        add_queries(project, [("[quota] hello", "card_arrival")])
+        r = distill("teacher", "add", "--project", project.slug, "--name", "api", "--provider", "openai", "--model", "m",
+                    "--base-url", stub.base_url, "--json")
+        assert r.returncode == 0, r.stderr
+        r = distill("generate", "--project", project.slug, "--wait", "--json")
+        assert r.returncode == 1
+        out = last_json(r)
+        assert out["status"] == "failed" and out["stop_reason"].startswith("insufficient_quota")
+        assert "insufficient_quota" in r.stderr.splitlines()[-1]
+    finally:
+        stub.stop()
