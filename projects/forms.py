@@ -126,3 +126,74 @@ class QuerySearchForm(forms.Form):
                                                        ("test", "Test"), ("golden", "Golden")])
     after = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
     before = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+
+
+# --- Generation -------------------------------------------------------------------------------
+
+
+class TeacherForm(forms.Form):
+    """A teacher's settings. The API key is never entered here: name the environment variable
+    of the worker that holds it."""
+
+    name = forms.CharField(max_length=100)
+    provider = forms.ChoiceField(choices=[("openai", "OpenAI-compatible API"), ("transformers", "Local transformers model"),
+                                          ("ensemble", "Ensemble of teachers")])
+    model = forms.CharField(max_length=300, required=False,
+                            help_text="API: the model name (gpt-4o-mini, llama3.1:8b, ...). Local: a bundled name "
+                                      "(smollm2-135m-instruct, the default), a Hugging Face id or a folder.")
+    base_url = forms.CharField(max_length=500, required=False, label="Base URL",
+                               help_text="e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama). "
+                                         "Empty: OpenAI.")
+    api_key_env = forms.CharField(max_length=100, required=False, label="API key environment variable",
+                                  help_text="The NAME of the variable that holds the key on the workers, e.g. OPENAI_API_KEY.")
+    temperature = forms.FloatField(initial=0.3, min_value=0, max_value=2)
+    max_tokens = forms.IntegerField(initial=256, min_value=1, max_value=131072)
+    top_logprobs = forms.IntegerField(required=False, min_value=0, max_value=20,
+                                      help_text="API teachers: ask for this many log-probabilities per token (soft labels).")
+    timeout_s = forms.FloatField(initial=60, min_value=0.1, max_value=3600, label="Timeout per request (s)")
+    price_in_per_1m = forms.DecimalField(initial=0, min_value=0, decimal_places=6, max_digits=12,
+                                         label="Price per 1M input tokens (USD)")
+    price_out_per_1m = forms.DecimalField(initial=0, min_value=0, decimal_places=6, max_digits=12,
+                                          label="Price per 1M output tokens (USD)")
+    members = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                             help_text="Ensemble only: the teachers it combines.")
+
+    def __init__(self, *args, project=None, editing=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from projects.models import Teacher
+
+        qs = Teacher.objects.filter(project=project).exclude(provider="ensemble")
+        if editing is not None:
+            qs = qs.exclude(pk=editing.pk)
+            self.fields["provider"].disabled = True
+        self.fields["members"].queryset = qs
+
+    def service_kwargs(self) -> dict:
+        d = dict(self.cleaned_data)
+        d["members"] = list(d.get("members") or [])
+        return d
+
+
+class GenerateForm(forms.Form):
+    """Options of a generation run (the Generate button)."""
+
+    teachers = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                              help_text="None ticked: every teacher except ensemble members and the judge.")
+    limit = forms.IntegerField(required=False, min_value=1, help_text="Only the first N train queries (empty: all).")
+    samples_per_query = forms.IntegerField(initial=1, min_value=1, max_value=20,
+                                           help_text="Rejection sampling: draw up to N answers per query, keep the first "
+                                                     "that passes the checks (the best by the judge when one is set).")
+    concurrency = forms.IntegerField(initial=16, min_value=1, max_value=512, help_text="Requests in flight per worker.")
+    budget_usd = forms.DecimalField(required=False, min_value=0, decimal_places=4, max_digits=12, label="Budget (USD)",
+                                    help_text="Stop before the run's cost would pass this (empty: no cap).")
+
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from projects.models import Teacher
+
+        self.fields["teachers"].queryset = Teacher.objects.filter(project=project).order_by("id")
+
+    def service_kwargs(self) -> dict:
+        d = self.cleaned_data
+        return {"teachers": list(d["teachers"]) or None, "limit": d["limit"], "samples_per_query": d["samples_per_query"],
+                "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None}

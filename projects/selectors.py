@@ -134,6 +134,61 @@ def curated_dataset_sha256(project: Project) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+# --- Generation -------------------------------------------------------------------------------
+
+
+def teacher_for_user(user, slug: str, teacher_id: int):
+    """A teacher of the user's project ``slug``; Http404 otherwise."""
+    from projects.models import Teacher
+
+    project = project_for_user(user, slug)
+    try:
+        return Teacher.objects.select_related("project", "project__team").get(pk=teacher_id, project=project)
+    except Teacher.DoesNotExist:
+        raise Http404("No such teacher") from None
+
+
+def generation_run_for_user(user, slug: str, run_id: int):
+    """A generation run of the user's project ``slug``; Http404 otherwise."""
+    from projects.models import GenerationRun
+
+    project = project_for_user(user, slug)
+    try:
+        return GenerationRun.objects.select_related("project", "project__team", "job").get(pk=run_id, project=project)
+    except GenerationRun.DoesNotExist:
+        raise Http404("No such run") from None
+
+
+def generation_runs(project: Project):
+    """The project's generation runs, newest first, with their jobs and teachers."""
+    from projects.models import GenerationRun
+
+    return GenerationRun.objects.filter(project=project).select_related("job").prefetch_related("teachers")
+
+
+def generation_failed_check_counts(run) -> list[tuple[str, int]]:
+    """How many of the run's samples failed each check: ``[(check name, count)]``, most first."""
+    from django.db import connection
+
+    from projects.models import Sample
+
+    table = Sample._meta.db_table
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT e, count(*) FROM {table}, jsonb_array_elements_text({table}.failed_checks) AS e "
+                    f"WHERE {table}.run_id = %s GROUP BY e ORDER BY count(*) DESC, e", [run.pk])
+        return [(name, n) for name, n in cur.fetchall()]
+
+
+def generation_eta_s(run) -> float | None:
+    """Seconds left for a running run, from its job's progress: elapsed * (1 - p) / p."""
+    from django.utils import timezone
+
+    job = run.job
+    if job is None or job.ended or not job.started_at or job.progress <= 0:
+        return None
+    elapsed = (timezone.now() - job.started_at).total_seconds()
+    return elapsed * (1 - job.progress) / job.progress
+
 def project_task_spec(project: Project):
     """The project's task definition as the pipeline's ``TaskSpec``."""
     from workers.pipeline.specs import TaskSpec

@@ -18,7 +18,13 @@ def _ingest(*, project, team, user) -> dict:
 
 
 def _generation(*, project, team, user) -> dict:
-    return {}
+    from projects.models import GenerationRun
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="their teacher", provider="transformers", user=user)
+    run = GenerationRun.objects.create(project=project)
+    run.teachers.set([teacher])
+    return {"teacher_id": teacher.pk, "run_id": run.pk}
 
 
 def _review(*, project, team, user) -> dict:

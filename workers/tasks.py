@@ -12,6 +12,7 @@ from celery import shared_task
 
 from projects.models import Job, JobStatus
 from projects.services.jobs import jobs_mark_stale
+import projects.services.generation  # noqa: F401,E402 - registers the run's job_subject_sync
 from workers.progress import JobCancelled, JobReporter, job_claim, job_finish
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,23 @@ def ingest_import_task(self, job_id: int) -> None:
 
 
 # --- Generation -----------------------------------------------------------------------------
+
+
+@shared_task(bind=True, name="workers.tasks.generation_run_task")
+def generation_run_task(self, job_id: int) -> None:
+    """A generation run's coordinator: queues its chunks, takes unclaimed ones, waits for the
+    rest and ends the job (see projects.services.generation)."""
+    from projects.services.generation import generation_coordinate
+
+    run_job(job_id, lambda job, reporter: generation_coordinate(job=job, reporter=reporter), task_id=self.request.id or "")
+
+
+@shared_task(name="workers.tasks.generation_chunk_task")
+def generation_chunk_task(job_id: int, index: int, query_ids: list[int]) -> None:
+    """One chunk of a generation run, for whichever worker takes it first (claimed once)."""
+    from projects.services.generation import generation_chunk_take
+
+    generation_chunk_take(job_id=job_id, index=index, query_ids=query_ids)
 
 
 # --- Review ---------------------------------------------------------------------------------
