@@ -4,6 +4,7 @@ an API teacher, on real BANKING77 test queries; the numbers appear on the pages 
 from __future__ import annotations
 
 import csv
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from django.urls import reverse
 from tests.conftest import wait_job
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
-N_TEST = 8
+N_TEST = 6
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -108,7 +109,7 @@ def _setup_project(project, shared_data, student_folders):
     wrong = {"card_arrival": "lost_or_stolen_card", "lost_or_stolen_card": "refund_not_showing_up",
              "refund_not_showing_up": "card_arrival"}
     for i, q in enumerate(queries):
-        # The local teacher is right on 7 of 8, the API teacher on 6 of 8.
+        # The local teacher is right on 5 of 6, the API teacher on 4 of 6.
         for t, bad in ((local, {0}), (api, {0, 1})):
             label = wrong[q.reference] if i in bad else q.reference
             probs = {l: (0.8 if l == label else 0.1) for l in LABELS}
@@ -132,11 +133,12 @@ def _setup_project(project, shared_data, student_folders):
 @pytest.mark.slow
 def test_full_evaluation_through_the_worker(celery_worker, project, owner, owner_client, shared_data, student_folders):
     from projects.models import EvalPrediction, EvalResult, Evaluation
+    from projects.services.evaluation import evaluation_start
 
     queries, local, api, sft, clf = _setup_project(project, shared_data, student_folders)
-    r = owner_client.post(reverse("evaluation_start", kwargs={"slug": project.slug}), {"split": "test"})
-    ev = Evaluation.objects.get(project=project)
-    assert r.status_code == 302 and r["Location"] == reverse("evaluation_detail", args=[project.slug, ev.pk])
+    # Short speculative-decoding and generation budgets keep this test to minutes on 2 shared cores.
+    ev = evaluation_start(project=project, user=owner, split="test",
+                          options={"speculative_prompts": 1, "speculative_max_new_tokens": 8})
     job = wait_job(ev.job_id, timeout=600)
     assert job.status == "succeeded", (job.message, job.error)
     ev.refresh_from_db()
@@ -146,14 +148,14 @@ def test_full_evaluation_through_the_worker(celery_worker, project, owner, owner
     assert set(results) == {"smollm2-teacher", "gpt-api", f"merged (run {sft.pk})", f"int8 (run {sft.pk})",
                             f"classifier (run {clf.pk})", "smollm2-135m-instruct (base)"}
     teacher = results["smollm2-teacher"]
-    assert teacher.quality == pytest.approx(7 / 8) and teacher.quality_retention == pytest.approx(1.0)
-    assert results["gpt-api"].quality == pytest.approx(6 / 8)
+    assert teacher.quality == pytest.approx(5 / 6) and teacher.quality_retention == pytest.approx(1.0)
+    assert results["gpt-api"].quality == pytest.approx(4 / 6)
     # API teacher: (100 x $1 + 10 x $2) / 1M per query -> $0.12 per 1K queries.
     assert results["gpt-api"].cost_per_1k_usd == pytest.approx(0.12)
-    assert results["gpt-api"].metrics["agreement"] == pytest.approx(7 / 8)
-    # Local teacher: mean 435 ms at the default $0.10/h.
-    assert teacher.cost_per_1k_usd == pytest.approx(435 / 3_600_000 * 0.10 * 1000)
-    assert teacher.latency_ms_p50 == pytest.approx(435.0)
+    assert results["gpt-api"].metrics["agreement"] == pytest.approx(5 / 6)
+    # Local teacher: mean 425 ms at the default $0.10/h.
+    assert teacher.cost_per_1k_usd == pytest.approx(425 / 3_600_000 * 0.10 * 1000)
+    assert teacher.latency_ms_p50 == pytest.approx(425.0)
 
     for name, r in results.items():
         preds = list(EvalPrediction.objects.filter(result=r))
@@ -161,7 +163,7 @@ def test_full_evaluation_through_the_worker(celery_worker, project, owner, owner
         if r.role == "teacher":
             continue
         assert r.quality == pytest.approx(sum(p.correct for p in preds) / N_TEST)
-        assert r.quality_retention == pytest.approx(r.quality / (7 / 8))
+        assert r.quality_retention == pytest.approx(r.quality / (5 / 6))
         assert r.latency_ms_p50 > 0 and r.latency_ms_p95 >= r.latency_ms_p50 and r.throughput_qps > 0
         assert r.size_bytes > 1_000_000 and r.cost_per_1k_usd > 0
         assert r.metrics["mean_kl_teacher_student"] >= 0
@@ -175,7 +177,7 @@ def test_full_evaluation_through_the_worker(celery_worker, project, owner, owner
 
     s = ev.summary
     best = max((r for r in results.values() if r.role != "teacher"), key=lambda r: r.quality)
-    assert s["best_quality"] == best.quality and s["retention"] == pytest.approx(best.quality / (7 / 8))
+    assert s["best_quality"] == best.quality and s["retention"] == pytest.approx(best.quality / (5 / 6))
     assert ev.ready_to_ship == (s["retention"] >= 0.95)
     assert ("ready to ship" in ev.verdict) == ev.ready_to_ship
     # Speculative decoding: the teacher is SmolLM2 and the draft shares its tokenizer.
@@ -201,19 +203,55 @@ def test_full_evaluation_through_the_worker(celery_worker, project, owner, owner
     overview = owner_client.get(reverse("project_overview", args=[project.slug])).content.decode()
     assert f"{s['retention'] * 100:.1f} %" in overview and "cost per 1K" in overview
 
-    # The CLI runs the same service and prints the contract's keys.
+    # A second evaluation from the page's button, cancelled while it runs: the row follows its job.
+    r = owner_client.post(reverse("evaluation_start", kwargs={"slug": project.slug}), {"split": "test", "limit": "2"})
+    ev2 = Evaluation.objects.exclude(pk=ev.pk).get(project=project)
+    assert r.status_code == 302 and r["Location"] == reverse("evaluation_detail", args=[project.slug, ev2.pk])
+    from projects.services.jobs import job_cancel
+
+    job_cancel(job=ev2.job, user=owner)
+    assert wait_job(ev2.job_id, timeout=120).status == "cancelled"
+    ev2.refresh_from_db()
+    assert ev2.status == "cancelled"
+
+
+def _distill_json(*args) -> dict:
     out = io.StringIO()
-    call_command("distill", "evaluate", "--project", project.slug, "--limit", "2", "--wait", "--json", stdout=out)
-    data = json.loads(out.getvalue().strip().splitlines()[-1])
-    assert set(data) >= {"evaluation", "results", "verdict"} and data["evaluation"] != ev.pk
-    assert len(data["results"]) == 6
-    for row in data["results"]:
-        assert set(row) >= {"model", "role", "metrics", "quality_retention", "latency_ms_p50", "latency_ms_p95",
-                            "cost_per_1k_usd"}
-        assert row["metrics"]["n"] == 2
-    # A second finished evaluation: the history chart has two points.
-    ev2 = Evaluation.objects.get(pk=data["evaluation"])
-    assert len(ev2.charts["history"]["data"][0]["y"]) == 2
+    with contextlib.redirect_stdout(out):
+        call_command("distill", *args)
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_cli_evaluates_the_golden_set(celery_worker, team, owner):
+    """`distill evaluate --split golden --wait --json` prints the contract's keys; with no student
+    trained yet the teachers are still compared and the verdict says what is missing."""
+    import hashlib
+
+    from projects.models import GenerationRun, Query, Sample, Teacher
+    from projects.services.projects import project_create
+
+    p = project_create(team=team, user=owner, name="Spam filter", task_type="classification", labels=["ham", "spam"])
+    t = Teacher.objects.create(project=p, name="api", provider="openai", model="m",
+                               price_in_per_1m=Decimal("0.5"), price_out_per_1m=Decimal("1.5"))
+    run = GenerationRun.objects.create(project=p, status="succeeded", options={"split": "golden"})
+    for i, (text, ref, answer) in enumerate([("Win a prize now", "spam", "spam"), ("See you at 6", "ham", "ham"),
+                                             ("Free entry!!", "spam", "ham")]):
+        q = Query.objects.create(project=p, text=text, text_hash=hashlib.sha256(text.encode()).hexdigest(),
+                                 split="test", golden=True, reference=ref)
+        Sample.objects.create(run=run, query=q, teacher=t, response=answer, parsed=answer, status="accepted",
+                              input_tokens=200, output_tokens=2, latency_ms=300.0)
+    data = _distill_json("evaluate", "--project", p.slug, "--split", "golden", "--wait", "--json")
+    assert set(data) >= {"evaluation", "results", "verdict"}
+    assert data["split"] == "golden" and data["status"] == "succeeded"
+    assert "no student" in data["verdict"]
+    [row] = data["results"]
+    assert set(row) >= {"model", "role", "metrics", "quality_retention", "latency_ms_p50", "latency_ms_p95", "cost_per_1k_usd"}
+    assert row["model"] == "api" and row["role"] == "teacher"
+    assert row["metrics"]["n"] == 3 and row["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    # (200 x $0.5 + 2 x $1.5) / 1M per query = $0.000103 -> $0.103 per 1K
+    assert row["cost_per_1k_usd"] == pytest.approx(0.103)
+    assert row["latency_ms_p50"] == 300.0
 
 
 @pytest.mark.django_db

@@ -101,3 +101,14 @@ def test_speed_and_cost():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         M.classification_metrics(["a"], ["a", "b"])
+
+
+def test_judge_reply_parsing_and_both_orders():
+    from workers.pipeline.evaluation import judge_messages, make_judge, parse_judgement
+
+    assert [parse_judgement(x) for x in ("A", " b.", "Answer A", "tie", "I think both", None)] == ["A", "B", "A", "tie", "tie", "tie"]
+    msgs = judge_messages("q", "first", "second")
+    assert "Answer A:\nfirst" in msgs[1]["content"] and "Answer B:\nsecond" in msgs[1]["content"]
+    # A judge model that prefers whichever answer mentions "paris": the student wins in both orders.
+    judge = make_judge(lambda m: "A" if "Answer A:\nparis" in m[1]["content"] else "B")
+    assert M.pairwise_win_rate(["capital?"], ["paris"], ["lyon"], judge)["wins"] == 1

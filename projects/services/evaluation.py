@@ -274,6 +274,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
         results.append(res)
 
     # -- students ---------------------------------------------------------------------------
+    judge = _judge(ev, task) if task.task_type in ("summarization", "generation") else None
     students = _students(project)
     total = max(1, len(students))
     causal_loaded: list[tuple[EvalResult, object]] = []
@@ -313,6 +314,11 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             m["exact_match_teacher"] = M.extraction_metrics(outs, p_outs)["exact_match"]
         else:
             m["rouge_l_vs_teacher"] = M.rouge_l(outs, p_outs)
+            if judge is not None:
+                reporter.report(None, f"{name}: LLM judge vs the teacher", force=True)
+                pairs = [(it.text, o, t) for it, o, t in zip(items, outs, p_outs) if t is not None]
+                m["judge_win_rate"] = M.pairwise_win_rate([p[0] for p in pairs], [p[1] for p in pairs],
+                                                          [p[2] for p in pairs], judge)
         m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
         m["wall_s"] = wall
         m["kind"] = kind
@@ -368,6 +374,43 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     ev.finished_at = timezone.now()
     ev.save(update_fields=["summary", "verdict", "ready_to_ship", "charts", "status", "finished_at"])
     return {"evaluation": ev.pk, "verdict": verdict, "results": len(results), "message": verdict}
+
+
+def _judge(ev: Evaluation, task):
+    """The optional LLM judge: the teacher named by ``Evaluation.options["judge_teacher"]`` or
+    ``project.checks["judge_teacher"]``, as ``judge(query, a, b) -> "A"|"B"|"tie"``; None when
+    none is set. Raises InvalidInput when the named teacher does not exist or lacks its key."""
+    import os
+
+    from workers.pipeline import evaluation as P
+
+    name = ev.options.get("judge_teacher") or (ev.project.checks or {}).get("judge_teacher")
+    if not name:
+        return None
+    t = Teacher.objects.filter(project=ev.project, name=name).first()
+    if t is None:
+        raise InvalidInput(f"judge_teacher: no teacher named {name!r} in this project")
+    if t.provider == Teacher.Provider.OPENAI:
+        import openai
+
+        key = os.environ.get(t.api_key_env, "") if t.api_key_env else "none"
+        if t.api_key_env and not key:
+            raise InvalidInput(f"judge_teacher {name!r}: environment variable {t.api_key_env} is not set")
+        client = openai.OpenAI(base_url=t.base_url or None, api_key=key or "none", timeout=t.timeout_s)
+
+        def chat(msgs):
+            r = client.chat.completions.create(model=t.model, messages=msgs, temperature=0, max_tokens=4)
+            return r.choices[0].message.content or ""
+    elif t.provider == Teacher.Provider.TRANSFORMERS:
+        from workers.pipeline.local_lm import load_cached
+
+        lm = load_cached(t.model, kind="base")
+
+        def chat(msgs):
+            return lm.generate(msgs, max_new_tokens=4).text
+    else:
+        raise InvalidInput(f"judge_teacher {name!r}: an ensemble cannot judge; name one model")
+    return P.make_judge(chat, ev.project.instructions)
 
 
 def _correct(task_type: str, output, label, reference) -> bool | None:

@@ -34,11 +34,11 @@ class Prediction:
 
 
 def max_new_tokens_for(task: TaskSpec, tokenizer=None, default: int = 128) -> int:
-    """Generation budget: a few tokens past the longest label for classification (labels are
+    """Generation budget: two tokens past the longest label for classification (labels are
     short; a longer answer is wrong anyway), ``default`` otherwise."""
     if task.task_type == "classification" and task.labels and tokenizer is not None:
         longest = max(len(tokenizer(l, add_special_tokens=False)["input_ids"]) for l in task.labels)
-        return longest + 4
+        return longest + 2
     return default
 
 
@@ -175,3 +175,29 @@ def folder_size(path: str | Path) -> int:
     if not p.exists():
         return 0
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+JUDGE_SYSTEM = ("You compare two answers to the same request. Reply with exactly one of: A (answer A is better), "
+                "B (answer B is better), tie (equally good).")
+
+
+def judge_messages(query: str, answer_a: str, answer_b: str, instructions: str = "") -> list[dict]:
+    """Chat messages asking a judge model which of two answers to ``query`` is better."""
+    task = f"Task instructions:\n{instructions.strip()}\n\n" if instructions.strip() else ""
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": f"{task}Request:\n{query}\n\nAnswer A:\n{answer_a}\n\nAnswer B:\n{answer_b}\n\n"
+                                        "Which is better? Reply A, B or tie."}]
+
+
+def parse_judgement(text: str | None) -> str:
+    """``"A"``, ``"B"`` or ``"tie"`` from a judge's reply (anything unclear is a tie)."""
+    import re
+
+    m = re.match(r"\s*(?:answer\s*)?([AB])\b", text or "", flags=re.I)
+    return m.group(1).upper() if m else "tie"
+
+
+def make_judge(chat: Callable[[list[dict]], str], instructions: str = "") -> Callable[[str, str, str], str]:
+    """A ``judge(query, a, b)`` for ``metrics.pairwise_win_rate`` from ``chat(messages) -> reply``
+    (any model: an API teacher or a local one)."""
+    return lambda q, a, b: parse_judgement(chat(judge_messages(q, a, b, instructions)))
