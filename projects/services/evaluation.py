@@ -106,7 +106,7 @@ def _teacher_run(project: Project, split: str) -> GenerationRun | None:
             .order_by("-created_at").first())
 
 
-def _wait_teacher_run(project: Project, split: str, reporter) -> GenerationRun:
+def _wait_teacher_run(project: Project, split: str, reporter, limit: int | None = None) -> GenerationRun:
     """Start a generation run over ``split`` and wait for its job, heart-beating meanwhile."""
     try:
         from projects.services import generation as generation_service
@@ -115,7 +115,7 @@ def _wait_teacher_run(project: Project, split: str, reporter) -> GenerationRun:
             f"no finished teacher run exists for the {split} split and the generation service "
             "(projects.services.generation) is not installed; generate teacher answers for this split first"
         ) from None
-    run = generation_service.generation_start(project=project, split=split)
+    run = generation_service.generation_start(project=project, split=split, limit=limit)
     reporter.report(0.02, f"Generating teacher answers for the {split} split (run {run.pk})", force=True)
     while True:
         job = Job.objects.get(pk=run.job_id)
@@ -177,7 +177,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     gold = [q.reference if q.reference not in (None, "") else None for q in queries]
     has_gold = any(g is not None for g in gold)
 
-    run = _teacher_run(project, ev.split) or _wait_teacher_run(project, ev.split, reporter)
+    run = _teacher_run(project, ev.split) or _wait_teacher_run(project, ev.split, reporter, ev.options.get("limit"))
     samples = (Sample.objects.filter(run=run, query_id__in=qids, sample_index=0).exclude(status="failed")
                .select_related("teacher").order_by("teacher_id", "query_id"))
     by_teacher: dict[int, dict[int, Sample]] = {}
