@@ -14,6 +14,9 @@ from projects.services import ServiceError
 from projects.services.evaluation import evaluation_start
 
 
+CHART_ORDER = ("quality_by_model", "quality_vs_cost", "latency", "confusion", "training_loss", "history")
+
+
 def evaluation_page(request, slug: str):
     project = selectors.project_for_user(request.user, slug)
     evaluations = list(selectors.evaluations_for_project(project)[:50])
@@ -43,10 +46,18 @@ def evaluation_start_view(request, slug: str):
 def evaluation_detail(request, slug: str, evaluation_id: int):
     ev = selectors.evaluation_for_user(request.user, slug, evaluation_id)
     results = list(ev.results.order_by("id"))
-    spec = (ev.summary or {}).get("speculative_decoding")
+    summary = ev.summary or {}
+    spec = summary.get("speculative_decoding")
+    # jsonb does not keep key order: draw the charts in a fixed, readable order.
+    stored = ev.charts or {}
+    charts = {k: stored[k] for k in CHART_ORDER if k in stored}
+    charts.update({k: v for k, v in stored.items() if k not in charts})
+    pct = {k: (summary[k] * 100 if summary.get(k) is not None else None) for k in ("retention",)}
+    if spec and spec.get("acceptance_rate") is not None:
+        pct["acceptance"] = spec["acceptance_rate"] * 100
     return render(request, "evaluation/detail.html", {
         "project": ev.project, "section": "evaluation", "evaluation": ev, "results": results, "spec": spec,
-        "charts": ev.charts or {}, "metric": (ev.summary or {}).get("metric", "quality")})
+        "charts": charts, "metric": summary.get("metric", "quality"), "pct": pct})
 
 
 def evaluation_compare(request, slug: str, evaluation_id: int):
