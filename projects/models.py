@@ -70,6 +70,10 @@ class Project(models.Model):
     split_train = models.FloatField(default=0.8)
     split_validation = models.FloatField(default=0.1)
     split_test = models.FloatField(default=0.1)
+    # Review: the share of checks-accepted samples drawn (deterministically, by sample id) into
+    # the audit queue, and the highest sample id already considered for it.
+    review_audit_share = models.FloatField(default=0.05)
+    review_audit_marked_upto = models.BigIntegerField(default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -304,6 +308,11 @@ class Sample(models.Model):
         ]
         indexes = [
             models.Index(fields=["run", "status", "review_status", "id"], name="sample_queue"),
+            # The review queues scan these in id order (partial: only items still to review).
+            models.Index(fields=["id"], name="sample_review_todo",
+                         condition=models.Q(status="rejected", review_status__isnull=True)),
+            models.Index(fields=["id"], name="sample_audit_todo",
+                         condition=models.Q(status="accepted", audit=True, review_status__isnull=True)),
         ]
 
     @property
@@ -330,9 +339,15 @@ class ReviewDecision(models.Model):
     edited_response = models.TextField(null=True, blank=True)
     undone = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # For undo: the parsed value before the decision, the sample's version after it, and the
+    # bulk action it belongs to (one undo reverts the whole bulk action).
+    previous_parsed = models.JSONField(null=True, blank=True)
+    version_after = models.IntegerField(null=True, blank=True)
+    batch = models.UUIDField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "undone", "-id"], name="decision_user_latest")]
 
 
 # --- Training -------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ def _generation(*, project, team, user) -> dict:
 
 
 def _review(*, project, team, user) -> dict:
-    return {}
+    from tests.review_data import make_samples
+
+    sample = make_samples(project, [{"query": "their secret query", "failed": [("label_in_set", "not a label")]}])[0]
+    return {"sample_id": sample.pk}
 
 
 def _training(*, project, team, user) -> dict:

@@ -80,6 +80,26 @@ def jobs_mark_stale_task() -> list[int]:
 # --- Review ---------------------------------------------------------------------------------
 
 
+@shared_task(bind=True, name="workers.tasks.review_bulk_task")
+def review_bulk_task(self, job_id: int) -> None:
+    """A large bulk accept/reject (see ``projects.services.review.review_bulk_start``)."""
+
+    def body(job: Job, reporter: JobReporter) -> dict:
+        from django.contrib.auth import get_user_model
+
+        from projects.services.review import ReviewFilters, review_bulk
+
+        p = job.payload
+        user = get_user_model().objects.filter(pk=p.get("user_id")).first() if p.get("user_id") else None
+        reporter.report(0.0, f"Deciding {p['expected_count']} samples ({p['decision']})", force=True)
+        n = review_bulk(project=job.project, user=user, filters=ReviewFilters.from_params(p["filters"]),
+                        decision=p["decision"], expected_count=p["expected_count"])
+        verb = "Accepted" if p["decision"] == "accept" else "Rejected"
+        return {"decided": n, "message": f"{verb} {n} samples"}
+
+    run_job(job_id, body, task_id=self.request.id or "")
+
+
 # --- Training -------------------------------------------------------------------------------
 
 

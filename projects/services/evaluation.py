@@ -32,6 +32,7 @@ from projects.models import (
     Evaluation, EvalPrediction, EvalResult, GenerationRun, Job, JobStatus, ModelArtifact, Project, Query, Sample,
     Split, Teacher, TrainingRun,
 )
+from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
@@ -138,13 +139,6 @@ def _price_per_hour(ev: Evaluation, device: str) -> float:
     return DEFAULT_PRICE_PER_HOUR_USD.get(device, DEFAULT_PRICE_PER_HOUR_USD["cpu"])
 
 
-def _task_spec(project: Project):
-    from workers.pipeline.specs import TaskSpec
-
-    return TaskSpec(task_type=project.task_type, instructions=project.instructions, labels=tuple(project.labels or ()),
-                    output_schema=project.output_schema, few_shot=tuple(project.few_shot or ()), checks=project.checks or {})
-
-
 def _score(task_type: str, labels, outputs: list, pred_labels: list, references: list) -> dict:
     from workers.pipeline import metrics as M
 
@@ -167,7 +161,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     ev = Evaluation.objects.select_related("project").get(pk=job.payload["evaluation_id"])
     project = ev.project
     Evaluation.objects.filter(pk=ev.pk).update(status=JobStatus.RUNNING)
-    task = _task_spec(project)
+    task = project_task_spec(project)
     labels = list(project.labels or [])
     queries = list(evaluation_queries(project=project, split=ev.split))
     if ev.options.get("limit"):
