@@ -24,8 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="about a minute: fewer queries")
     args = ap.parse_args()
-    n = 10 if args.quick else 40
-    n_spec = 2 if args.quick else 6
+    n = 4 if args.quick else 40
+    n_spec = 1 if args.quick else 6
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
