@@ -197,3 +197,19 @@ class GenerateForm(forms.Form):
         d = self.cleaned_data
         return {"teachers": list(d["teachers"]) or None, "limit": d["limit"], "samples_per_query": d["samples_per_query"],
                 "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None}
+        return {"team": d["team"], "name": d["name"], "task_type": d["task_type"], "instructions": d["instructions"],
+                "labels": d["labels"], "output_schema": d["output_schema"]}
+
+
+# --- Evaluation -------------------------------------------------------------------------------
+
+
+class EvaluationForm(forms.Form):
+    """Start an evaluation: which split, optionally only the first N queries, and the hourly
+    machine price used for local models' cost per 1K queries."""
+
+    split = forms.ChoiceField(choices=[("test", "Held-out test split"), ("golden", "Golden set")], initial="test")
+    limit = forms.IntegerField(min_value=1, required=False, help_text="Only the first N queries (blank: all).")
+    price_per_hour_usd = forms.FloatField(min_value=0, required=False, label="Price per hour (USD)",
+                                          help_text="Machine price for local models' cost per 1K queries "
+                                                    "(blank: the project's setting, else $0.10/h CPU, $2.00/h GPU).")
