@@ -210,8 +210,12 @@ def demo_run(*, report: Callable[[str], None] = print, openai_key_env: str = "OP
     except ImportError as exc:  # a checkout without one of the stages
         raise InvalidState(f"this checkout lacks a stage of the loop ({exc.name}); the demo needs all of them") from None
 
-    if not _workers_answering():
-        raise InvalidState("no Celery worker answers: start one with `make worker` (or scripts/demo.sh starts them)")
+    # Workers started a moment ago (scripts/demo.sh) take a few seconds to answer.
+    deadline = time.monotonic() + 45
+    while not _workers_answering():
+        if time.monotonic() > deadline:
+            raise InvalidState("no Celery worker answers: start one with `make worker` (or `make demo` starts them)")
+        report("Waiting for a Celery worker to answer…")
 
     team, user, password, project = _setup(report=report)
     result: dict = {"team": team.slug, "project": project.slug, "url": dashboard_url(project=project),
