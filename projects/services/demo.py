@@ -230,7 +230,11 @@ def demo_run(*, report: Callable[[str], None] = print, openai_key_env: str = "OP
     if run is not None:
         report(f"Generation: reusing run {run.pk} ({run.accepted} accepted, {run.rejected} rejected).")
     else:
-        run = generation_start(project=project, user=user, teachers=[teacher], limit=generation_limit)
+        # A local teacher shares the worker's CPU cores: more requests in flight than cores only
+        # makes the threads fight over them. An API teacher gets the usual 16.
+        concurrency = 2 if teacher.provider == "transformers" else 16
+        run = generation_start(project=project, user=user, teachers=[teacher], limit=generation_limit,
+                               concurrency=concurrency)
         report(f"Generation: run {run.pk} queued (job {run.job_id}), teacher {teacher.name}, "
                f"{'all' if generation_limit is None else f'up to {generation_limit}'} train queries.")
         job = demo_wait(job=run.job, report=report, label="generation", timeout_s=stage_timeout_s)
