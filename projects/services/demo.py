@@ -155,9 +155,11 @@ def _teacher(*, project: Project, user, openai_key_env: str, report: Callable[[s
         model = os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
         base_url = os.environ.get("OPENAI_BASE_URL", "")
         price_in, price_out = OPENAI_PRICES.get(model, (0, 0))
-        teacher = project.teachers.filter(name=OPENAI_TEACHER).first()
-        if teacher is None or (teacher.model, teacher.base_url) != (model, base_url):
-            name = OPENAI_TEACHER if teacher is None else f"{OPENAI_TEACHER}-{project.teachers.count() + 1}"
+        teacher = project.teachers.filter(provider="openai", model=model, base_url=base_url,
+                                          api_key_env=openai_key_env).order_by("created_at").first()
+        if teacher is None:
+            taken = set(project.teachers.values_list("name", flat=True))
+            name = OPENAI_TEACHER if OPENAI_TEACHER not in taken else f"{OPENAI_TEACHER}-{len(taken) + 1}"
             teacher = teacher_create(project=project, user=user, name=name, provider="openai", model=model,
                                      base_url=base_url, api_key_env=openai_key_env, temperature=0.0,
                                      max_tokens=16, top_logprobs=5, price_in_per_1m=price_in,
@@ -251,7 +253,9 @@ def demo_run(*, report: Callable[[str], None] = print, openai_key_env: str = "OP
     # Students, one after the other (two CPU cores: training them side by side is no faster).
     result["training"] = []
     for method, student in students:
-        tr = _finished(TrainingRun.objects.filter(project=project, method=method, student_model=student), rerun)
+        # Reused only when trained on this generation's data (not an earlier teacher's).
+        tr = _finished(TrainingRun.objects.filter(project=project, method=method, student_model=student,
+                                                  created_at__gt=run.created_at), rerun)
         if tr is not None:
             report(f"Training {method} on {student}: reusing run {tr.pk} (train loss {tr.train_loss}).")
         else:
@@ -288,7 +292,8 @@ def demo_run(*, report: Callable[[str], None] = print, openai_key_env: str = "OP
         if job.status != JobStatus.SUCCEEDED:
             raise InvalidState(f"evaluation job {job.pk} ended {job.status}: {job.error or job.message}")
     result["evaluation"] = {"evaluation": ev.pk, "job": ev.job_id, "split": ev.split, "verdict": ev.verdict,
-                            "ready_to_ship": ev.ready_to_ship, "url": dashboard_url(project=project) + "evaluation/"}
+                            "ready_to_ship": ev.ready_to_ship, "headline": ev.summary,
+                            "url": dashboard_url(project=project) + "evaluation/"}
     result["summary"] = demo_summary(evaluation=ev)
     if report_summary:
         report("")
