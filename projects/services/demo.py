@@ -228,7 +228,8 @@ def demo_run(*, report: Callable[[str], None] = print, openai_key_env: str = "OP
                          "base_url": teacher.base_url}
 
     # Generation: the teacher answers the train queries; the checks accept or reject each answer.
-    run = _finished(GenerationRun.objects.filter(project=project, teachers=teacher), rerun)
+    # The evaluation's own teacher runs (options.split "test"/"golden") are not training data.
+    run = _finished(GenerationRun.objects.filter(project=project, teachers=teacher, options__split="train"), rerun)
     if run is not None:
         report(f"Generation: reusing run {run.pk} ({run.accepted} accepted, {run.rejected} rejected).")
     else:
