@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv services web worker migrate bench clean-venv
+.PHONY: demo stop test venv services web worker migrate bench clean-venv
 
 $(STAMP): requirements.txt requirements-models.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -28,8 +28,13 @@ test: services
 	bash scripts/browser.sh || true
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Leaves the web app (http://127.0.0.1:8000) and the workers running; `make stop` stops them.
+# DEMO_ARGS go to `distill demo`, e.g. make demo DEMO_ARGS=--rerun
 demo: migrate
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(DEMO_ARGS)
+
+stop:
+	bash scripts/demo.sh stop
 
 web: migrate
 	$(PY) manage.py runserver 127.0.0.1:8000

@@ -1,6 +1,102 @@
 #!/usr/bin/env bash
-# Placeholder until the demo issue fills it: start a worker and the web app.
+# `make demo`: start the Celery workers and the web app in the background (leaving them running),
+# then run the whole loop on the demo project (`distill demo`) and print the summary and the login.
+# `make stop` (scripts/demo.sh stop) stops what this started. The Makefile has already set up the
+# venv, PostgreSQL, Redis and the migrations.
+#
+# Environment: DISTILLHUB_BIND (default 127.0.0.1:8000) where the web app listens; DATABASE_URL,
+# REDIS_URL and the other settings variables as for every command; OPENAI_API_KEY (and optionally
+# OPENAI_BASE_URL, OPENAI_MODEL) to use an OpenAI-compatible teacher; DISTILLHUB_DEMO_PASSWORD to
+# choose the demo user's password. Extra arguments go to `distill demo` (e.g. --rerun, --limit 100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/celery -A distillhub worker -Q default,teacher,gpu --loglevel WARNING --detach --pidfile .data/worker.pid --logfile .data/worker.log
-exec .venv/bin/python manage.py runserver 127.0.0.1:8000
+PY=${PY:-.venv/bin/python}
+CELERY=${CELERY:-.venv/bin/celery}
+GUNICORN=${GUNICORN:-.venv/bin/gunicorn}
+RUN=${DISTILLHUB_DATA_DIR:-.data}
+mkdir -p "$RUN"
+BIND=${DISTILLHUB_BIND:-127.0.0.1:8000}
+export DISTILLHUB_URL=${DISTILLHUB_URL:-http://$BIND}
+
+# pidfile: does it name a live process?
+alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_one() {  # name pidfile
+  local pidfile=$2
+  if alive "$pidfile"; then
+    local pid; pid=$(cat "$pidfile")
+    echo "Stopping $1 (pid $pid)…"
+    kill -TERM "$pid"
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "$1 (pid $pid) did not stop within 30 s; killing it."
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$pidfile"
+}
+
+if [[ "${1:-}" == "stop" ]]; then
+  stop_one "web app" "$RUN/web.pid"
+  stop_one "worker (default, teacher)" "$RUN/worker-default.pid"
+  stop_one "worker (gpu)" "$RUN/worker-gpu.pid"
+  echo "Stopped. Data stays in PostgreSQL and $RUN/; \`make demo\` starts everything again."
+  exit 0
+fi
+
+start_worker() {  # name queues pidfile logfile extra-args...
+  local name=$1 queues=$2 pidfile=$3 logfile=$4; shift 4
+  if alive "$pidfile"; then
+    echo "Celery worker $name already running (pid $(cat "$pidfile"); log $logfile)."
+    return
+  fi
+  rm -f "$pidfile"
+  echo "Starting Celery worker $name on queues $queues (log $logfile)…"
+  "$CELERY" --workdir "$PWD" -A distillhub worker -Q "$queues" -n "$name@%h" --loglevel INFO --without-gossip --without-mingle \
+    --detach --pidfile "$pidfile" --logfile "$logfile" "$@"
+}
+
+# Ingest and generation on one worker; training and evaluation on the `gpu` queue with a fresh
+# process per job (so memory is given back), as on a real GPU machine.
+start_worker default "default,teacher" "$RUN/worker-default.pid" "$RUN/worker-default.log" --concurrency 2
+start_worker gpu "gpu" "$RUN/worker-gpu.pid" "$RUN/worker-gpu.log" --concurrency 1 --max-tasks-per-child 1
+
+answers() {
+  "$PY" - "$DISTILLHUB_URL/login/" <<'PY'
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except Exception:
+    sys.exit(1)
+PY
+}
+
+if alive "$RUN/web.pid"; then
+  echo "Web app already running (pid $(cat "$RUN/web.pid")) at $DISTILLHUB_URL."
+elif answers; then
+  echo "Something else already answers at $DISTILLHUB_URL; stop it or set DISTILLHUB_BIND=127.0.0.1:8001." >&2
+  exit 1
+else
+  rm -f "$RUN/web.pid"
+  echo "Starting the web app at $DISTILLHUB_URL (log $RUN/web.log)…"
+  # DEBUG stays off; whitenoise serves the static files.
+  "$GUNICORN" distillhub.wsgi:application --bind "$BIND" --workers 2 --threads 4 --timeout 300 \
+    --daemon --pid "$RUN/web.pid" --error-logfile "$RUN/web.log" --access-logfile "$RUN/web-access.log" \
+    --capture-output
+fi
+for _ in $(seq 60); do answers && break; sleep 0.5; done
+answers || { echo "The web app does not answer at $DISTILLHUB_URL; see $RUN/web.log:" >&2; tail -n 30 "$RUN/web.log" >&2; exit 1; }
+
+echo "Running the whole loop on the demo project (generation, two students, evaluation)…"
+if ! "$PY" manage.py distill demo "$@"; then
+  echo >&2
+  echo "The demo stopped with an error. Worker logs: $RUN/worker-default.log, $RUN/worker-gpu.log" >&2
+  echo "The web app and workers are still running at $DISTILLHUB_URL; \`make stop\` stops them." >&2
+  exit 1
+fi
+cat <<MSG
+
+The dashboard keeps running at $DISTILLHUB_URL with the demo project (login above).
+Logs: $RUN/web.log, $RUN/worker-default.log, $RUN/worker-gpu.log.
+Stop the web app and the workers with:  make stop
+MSG

@@ -1,0 +1,344 @@
+"""The real pages in headless Chromium (Playwright for Python driving Debian's ``/usr/bin/chromium``;
+Playwright's own browser download does not work offline). `make test` installs Chromium first
+(scripts/browser.sh); without it these tests are skipped with the command to run.
+
+Each step saves a full-page screenshot under ``test-artifacts/screenshots/`` (the README's
+walkthrough images come from there). The server is pytest-django's ``live_server`` (a thread on
+the transactional test database) and background work runs on the real Celery worker fixture.
+
+Steps that need a stage's pages are marked ``xfail(strict=False)`` until that stage is merged;
+they use the element ids listed in each test's docstring.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Playwright's sync API runs an asyncio event loop in the main thread, so Django sees "an event
+# loop is running" and refuses ORM calls made by the test itself (SynchronousOnlyOperation). The
+# ORM calls here are plain blocking calls from the test thread, never from a coroutine, so it is
+# safe to allow them. The live server answers from its own thread and is unaffected.
+os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+
+from tests.conftest import PASSWORD, wait_job  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = REPO / "test-artifacts" / "screenshots"
+CHROMIUM = os.environ.get("DISTILLHUB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with `sudo apt-get install chromium` "
+                    "(or run `make test`, which does as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    """A fresh browser context (no cookies) on the live server; console errors fail the test."""
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(TIMEOUT_MS)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def shot(page, name: str) -> Path:
+    """Save a full-page screenshot as test-artifacts/screenshots/<name>.png."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+    return path
+
+
+def login(page, username: str, password: str = PASSWORD, screenshot: str | None = None) -> None:
+    page.goto("/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    if screenshot:
+        shot(page, screenshot)
+    page.click("form button[type=submit]")
+    page.wait_for_url(re.compile(r"^https?://[^/]+/$"))
+
+
+def wait_progress_ended(page, job_id: int, timeout_ms: int = 180_000) -> str:
+    """Wait until the htmx progress partial of job ``job_id`` shows an ended state; returns it."""
+    sel = f"#job-{job_id}-progress"
+    page.wait_for_selector(f"{sel}[data-status=succeeded], {sel}[data-status=failed], {sel}[data-status=cancelled]",
+                           timeout=timeout_ms)
+    return page.get_attribute(sel, "data-status")
+
+
+# --- Setup through the services and the ORM (what earlier steps produce) ---------------------
+
+
+def _queries(project, rows: list[tuple[str, str]], split: str = "train"):
+    from projects.models import Query
+
+    out = []
+    for i, (text, ref) in enumerate(rows):
+        h = hashlib.sha256(" ".join(text.casefold().split()).encode()).hexdigest()
+        out.append(Query.objects.create(project=project, text=text, text_hash=h, split=split, reference=ref, line=i + 2))
+    return out
+
+
+TRAIN_ROWS = [
+    ("My new card still hasn't arrived after a week", "card_arrival"),
+    ("When will the card you posted get here?", "card_arrival"),
+    ("Card delivery is taking forever", "card_arrival"),
+    ("How long until my replacement card shows up?", "card_arrival"),
+    ("Someone stole my wallet with my card in it", "lost_or_stolen_card"),
+    ("I lost my card at the airport, please block it", "lost_or_stolen_card"),
+    ("My card is missing, freeze it", "lost_or_stolen_card"),
+    ("I think my card was pickpocketed", "lost_or_stolen_card"),
+    ("The shop refunded me but I can't see the money", "refund_not_showing_up"),
+    ("Where is my refund from Amazon?", "refund_not_showing_up"),
+    ("Refund not in my account after ten days", "refund_not_showing_up"),
+    ("The merchant says they refunded me, nothing arrived", "refund_not_showing_up"),
+]
+
+
+def _teacher(project):
+    from projects.models import Teacher
+
+    return Teacher.objects.create(project=project, name="smollm2-local", provider="transformers",
+                                  model="smollm2-135m-instruct", temperature=0.0, max_tokens=16)
+
+
+def _samples(project, *, rejected: int = 0):
+    """A finished generation run with accepted samples (soft labels included) for every train
+    query, the first ``rejected`` of them rejected by the label-in-set check instead."""
+    from projects.models import GenerationRun, JobStatus, Sample
+
+    teacher = _teacher(project)
+    run = GenerationRun.objects.create(project=project, status=JobStatus.SUCCEEDED)
+    run.teachers.add(teacher)
+    for i, q in enumerate(_queries(project, TRAIN_ROWS)):
+        if i < rejected:
+            Sample.objects.create(run=run, query=q, teacher=teacher, response="I'm sorry, I can't help with that.",
+                                  parsed=None, status="rejected", failed_checks=["label_in_set"],
+                                  checks=[{"name": "label_in_set", "passed": False, "reason": "no label in the answer"}])
+        else:
+            probs = {l: (0.9 if l == q.reference else 0.05) for l in LABELS}
+            Sample.objects.create(run=run, query=q, teacher=teacher, response=q.reference, parsed=q.reference,
+                                  label_probs=probs, status="accepted", finish_reason="stop",
+                                  checks=[{"name": "label_in_set", "passed": True, "reason": ""}])
+    run.accepted = run.samples.filter(status="accepted").count()
+    run.rejected = run.samples.filter(status="rejected").count()
+    run.save()
+    _queries(project, [("Has my card been posted yet?", "card_arrival"), ("My card was stolen on the tram", "lost_or_stolen_card"),
+                       ("Refund from the hotel missing", "refund_not_showing_up")], split="test")
+    return run
+
+
+# --- What exists on main: log in, create a project, the overview, the jobs pages --------------
+
+
+def test_login_create_project_and_overview(page, owner):
+    """Ids used: login #id_username #id_password; new-project form #id_team #id_name
+    #id_task_type #id_instructions #id_labels; overview ol.stages."""
+    login(page, owner.username, screenshot="01-login")
+    page.wait_for_selector("text=Projects")
+    shot(page, "02-projects")
+
+    page.click("text=New project")
+    page.wait_for_url("**/projects/new/")
+    page.fill("#id_name", "Card support intents")
+    page.select_option("#id_task_type", "classification")
+    page.fill("#id_instructions", "Classify the customer's message into one intent.")
+    page.fill("#id_labels", "\n".join(LABELS))
+    shot(page, "03-new-project")
+    page.click("form button[type=submit]")
+
+    page.wait_for_url("**/p/card-support-intents/")
+    assert page.inner_text("h1") == "Card support intents"
+    stages = page.locator("ol.stages > li")
+    assert stages.count() == 5
+    assert "Queries" in stages.nth(0).inner_text()
+    shot(page, "04-overview")
+
+    from projects.models import Project
+
+    project = Project.objects.get(slug="card-support-intents")
+    assert project.labels == LABELS
+    assert project.team.slug == "acme-support"
+
+
+def test_jobs_page_shows_a_job_finish(page, owner, project, celery_worker):
+    """A job queued on the real worker: the jobs list links to it, and its page's progress bar
+    (htmx, polling every 2 s) reaches 'Succeeded' without a reload. Ids: #job-<id>-progress."""
+    from django.db import transaction
+
+    from projects.services.jobs import job_create, job_enqueue
+    from workers.tasks import selftest_task
+
+    with transaction.atomic():
+        job = job_create(kind="selftest", team=project.team, project=project, user=owner,
+                         payload={"steps": 8, "sleep_s": 0.5})
+        job_enqueue(job=job, task=selftest_task)
+
+    login(page, owner.username)
+    page.click("nav.topnav >> text=Jobs")
+    page.wait_for_url("**/jobs/")
+    assert page.locator(f"a[href='/jobs/{job.pk}/']").count() == 1
+    shot(page, "05-jobs")
+
+    page.click(f"a[href='/jobs/{job.pk}/']")
+    page.wait_for_selector(f"#job-{job.pk}-progress")
+    assert wait_progress_ended(page, job.pk, timeout_ms=60_000) == "succeeded"
+    assert page.get_attribute(f"#job-{job.pk}-progress progress", "value") == "100"
+    shot(page, "06-job-detail")
+    assert wait_job(job.pk, timeout=5).status == "succeeded"
+
+
+# --- Steps that need the stage pages (xfail until those branches are merged) ------------------
+
+
+@pytest.mark.xfail(strict=False, reason="needs the ingest pages")
+def test_upload_csv(page, owner, project, celery_worker, tmp_path):
+    """Queries page (ingest branch): upload form with file input #id_file (optional
+    #id_text_column, #id_reference_column, #id_golden) and the button "Upload and import"; the
+    import report is the card #dataset-<id> (data-status pending -> imported, polled by htmx) with
+    p.report; the list is table.queries (one row per query, split shown)."""
+    from projects.models import Dataset
+
+    csv_path = tmp_path / "support.csv"
+    lines = ["text,reference"] + [f'"{t}",{r}' for t, r in TRAIN_ROWS] + [f'"{TRAIN_ROWS[0][0]}",card_arrival']
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/queries/")
+    page.set_input_files("#id_file", str(csv_path))
+    shot(page, "07-queries-upload")
+    page.click("button:has-text('Upload and import')")
+    page.wait_for_selector("[id^=dataset-][data-status=imported]", timeout=60_000)
+    dataset = Dataset.objects.get(project=project)
+    report = page.inner_text(f"#dataset-{dataset.pk} p.report")
+    assert re.search(r"\b12\b queries imported", report), report
+    assert re.search(r"\b1\b duplicates", report), report
+    page.reload()
+    assert page.locator("table.queries tbody tr").count() == 12
+    shot(page, "08-queries")
+    assert project.queries.count() == 12
+
+
+@pytest.mark.xfail(strict=False, reason="needs the generation pages")
+def test_generation_progress_bar_finishes(page, owner, project, celery_worker):
+    """Teacher data page: form #generation-form with #id_limit and submit #generate-submit;
+    the new run's row #run-<id> holds the job progress partial #job-<job id>-progress and the
+    counts #run-<id>-accepted / #run-<id>-rejected."""
+    from projects.models import GenerationRun
+
+    _queries(project, TRAIN_ROWS[:6])
+    _teacher(project)
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/generation/")
+    page.fill("#id_limit", "4")
+    shot(page, "09-generation-form")
+    page.click("#generate-submit")
+    page.wait_for_selector("[id^=job-][id$=-progress]")
+    run = GenerationRun.objects.get(project=project)
+    assert wait_progress_ended(page, run.job_id, timeout_ms=240_000) == "succeeded"
+    accepted = int(page.inner_text(f"#run-{run.pk}-accepted"))
+    rejected = int(page.inner_text(f"#run-{run.pk}-rejected"))
+    assert accepted + rejected == 4
+    shot(page, "10-generation-done")
+
+
+@pytest.mark.xfail(strict=False, reason="needs the review pages")
+def test_review_rejected_sample_with_keyboard(page, owner, project):
+    """Review page (review branch): the current sample is #review-item article.review-card
+    (data-sample = sample id) with its checks in ul.review-checks; keys: a accept, r reject,
+    e edit; after the last one, #review-item .review-card.empty."""
+    from projects.models import Sample
+
+    _samples(project, rejected=2)
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/review/")
+    card = "#review-item article.review-card"
+    page.wait_for_selector(card)
+    first = int(page.get_attribute(card, "data-sample"))
+    assert "label_in_set" in page.inner_text(f"{card} .review-checks")
+    shot(page, "11-review")
+    page.keyboard.press("a")
+    page.wait_for_selector(f"{card}:not([data-sample='{first}'])")
+    second = int(page.get_attribute(card, "data-sample"))
+    page.keyboard.press("r")
+    page.wait_for_selector("#review-item .review-card.empty")
+    shot(page, "12-review-done")
+    assert Sample.objects.get(pk=first).review_status == "accepted"
+    assert Sample.objects.get(pk=second).review_status == "rejected"
+
+
+@pytest.mark.xfail(strict=False, reason="needs the training pages")
+def test_training_shows_the_loss_chart(page, owner, project, celery_worker):
+    """Students page (training branch): form.train-form with #id_method, #id_student_model,
+    #id_preset and the button "Train"; the run's page shows section#training-live (data-status,
+    polled by htmx) with the plotly loss chart #loss-chart-<run id> (.js-plotly-plot once drawn)
+    and the artifacts table."""
+    from projects.models import TrainingRun
+
+    _samples(project)
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/training/")
+    page.select_option("#id_method", "classifier-kd")
+    page.fill("#id_student_model", "minilm-l6")
+    page.select_option("#id_preset", "fast")
+    shot(page, "13-training-form")
+    page.click("form.train-form button:has-text('Train')")
+    page.wait_for_selector("#training-live")
+    run = TrainingRun.objects.get(project=project)
+    page.wait_for_selector("#training-live[data-status=succeeded], #training-live[data-status=failed]", timeout=300_000)
+    assert page.get_attribute("#training-live", "data-status") == "succeeded"
+    page.wait_for_selector(f"#loss-chart-{run.pk}.js-plotly-plot")
+    assert "classifier" in page.inner_text("#training-live")
+    shot(page, "14-training-loss")
+
+
+@pytest.mark.xfail(strict=False, reason="needs the evaluation pages")
+def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
+    """Evaluation page (evaluation branch): form.eval-form with #id_split, #id_limit and the
+    button "Evaluate"; the evaluation's page polls itself until done, then shows
+    table.eval-results (one row per model, teacher and students) and the plotly charts
+    div.chart#chart-<name> (.js-plotly-plot once drawn)."""
+    from projects.models import Evaluation
+    from projects.services.training import training_start
+
+    _samples(project)
+    tr = training_start(project=project, user=owner, method="classifier-kd", student_model="minilm-l6", preset="fast")
+    assert wait_job(tr.job_id, timeout=300).status == "succeeded"
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/evaluation/")
+    page.select_option("#id_split", "test")
+    page.click("form.eval-form button:has-text('Evaluate')")
+    page.wait_for_url(re.compile(r"/evaluation/\d+/"))
+    ev = Evaluation.objects.get(project=project)
+    assert wait_job(ev.job_id, timeout=300).status == "succeeded"
+    page.wait_for_selector("table.eval-results", timeout=30_000)
+    assert page.locator("table.eval-results tbody tr").count() >= 2
+    page.wait_for_selector("div.chart[id^=chart-].js-plotly-plot")
+    assert page.locator("div.chart[id^=chart-].js-plotly-plot").count() >= 2
+    shot(page, "15-evaluation")
