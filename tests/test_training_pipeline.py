@@ -174,3 +174,19 @@ def test_hyperparameters_overrides_and_errors():
     assert resolve_hyperparams("classifier-kd", "seed")["temperature"] == 4.0
     tr, va = split_validation(list(range(25)))
     assert va == [9, 19] and len(tr) == 23
+
+
+def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
+    from workers.pipeline.training import TrainingStopped
+
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    rows = [TrainRow(query=f"message number {i}", label="ab"[i % 2], teacher_label="ab"[i % 2]) for i in range(24)]
+    events = []
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step \d+"):
+        train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], learning_rate=1e38, max_grad_norm=0.0,
+                    per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3),
+              report=lambda e, d: events.append((e, d)))
+    losses = [d["loss"] for e, d in events if e == "metric"]
+    assert losses and losses[-1] != losses[-1]  # the last logged loss is NaN
+    assert len(losses) < 18  # stopped early, not after all 18 steps
+    assert not (tmp_path / "out" / "classifier").exists()

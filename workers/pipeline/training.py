@@ -224,6 +224,8 @@ def _report_callback(report: Callable[[str, dict], None], check_stop: Callable[[
                                 "message": f"step {state.global_step}/{total}"})
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if state_box.get("mute"):
+                return
             logs = logs or {}
             step = state.global_step
             if "loss" in logs:
@@ -639,6 +641,7 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
     trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
     result = _finish(trainer, state_box, spec, preflight, t0, tokens)
     if val_ds:
+        state_box["mute"] = True  # the best model's figures; already logged at its step
         final = trainer.evaluate()
         result.preflight = {**preflight, "final_validation_accuracy": final.get("eval_accuracy"),
                             "final_validation_fidelity": final.get("eval_fidelity")}
