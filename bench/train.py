@@ -80,6 +80,11 @@ def run_trl(n: int, out: str) -> dict:
 
 
 def child(mode: str, n: int) -> None:
+    threads = os.environ.get("DISTILLHUB_TORCH_THREADS")
+    if threads:  # the same CPU threads for both sides (our path applies it too)
+        import torch
+
+        torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory() as out:
         r = run_ours(n, out) if mode == "ours" else run_trl(n, out)
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

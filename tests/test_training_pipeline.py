@@ -2,7 +2,7 @@
 classifier-kd run on BANKING77 with soft labels, the preflight cases and clear refusals."""
 import csv
 import json
-import shutil
+import math
 from pathlib import Path
 
 import os
@@ -182,11 +182,26 @@ def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
     task = TaskSpec(task_type="classification", labels=("a", "b"))
     rows = [TrainRow(query=f"message number {i}", label="ab"[i % 2], teacher_label="ab"[i % 2]) for i in range(24)]
     events = []
-    with pytest.raises(TrainingStopped, match=r"loss became nan at step \d+"):
+    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step \d+"):
         train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], learning_rate=1e38, max_grad_norm=0.0,
                     per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3),
               report=lambda e, d: events.append((e, d)))
     losses = [d["loss"] for e, d in events if e == "metric"]
-    assert losses and losses[-1] != losses[-1]  # the last logged loss is NaN
+    assert losses and not math.isfinite(losses[-1])  # the last logged loss is NaN (or inf)
     assert len(losses) < 18  # stopped early, not after all 18 steps
     assert not (tmp_path / "out" / "classifier").exists()
+
+
+def test_logit_kd_on_a_teacher_with_the_same_tokenizer(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 2, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l) for q, l in pairs]
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], max_steps=2,
+                 per_device_train_batch_size=4, logging_steps=1, temperature=2.0)
+    spec.teacher_model = "smollm2-135m-instruct"
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    losses = [d["loss"] for e, d in events if e == "metric" and d["split"] == "train"]
+    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+    assert res.preflight["eos_supervised_rows"] == 8
+    assert {a["kind"] for a in res.artifacts} == {"adapter", "merged", "int8"}

@@ -273,7 +273,8 @@ def _training_args_kwargs(hp: dict, spec: TrainSpec, n_train: int, has_val: bool
         lr_scheduler_type=hp["lr_scheduler_type"], warmup_steps=float(hp["warmup_ratio"]), weight_decay=hp["weight_decay"],
         max_grad_norm=hp["max_grad_norm"], logging_steps=hp["logging_steps"], logging_first_step=True,
         save_strategy="steps", save_steps=every, save_total_limit=2, seed=hp["seed"], report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not cuda, bf16=bool(cuda and dtype == torch.bfloat16),
+        disable_tqdm=True, dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN/inf loss must reach the callback, which stops the run use_cpu=not cuda, bf16=bool(cuda and dtype == torch.bfloat16),
     )
     if has_val:
         kw.update(eval_strategy="steps", eval_steps=every, load_best_model_at_end=True,
@@ -578,6 +579,8 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
         src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
 
     def encode(rows: list[TrainRow]) -> list[dict]:
+        if not rows:
+            return []
         enc = tok([r.query for r in rows], truncation=True, max_length=hp["max_length"])
         out = []
         for i, r in enumerate(rows):
