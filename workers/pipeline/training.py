@@ -274,7 +274,8 @@ def _training_args_kwargs(hp: dict, spec: TrainSpec, n_train: int, has_val: bool
         max_grad_norm=hp["max_grad_norm"], logging_steps=hp["logging_steps"], logging_first_step=True,
         save_strategy="steps", save_steps=every, save_total_limit=2, seed=hp["seed"], report_to=[],
         disable_tqdm=True, dataloader_num_workers=0,
-        logging_nan_inf_filter=False,  # a NaN/inf loss must reach the callback, which stops the run use_cpu=not cuda, bf16=bool(cuda and dtype == torch.bfloat16),
+        use_cpu=not cuda, bf16=bool(cuda and dtype == torch.bfloat16),
+        logging_nan_inf_filter=False,  # a NaN/inf loss must reach the callback, which stops the run
     )
     if has_val:
         kw.update(eval_strategy="steps", eval_steps=every, load_best_model_at_end=True,
