@@ -19,11 +19,52 @@ class ProjectForm(forms.Form):
     output_schema = forms.CharField(widget=forms.Textarea(attrs={"rows": 6}), required=False,
                                     help_text="Extraction: the JSON Schema every answer must validate against.")
 
-    def __init__(self, *args, teams=(), **kwargs):
+    few_shot = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False,
+                               help_text='Few-shot examples for the teacher: one JSON object per line, '
+                                         '{"query": "...", "answer": "..."}.')
+    split_train = forms.FloatField(min_value=0, max_value=1, required=False, initial=0.8,
+                                   help_text="Fraction of the queries for training (default 0.8).")
+    split_validation = forms.FloatField(min_value=0, max_value=1, required=False, initial=0.1,
+                                        help_text="Fraction for validation (default 0.1).")
+    split_test = forms.FloatField(min_value=0, max_value=1, required=False, initial=0.1,
+                                  help_text="Fraction held out for the test (default 0.1). The three must sum to 1; "
+                                            "queries already imported keep their split.")
+
+    def __init__(self, *args, teams=(), editing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         from projects.models import Team
 
-        self.fields["team"].queryset = Team.objects.filter(pk__in=[t.pk for t in teams])
+        if editing:
+            del self.fields["team"]
+        else:
+            self.fields["team"].queryset = Team.objects.filter(pk__in=[t.pk for t in teams])
+
+    @staticmethod
+    def initial_for(project) -> dict:
+        """The form's initial values for editing ``project``."""
+        return {
+            "name": project.name, "task_type": project.task_type, "instructions": project.instructions,
+            "labels": "\n".join(project.labels or []),
+            "output_schema": json.dumps(project.output_schema, indent=2) if project.output_schema is not None else "",
+            "few_shot": "\n".join(json.dumps(x, ensure_ascii=False) for x in project.few_shot or []),
+            "split_train": project.split_train, "split_validation": project.split_validation, "split_test": project.split_test,
+        }
+
+    def clean_few_shot(self) -> list[dict]:
+        raw = self.cleaned_data.get("few_shot") or ""
+        examples = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise forms.ValidationError(f"Line {i}: not valid JSON: {exc.msg}.")
+            if not isinstance(row, dict) or "query" not in row or "answer" not in row:
+                raise forms.ValidationError(f'Line {i}: needs the keys "query" and "answer".')
+            answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"], ensure_ascii=False)
+            examples.append({"query": str(row["query"]), "answer": answer})
+        return examples
 
     def clean_labels(self) -> list[str]:
         raw = self.cleaned_data.get("labels") or ""
@@ -96,3 +137,115 @@ class TrainForm(forms.Form):
         hp = {k: self.cleaned_data[k] for k in self.HP_FIELDS if self.cleaned_data.get(k) not in (None, "")}
         hp.update(self.cleaned_data.get("extra") or {})
         return hp
+        kwargs = {"name": d["name"], "task_type": d["task_type"], "instructions": d["instructions"],
+                  "labels": d["labels"], "output_schema": d["output_schema"], "few_shot": d["few_shot"],
+                  "split_train": 0.8 if d.get("split_train") is None else d["split_train"],
+                  "split_validation": 0.1 if d.get("split_validation") is None else d["split_validation"],
+                  "split_test": 0.1 if d.get("split_test") is None else d["split_test"]}
+        if "team" in self.fields:
+            kwargs["team"] = d["team"]
+        return kwargs
+
+
+class UploadForm(forms.Form):
+    """A query file for the Queries page."""
+
+    file = forms.FileField(help_text="CSV / TSV (a header row naming the columns), JSONL ({\"query\": ..., "
+                                     "\"reference\": ...} or OpenAI chat \"messages\"), JSON, or plain text "
+                                     "with one query per line. UTF-8, UTF-16 or Windows-1252.")
+    text_column = forms.CharField(max_length=200, required=False,
+                                  help_text="Column (name or number) with the query. Default: text / query / question / "
+                                            "message / sentence, else the first column.")
+    reference_column = forms.CharField(max_length=200, required=False,
+                                       help_text="Optional column with the reference answer or label. Default: "
+                                                 "reference / answer / label / category / intent if present.")
+    header = forms.ChoiceField(required=False, label="Header row", initial="",
+                               choices=[("", "Detect"), ("yes", "First row names the columns"), ("no", "No header row")],
+                               help_text="CSV / TSV only. Without a header, columns are numbered 1, 2, ...")
+    golden = forms.BooleanField(required=False, label="Golden set",
+                                help_text="Import as the golden set (with references): used for evaluation, never for training.")
+
+
+    def clean_header(self) -> bool | None:
+        return {"yes": True, "no": False}.get(self.cleaned_data.get("header") or "")
+
+
+class QuerySearchForm(forms.Form):
+    """Filters of the query list."""
+
+    q = forms.CharField(required=False, max_length=500, label="Search")
+    split = forms.ChoiceField(required=False, choices=[("", "All splits"), ("train", "Train"), ("validation", "Validation"),
+                                                       ("test", "Test"), ("golden", "Golden")])
+    after = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+    before = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+
+
+# --- Generation -------------------------------------------------------------------------------
+
+
+class TeacherForm(forms.Form):
+    """A teacher's settings. The API key is never entered here: name the environment variable
+    of the worker that holds it."""
+
+    name = forms.CharField(max_length=100)
+    provider = forms.ChoiceField(choices=[("openai", "OpenAI-compatible API"), ("transformers", "Local transformers model"),
+                                          ("ensemble", "Ensemble of teachers")])
+    model = forms.CharField(max_length=300, required=False,
+                            help_text="API: the model name (gpt-4o-mini, llama3.1:8b, ...). Local: a bundled name "
+                                      "(smollm2-135m-instruct, the default), a Hugging Face id or a folder.")
+    base_url = forms.CharField(max_length=500, required=False, label="Base URL",
+                               help_text="e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama). "
+                                         "Empty: OpenAI.")
+    api_key_env = forms.CharField(max_length=100, required=False, label="API key environment variable",
+                                  help_text="The NAME of the variable that holds the key on the workers, e.g. OPENAI_API_KEY.")
+    temperature = forms.FloatField(initial=0.3, min_value=0, max_value=2)
+    max_tokens = forms.IntegerField(initial=256, min_value=1, max_value=131072)
+    top_logprobs = forms.IntegerField(required=False, min_value=0, max_value=20,
+                                      help_text="API teachers: ask for this many log-probabilities per token (soft labels).")
+    timeout_s = forms.FloatField(initial=60, min_value=0.1, max_value=3600, label="Timeout per request (s)")
+    price_in_per_1m = forms.DecimalField(initial=0, min_value=0, decimal_places=6, max_digits=12,
+                                         label="Price per 1M input tokens (USD)")
+    price_out_per_1m = forms.DecimalField(initial=0, min_value=0, decimal_places=6, max_digits=12,
+                                          label="Price per 1M output tokens (USD)")
+    members = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                             help_text="Ensemble only: the teachers it combines.")
+
+    def __init__(self, *args, project=None, editing=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from projects.models import Teacher
+
+        qs = Teacher.objects.filter(project=project).exclude(provider="ensemble")
+        if editing is not None:
+            qs = qs.exclude(pk=editing.pk)
+            self.fields["provider"].disabled = True
+        self.fields["members"].queryset = qs
+
+    def service_kwargs(self) -> dict:
+        d = dict(self.cleaned_data)
+        d["members"] = list(d.get("members") or [])
+        return d
+
+
+class GenerateForm(forms.Form):
+    """Options of a generation run (the Generate button)."""
+
+    teachers = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
+                                              help_text="None ticked: every teacher except ensemble members and the judge.")
+    limit = forms.IntegerField(required=False, min_value=1, help_text="Only the first N train queries (empty: all).")
+    samples_per_query = forms.IntegerField(initial=1, min_value=1, max_value=20,
+                                           help_text="Rejection sampling: draw up to N answers per query, keep the first "
+                                                     "that passes the checks (the best by the judge when one is set).")
+    concurrency = forms.IntegerField(initial=16, min_value=1, max_value=512, help_text="Requests in flight per worker.")
+    budget_usd = forms.DecimalField(required=False, min_value=0, decimal_places=4, max_digits=12, label="Budget (USD)",
+                                    help_text="Stop before the run's cost would pass this (empty: no cap).")
+
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from projects.models import Teacher
+
+        self.fields["teachers"].queryset = Teacher.objects.filter(project=project).order_by("id")
+
+    def service_kwargs(self) -> dict:
+        d = self.cleaned_data
+        return {"teachers": list(d["teachers"]) or None, "limit": d["limit"], "samples_per_query": d["samples_per_query"],
+                "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None}

@@ -6,7 +6,9 @@ sizes in bytes, progress as a fraction in [0, 1].
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.db import models
+from django.db.models.functions import Upper
 
 
 class Team(models.Model):
@@ -70,6 +72,10 @@ class Project(models.Model):
     split_train = models.FloatField(default=0.8)
     split_validation = models.FloatField(default=0.1)
     split_test = models.FloatField(default=0.1)
+    # Review: the share of checks-accepted samples drawn (deterministically, by sample id) into
+    # the audit queue, and the highest sample id already considered for it.
+    review_audit_share = models.FloatField(default=0.05)
+    review_audit_marked_upto = models.BigIntegerField(default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -160,6 +166,10 @@ class Dataset(models.Model):
     duplicates = models.IntegerField(default=0)
     skipped = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True, default="")
+    # The rest of the import report: ``format``, ``size_bytes``, ``rows_read``, ``splits``
+    # ({train, validation, test} or {golden} counts of the queries this file added),
+    # ``golden``, ``skipped_total``, ``warnings`` (list of {line, reason}), ``columns``.
+    report = models.JSONField(default=dict, blank=True)
     job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="dataset")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -170,11 +180,13 @@ class Query(models.Model):
     case-folded, whitespace collapsed); it is unique per project and golden flag, and decides the
     split deterministically. ``reference`` is the gold answer or label when one was given."""
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries")
+    # No single-column indexes on project and split: the composite indexes below lead with
+    # project (and split), and every extra index slows bulk imports.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries", db_index=False)
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries")
     text = models.TextField()
     text_hash = models.CharField(max_length=64)
-    split = models.CharField(max_length=10, choices=Split.choices, db_index=True)
+    split = models.CharField(max_length=10, choices=Split.choices)
     golden = models.BooleanField(default=False)
     reference = models.TextField(null=True, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
@@ -185,7 +197,13 @@ class Query(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "golden", "text_hash"], name="query_project_golden_hash_unique"),
         ]
-        indexes = [models.Index(fields=["project", "split", "id"], name="query_project_split_id")]
+        indexes = [
+            models.Index(fields=["project", "split", "id"], name="query_project_split_id"),
+            # The query list pages through all splits by id (keyset pagination).
+            models.Index(fields=["project", "id"], name="query_project_id"),
+            # Substring search (ILIKE '%...%') over millions of queries.
+            GinIndex(OpClass(Upper("text"), name="gin_trgm_ops"), name="query_text_trgm"),
+        ]
 
 
 # --- Teachers and generation ----------------------------------------------------------------
@@ -304,6 +322,11 @@ class Sample(models.Model):
         ]
         indexes = [
             models.Index(fields=["run", "status", "review_status", "id"], name="sample_queue"),
+            # The review queues scan these in id order (partial: only items still to review).
+            models.Index(fields=["id"], name="sample_review_todo",
+                         condition=models.Q(status="rejected", review_status__isnull=True)),
+            models.Index(fields=["id"], name="sample_audit_todo",
+                         condition=models.Q(status="accepted", audit=True, review_status__isnull=True)),
         ]
 
     @property
@@ -330,9 +353,15 @@ class ReviewDecision(models.Model):
     edited_response = models.TextField(null=True, blank=True)
     undone = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # For undo: the parsed value before the decision, the sample's version after it, and the
+    # bulk action it belongs to (one undo reverts the whole bulk action).
+    previous_parsed = models.JSONField(null=True, blank=True)
+    version_after = models.IntegerField(null=True, blank=True)
+    batch = models.UUIDField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "undone", "-id"], name="decision_user_latest")]
 
 
 # --- Training -------------------------------------------------------------------------------

@@ -94,10 +94,13 @@ def curated_samples(project: Project):
     checks accepted and no human rejected. Ordered by id (stable for hashing and export)."""
     from django.db.models import Q
 
-    from projects.models import Sample, Split
+    from projects.models import GenerationRun, Sample, Split
 
+    # A literal run-id list (not a join on runs) lets Postgres estimate the row count and stream in
+    # id order from the primary key instead of sorting every row before the first one is sent.
+    runs = list(GenerationRun.objects.filter(project=project).values_list("id", flat=True))
     return (
-        Sample.objects.filter(run__project=project, query__split=Split.TRAIN, query__golden=False)
+        Sample.objects.filter(run_id__in=runs, query__split=Split.TRAIN, query__golden=False)
         .filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
         .select_related("query", "teacher")
         .order_by("id")
@@ -108,7 +111,8 @@ def curated_dataset_rows(project: Project):
     """Yield the curated dataset as plain dicts: ``{"sample_id", "query_id", "query", "answer",
     "label", "label_probs", "teacher"}``; ``answer`` is the human edit when there is one.
     Streams with an iterator, so 100,000 rows do not sit in memory."""
-    for s in curated_samples(project).iterator(chunk_size=2000):
+    # Large columns the rows do not use stay in the database (100,000+ rows stream in chunks).
+    for s in curated_samples(project).defer("prompt", "token_logprobs", "checks").iterator(chunk_size=2000):
         label = s.parsed if isinstance(s.parsed, str) else None
         yield {"sample_id": s.id, "query_id": s.query_id, "query": s.query.text, "answer": s.final_response,
                "label": label, "label_probs": s.label_probs, "teacher": s.teacher.name}
@@ -170,3 +174,173 @@ def training_metrics(run) -> list[dict]:
 
     return list(TrainingMetric.objects.filter(run=run).order_by("step", "split").values(
         "split", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"))
+# --- Generation -------------------------------------------------------------------------------
+
+
+def teacher_for_user(user, slug: str, teacher_id: int):
+    """A teacher of the user's project ``slug``; Http404 otherwise."""
+    from projects.models import Teacher
+
+    project = project_for_user(user, slug)
+    try:
+        return Teacher.objects.select_related("project", "project__team").get(pk=teacher_id, project=project)
+    except Teacher.DoesNotExist:
+        raise Http404("No such teacher") from None
+
+
+def generation_run_for_user(user, slug: str, run_id: int):
+    """A generation run of the user's project ``slug``; Http404 otherwise."""
+    from projects.models import GenerationRun
+
+    project = project_for_user(user, slug)
+    try:
+        return GenerationRun.objects.select_related("project", "project__team", "job").get(pk=run_id, project=project)
+    except GenerationRun.DoesNotExist:
+        raise Http404("No such run") from None
+
+
+def generation_runs(project: Project):
+    """The project's generation runs, newest first, with their jobs and teachers."""
+    from projects.models import GenerationRun
+
+    return GenerationRun.objects.filter(project=project).select_related("job").prefetch_related("teachers")
+
+
+def generation_failed_check_counts(run) -> list[tuple[str, int]]:
+    """How many of the run's samples failed each check: ``[(check name, count)]``, most first."""
+    from django.db import connection
+
+    from projects.models import Sample
+
+    table = Sample._meta.db_table
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT e, count(*) FROM {table}, jsonb_array_elements_text({table}.failed_checks) AS e "
+                    f"WHERE {table}.run_id = %s GROUP BY e ORDER BY count(*) DESC, e", [run.pk])
+        return [(name, n) for name, n in cur.fetchall()]
+
+
+def generation_eta_s(run) -> float | None:
+    """Seconds left for a running run, from its job's progress: elapsed * (1 - p) / p."""
+    from django.utils import timezone
+
+    job = run.job
+    if job is None or job.ended or not job.started_at or job.progress <= 0:
+        return None
+    elapsed = (timezone.now() - job.started_at).total_seconds()
+    return elapsed * (1 - job.progress) / job.progress
+
+def project_task_spec(project: Project):
+    """The project's task definition as the pipeline's ``TaskSpec``."""
+    from workers.pipeline.specs import TaskSpec
+
+    return TaskSpec(task_type=project.task_type, instructions=project.instructions or "",
+                    labels=tuple(project.labels or ()), output_schema=project.output_schema,
+                    few_shot=tuple(project.few_shot or ()), checks=dict(project.checks or {}))
+
+
+def curated_export_lines(project: Project, fmt: str):
+    """Yield the curated dataset as JSONL lines (UTF-8 bytes, each ending in ``\n``, real
+    characters rather than ``\\u`` escapes), one per row of ``curated_dataset_rows``.
+
+    ``fmt="openai-chat"``: OpenAI chat fine-tuning rows ``{"messages": [{"role": "user", ...},
+    {"role": "assistant", ...}]}``; the user turn is the STUDENT prompt
+    (``prompts.student_messages``: short task prefix + query, no system prompt), since the file
+    trains a student; the assistant turn is the curated answer (the human edit if any).
+
+    ``fmt="hf-jsonl"``: one flat object a Hugging Face ``datasets.load_dataset("json", ...)``
+    loads with a fixed schema: ``{"sample_id", "query", "answer", "label", "label_probs":
+    [{"label", "prob"}], "teacher", "prompt": [user message], "completion": [assistant
+    message]}`` (``prompt``/``completion`` is TRL's conversational prompt-completion format)."""
+    from django.db import transaction
+
+    if fmt not in ("openai-chat", "hf-jsonl"):
+        raise ValueError(f"format: {fmt!r} is not one of openai-chat, hf-jsonl")
+    # Inside a transaction the server-side cursor is a plain one that Postgres streams; in
+    # autocommit Django declares it WITH HOLD, which Postgres materializes in full first.
+    with transaction.atomic():
+        yield from _export_lines(project, fmt)
+
+
+def _export_lines(project: Project, fmt: str):
+    import json
+
+    from workers.pipeline.prompts import student_messages
+
+    task = project_task_spec(project)
+    for row in curated_dataset_rows(project):
+        user_msgs = student_messages(task, row["query"])
+        answer = {"role": "assistant", "content": row["answer"] or ""}
+        if fmt == "openai-chat":
+            obj = {"messages": [*user_msgs, answer]}
+        else:
+            probs = row["label_probs"] or {}
+            obj = {"sample_id": row["sample_id"], "query": row["query"], "answer": row["answer"] or "",
+                   "label": row["label"],
+                   "label_probs": [{"label": str(k), "prob": float(v)} for k, v in probs.items()],
+                   "teacher": row["teacher"], "prompt": user_msgs, "completion": [answer]}
+        yield (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def review_check_counts(project: Project, *, max_age_s: int = 60) -> list[tuple[str, int]]:
+    """``[(check name, samples still to review that failed it)]`` for the review queue's filter,
+    sorted by name. An aggregate over every rejected sample (about a second with a million
+    samples), so it is cached for ``max_age_s`` seconds per project: the counts are approximate,
+    the queue itself is always exact."""
+    from django.core.cache import cache
+    from django.db.models import Count, F, Func
+
+    from projects.models import Sample
+
+    key = f"review:check-counts:{project.pk}"
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    rows = (Sample.objects.filter(run__project=project, status="rejected", review_status__isnull=True)
+            .annotate(name=Func(F("failed_checks"), function="jsonb_array_elements_text"))
+            .values("name").annotate(n=Count("id")).order_by("name"))
+    out = [(r["name"], r["n"]) for r in rows]
+    cache.set(key, out, max_age_s)
+    return out
+# --- Ingest ---------------------------------------------------------------------------------
+
+
+def query_page(project: Project, *, split: str = "", search: str = "", after: int | None = None,
+               before: int | None = None, limit: int = 50) -> dict:
+    """One page of the project's queries, newest first, by keyset pagination on ``id`` (fast at
+    any depth over millions of rows: the (project, split, id) and (project, id) indexes).
+    ``search``: case-insensitive substring (a pg_trgm GIN index on UPPER(text) serves it).
+    ``after``: ids below it (older); ``before``: ids above it (newer). Returns ``{"rows":
+    [Query], "older": id | None, "newer": id | None}`` (the cursors for the next links)."""
+    from projects.models import Query
+
+    qs = Query.objects.filter(project=project)
+    if split:
+        qs = qs.filter(split=split)
+    if search:
+        qs = qs.filter(text__icontains=search)
+    qs = qs.only("id", "text", "split", "reference", "golden", "line", "dataset_id")
+    if before is not None:
+        rows = list(qs.filter(id__gt=before).order_by("id")[: limit + 1])
+        has_more_newer = len(rows) > limit
+        rows = rows[:limit][::-1]
+        has_more_older = qs.filter(id__lt=rows[-1].id).exists() if rows else False
+    else:
+        page = qs.filter(id__lt=after) if after is not None else qs
+        rows = list(page.order_by("-id")[: limit + 1])
+        has_more_older = len(rows) > limit
+        rows = rows[:limit]
+        has_more_newer = after is not None and bool(rows) and qs.filter(id__gt=rows[0].id).exists()
+    return {"rows": rows, "older": rows[-1].id if rows and has_more_older else None,
+            "newer": rows[0].id if rows and has_more_newer else None}
+
+
+def query_split_counts(project: Project) -> dict[str, int]:
+    """``{split: number of queries}`` for the project (every split key present)."""
+    from django.db.models import Count
+
+    from projects.models import Query, Split
+
+    counts = {s: 0 for s in Split.values}
+    for row in Query.objects.filter(project=project).values("split").annotate(n=Count("id")).order_by():
+        counts[row["split"]] = row["n"]
+    return counts

@@ -11,15 +11,27 @@ def foreign_ids(*, project, team, user) -> dict:
 
 
 def _ingest(*, project, team, user) -> dict:
-    return {}
+    from projects.models import Dataset
+
+    dataset = Dataset.objects.create(project=project, name="secret.csv", status="imported")
+    return {"dataset_id": dataset.pk}
 
 
 def _generation(*, project, team, user) -> dict:
-    return {}
+    from projects.models import GenerationRun
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="their teacher", provider="transformers", user=user)
+    run = GenerationRun.objects.create(project=project)
+    run.teachers.set([teacher])
+    return {"teacher_id": teacher.pk, "run_id": run.pk}
 
 
 def _review(*, project, team, user) -> dict:
-    return {}
+    from tests.review_data import make_samples
+
+    sample = make_samples(project, [{"query": "their secret query", "failed": [("label_in_set", "not a label")]}])[0]
+    return {"sample_id": sample.pk}
 
 
 def _training(*, project, team, user) -> dict:

@@ -12,6 +12,7 @@ from celery import shared_task
 
 from projects.models import Job, JobStatus
 from projects.services.jobs import jobs_mark_stale
+import projects.services.generation  # noqa: F401,E402 - registers the run's job_subject_sync
 from workers.progress import JobCancelled, JobReporter, job_claim, job_finish
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,69 @@ def jobs_mark_stale_task() -> list[int]:
 # --- Ingest ---------------------------------------------------------------------------------
 
 
+@shared_task(bind=True, name="workers.tasks.ingest_import_task")
+def ingest_import_task(self, job_id: int) -> None:
+    """Import the uploaded file of the Dataset in ``job.payload["dataset_id"]`` (one
+    transaction), reporting progress as the fraction of bytes read; the job's result is the
+    import report (see ``projects.services.ingest.dataset_report``)."""
+    from projects.services.ingest import dataset_import_job, dataset_report
+
+    def body(job: Job, reporter: JobReporter) -> dict:
+        def progress(fraction: float, message: str) -> None:
+            reporter.report(fraction, message)
+            reporter.check_cancel()
+
+        dataset = dataset_import_job(job=job, progress=progress)
+        report = dataset_report(dataset=dataset)
+        report["skipped"] = report["skipped"][:100]  # the full list stays on the Dataset
+        report["message"] = (f"Imported {dataset.imported:,} queries ({dataset.duplicates:,} duplicates, "
+                             f"{report['skipped_total']:,} skipped)")
+        return report
+
+    run_job(job_id, body, task_id=self.request.id or "")
+
+
 # --- Generation -----------------------------------------------------------------------------
 
 
+@shared_task(bind=True, name="workers.tasks.generation_run_task")
+def generation_run_task(self, job_id: int) -> None:
+    """A generation run's coordinator: queues its chunks, takes unclaimed ones, waits for the
+    rest and ends the job (see projects.services.generation)."""
+    from projects.services.generation import generation_coordinate
+
+    run_job(job_id, lambda job, reporter: generation_coordinate(job=job, reporter=reporter), task_id=self.request.id or "")
+
+
+@shared_task(name="workers.tasks.generation_chunk_task")
+def generation_chunk_task(job_id: int, index: int, query_ids: list[int]) -> None:
+    """One chunk of a generation run, for whichever worker takes it first (claimed once)."""
+    from projects.services.generation import generation_chunk_take
+
+    generation_chunk_take(job_id=job_id, index=index, query_ids=query_ids)
+
+
 # --- Review ---------------------------------------------------------------------------------
+
+
+@shared_task(bind=True, name="workers.tasks.review_bulk_task")
+def review_bulk_task(self, job_id: int) -> None:
+    """A large bulk accept/reject (see ``projects.services.review.review_bulk_start``)."""
+
+    def body(job: Job, reporter: JobReporter) -> dict:
+        from django.contrib.auth import get_user_model
+
+        from projects.services.review import ReviewFilters, review_bulk
+
+        p = job.payload
+        user = get_user_model().objects.filter(pk=p.get("user_id")).first() if p.get("user_id") else None
+        reporter.report(0.0, f"Deciding {p['expected_count']} samples ({p['decision']})", force=True)
+        n = review_bulk(project=job.project, user=user, filters=ReviewFilters.from_params(p["filters"]),
+                        decision=p["decision"], expected_count=p["expected_count"])
+        verb = "Accepted" if p["decision"] == "accept" else "Rejected"
+        return {"decided": n, "message": f"{verb} {n} samples"}
+
+    run_job(job_id, body, task_id=self.request.id or "")
 
 
 # --- Training -------------------------------------------------------------------------------

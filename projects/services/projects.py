@@ -88,3 +88,37 @@ def project_create(
             )
     except IntegrityError:
         raise InvalidInput(f"name: a project with a slug like {slugify(name)!r} was created at the same moment; try again") from None
+
+
+def project_update(
+    *,
+    project: Project,
+    user=None,
+    name: str,
+    task_type: str,
+    instructions: str = "",
+    labels: list[str] | None = None,
+    output_schema: dict | None = None,
+    few_shot: list[dict] | None = None,
+    checks: dict | None = None,
+    split_train: float = 0.8,
+    split_validation: float = 0.1,
+    split_test: float = 0.1,
+) -> Project:
+    """Change a project's task definition (the slug stays). ``checks`` None keeps the current
+    checks. Queries already imported keep their split; new imports use the new fractions.
+    Raises NotAllowed for viewers, InvalidInput for a bad definition (see ``project_validate``)."""
+    ensure_can_write(user=user, team=project.team)
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("name: must not be empty")
+    labels = [l.strip() for l in (labels or []) if l and l.strip()]
+    project_validate(task_type=task_type, labels=labels, output_schema=output_schema,
+                     split_train=split_train, split_validation=split_validation, split_test=split_test)
+    project.name, project.task_type, project.instructions = name, task_type, instructions or ""
+    project.labels, project.output_schema, project.few_shot = labels, output_schema, few_shot or []
+    if checks is not None:
+        project.checks = checks
+    project.split_train, project.split_validation, project.split_test = split_train, split_validation, split_test
+    project.save()
+    return project

@@ -1,17 +1,146 @@
-"""Teacher data pages (placeholder until its issue fills it in)."""
+"""Teacher data pages: teacher settings, the Generate button, runs with live progress, one run's
+samples; Cancel and Resume."""
 from __future__ import annotations
 
-from django.shortcuts import render
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
 from django.urls import path
+from django.views.decorators.http import require_POST
 
 from projects import selectors
+from projects.forms import GenerateForm, TeacherForm
+from projects.models import Sample
+from projects.services import ServiceError
+from projects.services.generation import (generation_cancel, generation_resume, generation_start, teacher_create,
+                                          teacher_update)
+
+
+def _ctx(request, project, **extra) -> dict:
+    return {"project": project, "section": "generation", "can_write": selectors.user_can_write(request.user, project.team),
+            **extra}
 
 
 def generation_page(request, slug: str):
     project = selectors.project_for_user(request.user, slug)
-    return render(request, "projects/placeholder.html", {"project": project, "title": "Teacher data", "section": "generation"})
+    runs = list(selectors.generation_runs(project)[:50])
+    for r in runs:
+        r.eta_s = selectors.generation_eta_s(r)
+    return render(request, "generation/page.html", _ctx(
+        request, project, teachers=project.teachers.prefetch_related("members").order_by("id"), runs=runs,
+        teacher_form=TeacherForm(project=project), generate_form=GenerateForm(project=project),
+        train_queries=project.queries.filter(split="train", golden=False).count()))
+
+
+def teacher_new(request, slug: str):
+    project = selectors.project_for_user(request.user, slug)
+    form = TeacherForm(request.POST or None, project=project)
+    if request.method == "POST" and form.is_valid():
+        try:
+            t = teacher_create(project=project, user=request.user, **form.service_kwargs())
+        except ServiceError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Teacher “{t.name}” added.")
+            return redirect("generation_page", slug=project.slug)
+    return render(request, "generation/teacher_form.html", _ctx(request, project, form=form, teacher=None))
+
+
+def teacher_edit(request, slug: str, teacher_id: int):
+    teacher = selectors.teacher_for_user(request.user, slug, teacher_id)
+    project = teacher.project
+    initial = {f: getattr(teacher, f) for f in ("name", "provider", "model", "base_url", "api_key_env", "temperature",
+                                                "max_tokens", "top_logprobs", "timeout_s", "price_in_per_1m",
+                                                "price_out_per_1m")}
+    initial["members"] = list(teacher.members.all())
+    form = TeacherForm(request.POST or None, project=project, editing=teacher, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        kwargs = form.service_kwargs()
+        kwargs.pop("provider", None)
+        if teacher.provider != "ensemble":
+            kwargs.pop("members", None)
+        try:
+            teacher_update(teacher=teacher, user=request.user, **kwargs)
+        except ServiceError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Teacher “{teacher.name}” saved.")
+            return redirect("generation_page", slug=project.slug)
+    return render(request, "generation/teacher_form.html", _ctx(request, project, form=form, teacher=teacher))
+
+
+@require_POST
+def generation_start_view(request, slug: str):
+    project = selectors.project_for_user(request.user, slug)
+    form = GenerateForm(request.POST, project=project)
+    if not form.is_valid():
+        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        return redirect("generation_page", slug=project.slug)
+    try:
+        run = generation_start(project=project, user=request.user, **form.service_kwargs())
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("generation_page", slug=project.slug)
+    messages.success(request, f"Generation run {run.pk} queued.")
+    return redirect("generation_run", slug=project.slug, run_id=run.pk)
+
+
+def generation_run_view(request, slug: str, run_id: int):
+    run = selectors.generation_run_for_user(request.user, slug, run_id)
+    status = request.GET.get("status", "")
+    samples = Sample.objects.filter(run=run).select_related("query", "teacher").order_by("id")
+    if status in ("accepted", "rejected", "failed"):
+        samples = samples.filter(status=status)
+    check = request.GET.get("check", "")
+    if check:
+        samples = samples.filter(failed_checks__contains=[check])
+    page = Paginator(samples, 50).get_page(request.GET.get("page"))
+    return render(request, "generation/run.html", _ctx(
+        request, run.project, run=run, page=page, status=status, check=check, **_stats(run)))
+
+
+def _stats(run) -> dict:
+    return {"failed_checks": selectors.generation_failed_check_counts(run), "eta_s": selectors.generation_eta_s(run)}
+
+
+def generation_run_stats(request, slug: str, run_id: int):
+    """The run's live counters (an htmx partial that polls every 2 s while the run is active)."""
+    run = selectors.generation_run_for_user(request.user, slug, run_id)
+    return render(request, "generation/_stats.html", {"run": run, "project": run.project, **_stats(run)})
+
+
+@require_POST
+def generation_run_cancel(request, slug: str, run_id: int):
+    run = selectors.generation_run_for_user(request.user, slug, run_id)
+    try:
+        generation_cancel(run=run, user=request.user)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.info(request, f"Cancel requested for run {run.pk}; it stops within seconds.")
+    return redirect("generation_run", slug=run.project.slug, run_id=run.pk)
+
+
+@require_POST
+def generation_run_resume(request, slug: str, run_id: int):
+    run = selectors.generation_run_for_user(request.user, slug, run_id)
+    budget = (request.POST.get("budget_usd") or "").strip() or None
+    try:
+        generation_resume(run=run, user=request.user, budget_usd=budget)
+    except (ServiceError, ArithmeticError) as exc:
+        messages.error(request, str(exc) or "budget_usd: not a number")
+    else:
+        messages.success(request, f"Run {run.pk} resumed: only its unfinished slots are asked.")
+    return redirect("generation_run", slug=run.project.slug, run_id=run.pk)
 
 
 urlpatterns = [
     path("p/<slug:slug>/generation/", generation_page, name="generation_page"),
+    path("p/<slug:slug>/generation/teachers/new/", teacher_new, name="teacher_new"),
+    path("p/<slug:slug>/generation/teachers/<int:teacher_id>/", teacher_edit, name="teacher_edit"),
+    path("p/<slug:slug>/generation/start/", generation_start_view, name="generation_start"),
+    path("p/<slug:slug>/generation/runs/<int:run_id>/", generation_run_view, name="generation_run"),
+    path("p/<slug:slug>/generation/runs/<int:run_id>/stats/", generation_run_stats, name="generation_run_stats"),
+    path("p/<slug:slug>/generation/runs/<int:run_id>/cancel/", generation_run_cancel, name="generation_run_cancel"),
+    path("p/<slug:slug>/generation/runs/<int:run_id>/resume/", generation_run_resume, name="generation_run_resume"),
 ]

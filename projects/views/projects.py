@@ -8,7 +8,16 @@ from django.urls import path
 from projects import selectors
 from projects.forms import ProjectForm
 from projects.services import ServiceError
-from projects.services.projects import project_create
+from projects.services.projects import project_create, project_update
+
+
+def _add_service_error(form, exc) -> None:
+    """Show a service error at the field it names (``field: message``), else above the form."""
+    field, sep, rest = str(exc).partition(": ")
+    if sep and field in form.fields:
+        form.add_error(field, rest)
+    else:
+        form.add_error(None, str(exc))
 
 
 def project_list(request):
@@ -24,7 +33,7 @@ def project_new(request):
         try:
             project = project_create(user=request.user, **form.service_kwargs())
         except ServiceError as exc:
-            form.add_error(None, str(exc))
+            _add_service_error(form, exc)
         else:
             messages.success(request, f"Project “{project.name}” created. Next: upload its queries.")
             return redirect("project_overview", slug=project.slug)
@@ -41,8 +50,31 @@ def project_overview(request, slug: str):
     )
 
 
+def project_settings(request, slug: str):
+    """Edit the task definition. Viewers see the form read-only (a POST answers 403)."""
+    project = selectors.project_for_user(request.user, slug)
+    can_write = selectors.user_can_write(request.user, project.team)
+    form = ProjectForm(request.POST or None, editing=True, initial=ProjectForm.initial_for(project))
+    status = 200
+    if request.method == "POST":
+        if not can_write:
+            form.add_error(None, "Your role in this team is read-only (viewer); ask an owner for member access.")
+            status = 403
+        elif form.is_valid():
+            try:
+                project_update(project=project, user=request.user, **form.service_kwargs())
+            except ServiceError as exc:
+                _add_service_error(form, exc)
+            else:
+                messages.success(request, "Project settings saved.")
+                return redirect("project_settings", slug=project.slug)
+    return render(request, "projects/form.html",
+                  {"form": form, "project": project, "section": "settings", "can_write": can_write}, status=status)
+
+
 urlpatterns = [
     path("", project_list, name="project_list"),
     path("projects/new/", project_new, name="project_new"),
     path("p/<slug:slug>/", project_overview, name="project_overview"),
+    path("p/<slug:slug>/settings/", project_settings, name="project_settings"),
 ]

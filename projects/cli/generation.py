@@ -1,0 +1,81 @@
+"""Verbs: ``teacher add``, ``generate`` (see ../shared/CONTRACT.md)."""
+from __future__ import annotations
+
+from projects.cli import CliError, emit, wait_for_job
+from projects.cli.foundation import get_project
+from projects.models import GenerationRun
+
+
+def register(sub) -> None:
+    teacher = sub.add_parser("teacher", help="teachers").add_subparsers(dest="action", required=True)
+    p = teacher.add_parser("add", help="add a teacher to a project")
+    p.add_argument("--project", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--provider", required=True, choices=["openai", "transformers", "ensemble"])
+    p.add_argument("--model", default="", help="API model name, or a local model (bundled name, HF id, folder)")
+    p.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--top-logprobs", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--price-in", type=float, default=0.0, help="USD per 1M input tokens")
+    p.add_argument("--price-out", type=float, default=0.0, help="USD per 1M output tokens")
+    p.add_argument("--member", action="append", default=[], help="ensemble member teacher name (repeat)")
+    p.set_defaults(handler=cmd_teacher_add)
+
+    p = sub.add_parser("generate", help="run the teacher(s) over the train queries with rejection sampling")
+    p.add_argument("--project", required=True)
+    p.add_argument("--teacher", action="append", default=[], help="teacher name (repeat; default: all)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--samples-per-query", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--budget-usd", type=float, default=None)
+    p.add_argument("--split", default="train", choices=["train", "validation", "test", "golden"])
+    p.add_argument("--resume", type=int, default=None, metavar="RUN", help="resume run RUN instead of starting one")
+    p.add_argument("--wait", action="store_true", help="block until the run ends; exit 1 if it failed or was cancelled")
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_teacher_add(o: dict) -> dict:
+    from projects.services.generation import teacher_create
+
+    project = get_project(o["project"])
+    t = teacher_create(project=project, name=o["name"], provider=o["provider"], model=o["model"], base_url=o["base_url"],
+                       api_key_env=o["api_key_env"], temperature=o["temperature"], max_tokens=o["max_tokens"],
+                       top_logprobs=o["top_logprobs"], price_in_per_1m=o["price_in"], price_out_per_1m=o["price_out"],
+                       members=o["member"] or None, timeout_s=o["timeout"])
+    return {"teacher": t.name, "id": t.pk, "provider": t.provider, "model": t.model}
+
+
+def run_summary(run: GenerationRun) -> dict:
+    """The JSON keys of ``generate``: run, job, status, counters, tokens, cost (USD)."""
+    run.refresh_from_db()
+    job = run.job
+    return {"run": run.pk, "job": job.pk if job else None, "status": job.status if job else run.status,
+            "accepted": run.accepted, "rejected": run.rejected, "failed": run.failed,
+            "input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_usd": float(run.cost_usd),
+            "stop_reason": run.stop_reason}
+
+
+def cmd_generate(o: dict) -> dict:
+    from projects.services.generation import generation_resume, generation_start
+
+    project = get_project(o["project"])
+    if o["resume"]:
+        run = GenerationRun.objects.filter(pk=o["resume"], project=project).first()
+        if run is None:
+            raise CliError(f"--resume: no generation run {o['resume']} in project {project.slug}")
+        run = generation_resume(run=run, budget_usd=o["budget_usd"])
+    else:
+        run = generation_start(project=project, teachers=o["teacher"] or None, limit=o["limit"],
+                               samples_per_query=o["samples_per_query"], concurrency=o["concurrency"],
+                               budget_usd=o["budget_usd"], split=o["split"])
+    if o["wait"]:
+        job = wait_for_job(run.job.pk)
+        summary = run_summary(run)
+        if job.status != "succeeded":
+            emit(o, summary)
+            raise CliError(f"generation run {run.pk} ended {job.status}: {run.stop_reason or job.error or job.message}")
+        return summary
+    return run_summary(run)

@@ -1,0 +1,278 @@
+"""Importing query files into a project: one transaction per file, bulk COPY, dedup by the
+unique constraint (project, golden, text_hash), deterministic splits.
+
+Parsing lives in ``workers.pipeline.ingest`` (plain Python); this module writes. The rows are
+streamed with PostgreSQL ``COPY`` into a temporary table and moved into ``projects_query`` with
+one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, so a duplicate (in the file or already in
+the project) is stored once, and a double-clicked upload adds nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.db import connection, transaction
+
+from projects.models import Dataset, Job, Project, Split
+from projects.services import InvalidInput
+from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.permissions import ensure_can_write
+from workers.pipeline.ingest import (
+    MAX_LISTED, ColumnChoice, IngestError, ParsedRow, SkippedRow, read_rows, sniff_file, split_for_hash, text_hash,
+)
+
+JOB_KIND = "ingest"
+
+
+def dataset_import(
+    *,
+    project: Project,
+    file_path: str | os.PathLike,
+    filename: str,
+    user=None,
+    text_column: str | None = None,
+    reference_column: str | None = None,
+    golden: bool = False,
+    header: bool | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> Dataset:
+    """Import the queries in ``file_path`` (CSV / TSV, JSONL, JSON or plain text, any common
+    encoding; ``filename`` gives the format by its extension) into ``project`` now, in this
+    process, as ONE transaction. Returns the Dataset with its report (``imported``,
+    ``duplicates``, ``skipped`` list of ``{line, reason}``, ``report["splits"]``, ...; see
+    ``dataset_report``).
+
+    ``text_column`` / ``reference_column``: a CSV header name or 1-based column number, or a
+    JSON key (see ``workers.pipeline.ingest.read_rows`` for the defaults). ``golden=True``
+    stores the rows as the golden set (split ``golden``), kept apart from training.
+    ``header``: force the CSV header detection. ``progress(fraction, message)`` is called
+    while reading.
+
+    Raises NotAllowed for viewers; InvalidInput (naming the file and the problem) when the
+    file cannot be read at all: nothing is imported and the Dataset is left ``failed``."""
+    ensure_can_write(user=user, team=project.team)
+    dataset = Dataset.objects.create(
+        project=project, name=filename[:255], golden=golden, text_column=text_column or "",
+        reference_column=reference_column or "", created_by=user if (user is not None and user.is_authenticated) else None,
+    )
+    return dataset_import_run(dataset=dataset, file_path=file_path, header=header, progress=progress)
+
+
+def dataset_upload(
+    *,
+    project: Project,
+    upload: UploadedFile,
+    user=None,
+    text_column: str | None = None,
+    reference_column: str | None = None,
+    golden: bool = False,
+    header: bool | None = None,
+) -> Dataset:
+    """Save an uploaded file through Django's default storage (streamed in chunks; Django has
+    already spilled uploads over 2 MB to a temporary file) and queue its import on the
+    ``default`` Celery queue (``ingest_import_task``) once this transaction commits. Returns the
+    pending Dataset; its ``job`` shows the progress.
+
+    Raises NotAllowed for viewers, InvalidInput for an empty file or one over
+    ``settings.MAX_UPLOAD_MB`` megabytes."""
+    ensure_can_write(user=user, team=project.team)
+    limit = settings.MAX_UPLOAD_MB * 1024 * 1024
+    if upload.size is not None and upload.size > limit:
+        raise InvalidInput(f"file: {upload.name} is {upload.size / 1e6:.1f} MB; the limit is {settings.MAX_UPLOAD_MB} MB")
+    if not upload.size:
+        raise InvalidInput(f"file: {upload.name} is empty")
+    from workers.tasks import ingest_import_task
+
+    with transaction.atomic():
+        job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user,
+                         payload={"header": header, "filename": upload.name})
+        dataset = Dataset(
+            project=project, name=upload.name[:255], golden=golden, text_column=text_column or "",
+            reference_column=reference_column or "", job=job,
+            created_by=user if (user is not None and user.is_authenticated) else None,
+        )
+        dataset.file.save(Path(upload.name).name or "upload", upload, save=False)
+        dataset.save()
+        job.payload["dataset_id"] = dataset.pk
+        job.save(update_fields=["payload"])
+        job_enqueue(job=job, task=ingest_import_task)
+    return dataset
+
+
+@contextmanager
+def _local_copy(dataset: Dataset):
+    """A local path for the dataset's stored file (the file itself on disk storage, else a
+    temporary copy streamed from the storage backend)."""
+    try:
+        yield dataset.file.path
+        return
+    except NotImplementedError:
+        pass
+    suffix = Path(dataset.name).suffix
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with dataset.file.open("rb") as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.flush()
+        yield tmp.name
+
+
+def dataset_import_job(*, job: Job, progress: Callable[[float, str], None] | None = None) -> Dataset:
+    """Run the import queued by ``dataset_upload`` for ``job`` (called by the Celery task).
+    Raises InvalidInput when the file cannot be read (the Dataset is then ``failed``)."""
+    dataset = Dataset.objects.select_related("project", "project__team").get(pk=job.payload["dataset_id"])
+    with _local_copy(dataset) as path:
+        return dataset_import_run(dataset=dataset, file_path=path, header=job.payload.get("header"), progress=progress)
+
+
+def dataset_import_run(
+    *, dataset: Dataset, file_path: str | os.PathLike, header: bool | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> Dataset:
+    """Parse ``file_path`` and write its queries for an existing pending ``dataset``, in one
+    transaction. Raises InvalidInput when the file cannot be read (nothing is written, the
+    Dataset is marked ``failed`` with the message); re-raises anything else after marking it
+    failed (a cancelled job included)."""
+    project = dataset.project
+    try:
+        with transaction.atomic():
+            report = _import_rows(dataset=dataset, project=project, file_path=Path(file_path), header=header, progress=progress)
+    except UnicodeDecodeError as exc:
+        message = f"the file is not valid {exc.encoding} text ({exc.reason} at byte {exc.start} of a read block); nothing imported"
+        _mark_failed(dataset, message)
+        raise InvalidInput(f"{dataset.name}: {message}") from None
+    except IngestError as exc:
+        _mark_failed(dataset, str(exc))
+        raise InvalidInput(f"{dataset.name}: {exc}") from None
+    except BaseException as exc:
+        _mark_failed(dataset, f"import stopped: {exc.__class__.__name__}: {exc}")
+        raise
+    dataset.refresh_from_db()
+    return dataset
+
+
+def _mark_failed(dataset: Dataset, message: str) -> None:
+    Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.FAILED, error=message[:5000], imported=0, duplicates=0)
+    dataset.status, dataset.error = Dataset.Status.FAILED, message
+
+
+def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header, progress) -> dict:
+    fmt = sniff_file(file_path, dataset.name)
+    fractions = {"train": project.split_train, "validation": project.split_validation, "test": project.split_test}
+    golden = dataset.golden
+    skipped: list[dict] = []
+    skipped_total = 0
+    rows_read = 0
+    columns: list[ColumnChoice] = []
+    table = f"ingest_rows_{dataset.pk}"
+
+    def on_progress(fraction: float) -> None:
+        if progress is not None:
+            progress(0.9 * fraction, f"Read {rows_read:,} rows")
+
+    with connection.cursor() as cur:
+        cur.execute(f"CREATE TEMP TABLE {table} (line integer, text text, text_hash text, split text, reference text, metadata jsonb)")
+        pg = cur.cursor  # the psycopg 3 cursor underneath Django's wrapper
+        with pg.copy(f"COPY {table} (line, text, text_hash, split, reference, metadata) FROM STDIN") as copy:
+            for row in read_rows(file_path, fmt, text_column=dataset.text_column or None,
+                                 reference_column=dataset.reference_column or None, header=header,
+                                 on_columns=columns.append, progress=on_progress):
+                if isinstance(row, SkippedRow):
+                    skipped_total += 1
+                    if len(skipped) < MAX_LISTED:
+                        skipped.append({"line": row.line, "reason": row.reason})
+                    continue
+                rows_read += 1
+                digest = text_hash(row.text)
+                split = Split.GOLDEN if golden else split_for_hash(digest, **fractions)
+                copy.write_row((row.line, row.text, digest, split, row.reference,
+                                json.dumps(row.metadata, ensure_ascii=False) if row.metadata else "{}"))
+        if rows_read == 0:
+            first = "; ".join(f"line {s['line']}: {s['reason']}" for s in skipped[:3])
+            plural = "s" if skipped_total != 1 else ""
+            raise IngestError(f"no query could be read from the file ({skipped_total} row{plural} skipped: {first})")
+        if progress is not None:
+            progress(0.92, f"Read {rows_read:,} rows; storing")
+        cur.execute(
+            f"""WITH ins AS (
+                   INSERT INTO projects_query (project_id, dataset_id, text, text_hash, split, golden, reference, metadata, line, created_at)
+                   SELECT %s, %s, text, text_hash, split, %s, reference, metadata, line, now() FROM {table}
+                   ON CONFLICT (project_id, golden, text_hash) DO NOTHING
+                   RETURNING split)
+                SELECT split, count(*) FROM ins GROUP BY split""",
+            [project.pk, dataset.pk, golden],
+        )
+        by_split = dict(cur.fetchall())
+        # A golden query that is also a train/validation/test query (or the reverse) would leak
+        # the golden set into training: count the distinct ones for the report (only when the
+        # project has queries of the other kind; probes go through the unique index).
+        overlap = 0
+        cur.execute("SELECT EXISTS (SELECT 1 FROM projects_query WHERE project_id = %s AND golden = %s)", [project.pk, not golden])
+        if cur.fetchone()[0]:
+            cur.execute(f"ANALYZE {table}")
+            cur.execute(
+                f"""SELECT count(DISTINCT t.text_hash) FROM {table} t WHERE EXISTS (
+                     SELECT 1 FROM projects_query o WHERE o.project_id = %s AND o.golden = %s AND o.text_hash = t.text_hash)""",
+                [project.pk, not golden],
+            )
+            overlap = cur.fetchone()[0]
+        cur.execute(f"DROP TABLE {table}")
+    imported = sum(by_split.values())
+    warnings = list(fmt.warnings)
+    if overlap:
+        other = "train/validation/test queries" if golden else "golden set"
+        warnings.append({"line": None, "reason": f"{overlap} of these queries also appear in the project's {other}"})
+    choice = columns[0] if columns else None
+    report = {
+        "format": fmt.kind,
+        "encoding": fmt.encoding,
+        "size_bytes": fmt.size_bytes,
+        "rows_read": rows_read,
+        "splits": {s: by_split.get(s, 0) for s in ("train", "validation", "test")},
+        "golden": by_split.get(Split.GOLDEN, 0),
+        "skipped_total": skipped_total,
+        "warnings": warnings,
+        "overlap": overlap,
+        "columns": choice.columns if choice else [],
+        "text_column": choice.text if choice else None,
+        "reference_column": choice.reference if choice else None,
+        "header": choice.header if choice else None,
+    }
+    Dataset.objects.filter(pk=dataset.pk).update(
+        status=Dataset.Status.IMPORTED, encoding=fmt.encoding[:50], sha256=fmt.sha256, imported=imported,
+        duplicates=rows_read - imported, skipped=skipped, error="", report=report,
+    )
+    if progress is not None:
+        progress(1.0, f"Imported {imported:,} queries ({rows_read - imported:,} duplicates, {skipped_total:,} skipped)")
+    return report
+
+
+def dataset_report(*, dataset: Dataset) -> dict:
+    """The import report of ``dataset`` as the CLI prints it: ``dataset`` (id), ``file``,
+    ``status``, ``imported``, ``duplicates``, ``skipped`` (list of ``{line, reason}``, at most
+    10,000; ``skipped_total`` counts all), ``splits`` ({train, validation, test} counts of the
+    queries this file added), ``golden`` (golden queries added), ``warnings``, ``encoding``,
+    ``format``, ``text_column``, ``reference_column``, ``error``."""
+    r = dataset.report or {}
+    return {
+        "dataset": dataset.pk, "file": dataset.name, "status": dataset.status, "imported": dataset.imported,
+        "duplicates": dataset.duplicates, "skipped": dataset.skipped, "skipped_total": r.get("skipped_total", len(dataset.skipped)),
+        "splits": r.get("splits", {"train": 0, "validation": 0, "test": 0}), "golden": r.get("golden", 0),
+        "warnings": r.get("warnings", []), "encoding": dataset.encoding, "format": r.get("format"),
+        "text_column": r.get("text_column"), "reference_column": r.get("reference_column"), "error": dataset.error,
+    }
+
+
+@job_subject_sync(JOB_KIND)
+def _sync_dataset(job: Job) -> None:
+    """A job that ended outside its task (cancelled while queued, worker lost) fails its
+    still-pending Dataset."""
+    if job.status != "succeeded":
+        Dataset.objects.filter(job=job, status=Dataset.Status.PENDING).update(
+            status=Dataset.Status.FAILED, error=job.error or job.message or f"import {job.status}")

@@ -1,0 +1,269 @@
+"""Importing query files into a project (projects/services/ingest.py), the Queries page, the
+project settings page and ``distill import``, on real PostgreSQL and a real Celery worker."""
+from __future__ import annotations
+
+import collections
+import io
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
+from django.urls import reverse
+
+from projects.models import Dataset, Job, Query
+from projects.services import InvalidInput, NotAllowed
+from projects.services.ingest import dataset_import, dataset_report
+from projects.services.projects import project_create
+from tests.conftest import wait_job
+from workers.progress import JobCancelled
+
+
+def write(tmp_path, name: str, data: bytes | str):
+    path = tmp_path / name
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def do_import(project, path, **kw):
+    return dataset_import(project=project, file_path=path, filename=path.name, **kw)
+
+
+@pytest.mark.django_db
+def test_banking77_train_csv(project, shared_data):
+    path = shared_data / "banking77" / "train.csv"
+    ds = do_import(project, path)
+    report = dataset_report(dataset=ds)
+    # 10,003 rows; 4 differ from another only by surrounding line breaks, so they are duplicates.
+    assert report["imported"] == 9999 and report["duplicates"] == 4 and report["skipped"] == []
+    assert report["text_column"] == "text" and report["reference_column"] == "category"
+    assert sum(report["splits"].values()) == 9999 and report["golden"] == 0
+    qs = Query.objects.filter(project=project)
+    assert qs.count() == 9999
+    assert qs.values("reference").distinct().count() == 77
+    assert qs.get(line=2).text == "I am still waiting on my card?" and qs.get(line=2).reference == "card_arrival"
+    assert not qs.filter(text__contains="\r").exists() and not qs.filter(text__startswith="\n").exists()
+    c = report["splits"]
+    assert 0.77 < c["train"] / 9999 < 0.83 and 0.08 < c["test"] / 9999 < 0.12
+    assert {r["split"]: r["n"] for r in qs.values("split").annotate(n=__import__("django.db.models", fromlist=["Count"]).Count("id"))} == c
+
+
+@pytest.mark.django_db
+def test_sms_spam_collection(project, shared_data):
+    path = shared_data / "sms_spam" / "SMSSpamCollection.tsv"
+    ds = do_import(project, path, text_column="2", reference_column="1")
+    assert (ds.imported, ds.duplicates, ds.skipped) == (5158, 416, [])
+    qs = Query.objects.filter(project=project)
+    assert set(qs.values_list("reference", flat=True)) == {"ham", "spam"}
+    assert not qs.filter(text__contains="&lt;").exists() and qs.filter(text__contains="<#>").exists()
+    assert not qs.filter(text__contains="\x92").exists() and qs.filter(text__contains="’").exists()
+
+
+@pytest.mark.django_db
+def test_snips_json_with_cesu8_bytes(project, shared_data):
+    path = shared_data / "snips_nlu" / "train_PlayMusic_full.json"
+    ds = do_import(project, path)
+    assert (ds.imported, ds.duplicates, ds.skipped) == (1979, 21, [])
+    assert any("CESU-8" in w["reason"] for w in ds.report["warnings"])
+    q = Query.objects.get(project=project, text__contains="Pop Punk Perfection")
+    assert "\U0001f355" in q.text and q.reference == "PlayMusic"
+    assert q.text == "I want toi hear some Pop Punk Perfection \U0001f355 off of Deezer"
+    assert {"entity": "playlist", "text": "Pop Punk Perfection \U0001f355"} in q.metadata["slots"]
+    assert q.metadata["group"] == "PlayMusic"
+
+
+@pytest.mark.django_db
+def test_small_csv_exact_report_and_texts(project, tmp_path):
+    data = ("\ufefftext,label,channel\r\n"
+            "Café opening hours?,hours,web\r\n"
+            "\r\n"
+            '"Two\r\nlines",other,app\r\n'
+            "CAFÉ   opening hours?,hours,app\r\n"
+            ",x,web\r\n"
+            "fine &amp; dandy,other,sms\r\n")
+    ds = do_import(project, write(tmp_path, "q.csv", data))
+    r = dataset_report(dataset=ds)
+    assert (r["imported"], r["duplicates"]) == (3, 1)
+    assert r["skipped"] == [{"line": 3, "reason": "empty"}, {"line": 7, "reason": "empty: no text in column 'text'"}]
+    rows = list(Query.objects.filter(project=project).order_by("line").values_list("line", "text", "reference", "metadata"))
+    assert rows == [(2, "Café opening hours?", "hours", {"channel": "web"}), (4, "Two\nlines", "other", {"channel": "app"}),
+                    (8, "fine & dandy", "other", {"channel": "sms"})]
+
+
+@pytest.mark.django_db
+def test_double_import_adds_nothing_and_keeps_splits(project, team, owner, tmp_path):
+    lines = "\n".join(f"query number {i}" for i in range(300))
+    path = write(tmp_path, "q.txt", lines)
+    first = do_import(project, path)
+    splits = dict(Query.objects.filter(project=project).values_list("text", "split"))
+    second = do_import(project, path)
+    assert (first.imported, second.imported, second.duplicates) == (300, 0, 300)
+    assert second.report["splits"] == {"train": 0, "validation": 0, "test": 0}
+    # The same file in another project with the same fractions: every query in the same split.
+    other = project_create(team=team, user=owner, name="Copy", task_type="generation")
+    do_import(other, path)
+    assert dict(Query.objects.filter(project=other).values_list("text", "split")) == splits
+
+
+@pytest.mark.django_db
+def test_golden_set_is_kept_apart(project, tmp_path):
+    do_import(project, write(tmp_path, "train.txt", "where is my card\nrefund please\n"))
+    ds = do_import(project, write(tmp_path, "golden.jsonl", '{"query": "Where is my card", "reference": "card_arrival"}\n'
+                                                              '{"query": "new one", "reference": "other"}\n'), golden=True)
+    r = dataset_report(dataset=ds)
+    assert r["imported"] == 2 and r["golden"] == 2 and r["splits"] == {"train": 0, "validation": 0, "test": 0}
+    assert set(Query.objects.filter(dataset=ds).values_list("split", "golden")) == {("golden", True)}
+    assert any("1 of these queries also appear" in w["reason"] for w in r["warnings"])
+
+
+@pytest.mark.django_db
+def test_unreadable_file_imports_nothing(project, tmp_path):
+    path = write(tmp_path, "bad.jsonl", "{not json\n\n{\"id\": 1}\n")
+    with pytest.raises(InvalidInput, match=r"bad.jsonl: no query could be read from the file \(3 rows skipped: line 1: malformed JSON"):
+        do_import(project, path)
+    ds = Dataset.objects.get(project=project)
+    assert ds.status == "failed" and "no query could be read" in ds.error
+    with pytest.raises(InvalidInput, match="not a text file"):
+        do_import(project, write(tmp_path, "x.csv", bytes(range(256)) * 10))
+    with pytest.raises(InvalidInput, match="text column: no column 'body'"):
+        do_import(project, write(tmp_path, "y.csv", "text\nhello\n"), text_column="body")
+    assert Query.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_import_is_all_or_nothing(project, tmp_path):
+    # A UTF-16 file cut in the middle of a character fails at its very end, after rows were copied.
+    body = "text\n" + "".join(f"question {i}\n" for i in range(5000))
+    path = write(tmp_path, "cut.tsv", b"\xff\xfe" + body.encode("utf-16-le") + b"x")
+    with pytest.raises(InvalidInput, match="not valid utf-16"):
+        do_import(project, path)
+    assert Query.objects.count() == 0
+    # A job cancelled while reading: nothing written either.
+    path = write(tmp_path, "many.txt", "".join(f"question {i}\n" for i in range(10000)))
+
+    def progress(fraction, message):
+        raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        do_import(project, path, progress=progress)
+    assert Query.objects.count() == 0
+    assert list(Dataset.objects.values_list("status", flat=True)) == ["failed", "failed"]
+
+
+@pytest.mark.django_db
+def test_viewer_cannot_import(project, viewer, tmp_path):
+    with pytest.raises(NotAllowed):
+        do_import(project, write(tmp_path, "q.txt", "hello\n"), user=viewer)
+    assert Dataset.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_cli_import_prints_the_report(project, tmp_path, capsys):
+    path = write(tmp_path, "q.jsonl", '{"query": "a"}\n{"query": "A "}\n\n{"text": "b", "reference": "x"}\n')
+    call_command("distill", "import", "--project", project.slug, str(path), "--json")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["imported"] == 2 and out["duplicates"] == 1 and out["skipped"] == [{"line": 3, "reason": "empty"}]
+    assert sum(out["splits"].values()) == 2 and out["golden"] == 0
+    with pytest.raises(SystemExit) as exc:
+        call_command("distill", "import", "--project", project.slug, str(write(tmp_path, "e.txt", "")), "--json")
+    assert exc.value.code == 1 and "e.txt: the file is empty" in capsys.readouterr().err
+
+
+# --- pages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_query_list_search_filter_and_keyset_pages(owner_client, project, tmp_path):
+    do_import(project, write(tmp_path, "q.txt", "".join(f"question number {i}\n" for i in range(120)) + "a unique needle here\n"))
+    url = reverse("queries_page", kwargs={"slug": project.slug})
+    r = owner_client.get(url)
+    body = r.content.decode()
+    assert r.status_code == 200 and body.count('<td class="text">') == 50 and "a unique needle here" in body
+    assert "Older →" in body and "Newer" not in body
+    older = r.context["page"]["older"]
+    r2 = owner_client.get(url, {"after": older})
+    ids2 = [q.id for q in r2.context["page"]["rows"]]
+    assert len(ids2) == 50 and max(ids2) < older and r2.context["page"]["newer"] == ids2[0]
+    r3 = owner_client.get(url, {"before": r2.context["page"]["newer"]})
+    assert [q.id for q in r3.context["page"]["rows"]] == [q.id for q in r.context["page"]["rows"]]
+    r = owner_client.get(url, {"q": "NEEDLE"})
+    assert [q.text for q in r.context["page"]["rows"]] == ["a unique needle here"]
+    r = owner_client.get(url, {"split": "test"})
+    rows = r.context["page"]["rows"]
+    assert rows and {q.split for q in rows} == {"test"}
+    assert len(rows) == Query.objects.filter(project=project, split="test").count()
+
+
+@pytest.mark.django_db
+def test_viewer_cannot_upload_and_oversized_upload_is_413(client, viewer, owner_client, project, settings):
+    url = reverse("queries_page", kwargs={"slug": project.slug})
+    client.force_login(viewer)
+    r = client.post(url, {"file": SimpleUploadedFile("q.txt", b"hello\n")})
+    assert r.status_code == 403 and Dataset.objects.count() == 0
+    settings.MAX_UPLOAD_MB = 1
+    r = owner_client.post(url, {"file": SimpleUploadedFile("big.txt", b"x" * (2 * 1024 * 1024))})
+    assert r.status_code == 413 and "larger than the limit of 1 MB" in r.content.decode()
+    assert Dataset.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_dataset_card_is_404_for_another_project(owner_client, project, outsider, other_team, tmp_path):
+    secret = project_create(team=other_team, user=outsider, name="Secret", task_type="generation")
+    ds = do_import(secret, write(tmp_path, "q.txt", "hello\n"))
+    assert owner_client.get(reverse("dataset_card", kwargs={"slug": project.slug, "dataset_id": ds.pk})).status_code == 404
+    assert owner_client.get(reverse("dataset_card", kwargs={"slug": secret.slug, "dataset_id": ds.pk})).status_code == 404
+
+
+def test_browser_upload_runs_on_the_worker(celery_worker, team, owner, client):
+    project = project_create(team=team, user=owner, name="Upload", task_type="generation")
+    client.force_login(owner)
+    url = reverse("queries_page", kwargs={"slug": project.slug})
+    data = "query,reference\n" + "".join(f"q{i},r{i}\n" for i in range(500)) + "q1,dup\n"
+    for _ in range(2):  # a double-clicked upload
+        r = client.post(url, {"file": SimpleUploadedFile("q.csv", data.encode("utf-16"), content_type="text/csv")})
+        assert r.status_code == 302
+    first, second = Dataset.objects.filter(project=project).order_by("id")
+    for ds in (first, second):
+        job = wait_job(ds.job_id, timeout=120)
+        assert job.status == "succeeded", job.error
+    first.refresh_from_db(), second.refresh_from_db()
+    assert sorted([(first.imported, first.duplicates), (second.imported, second.duplicates)]) == [(0, 501), (500, 1)]
+    assert Query.objects.filter(project=project).count() == 500
+    assert Job.objects.get(pk=first.job_id).result["imported"] in (0, 500)
+    card = client.get(reverse("dataset_card", kwargs={"slug": project.slug, "dataset_id": first.pk})).content.decode()
+    assert "queries imported" in card and "hx-trigger" not in card
+
+
+@pytest.mark.django_db
+def test_project_settings_edit(owner_client, project, viewer, client):
+    url = reverse("project_settings", kwargs={"slug": project.slug})
+    assert owner_client.get(url).status_code == 200
+    form = {"name": "Support intents v2", "task_type": "extraction", "output_schema": '{"type": "objekt"}',
+            "few_shot": '{"query": "q", "answer": "a"}', "split_train": "0.7", "split_validation": "0.15", "split_test": "0.15"}
+    r = owner_client.post(url, form)
+    body = r.content.decode()
+    assert r.status_code == 200 and "not a valid JSON Schema" in body
+    assert body.index("not a valid JSON Schema") > body.index('name="output_schema"')  # at the field
+    form["output_schema"] = '{"type": "object", "properties": {"intent": {"type": "string"}}}'
+    assert owner_client.post(url, form).status_code == 302
+    project.refresh_from_db()
+    assert (project.name, project.task_type, project.split_train, project.few_shot) == (
+        "Support intents v2", "extraction", 0.7, [{"query": "q", "answer": "a"}])
+    form["few_shot"] = "not json"
+    assert "Line 1: not valid JSON" in owner_client.post(url, form).content.decode()
+    client.force_login(viewer)
+    assert client.post(url, {**form, "few_shot": "", "name": "hacked"}).status_code == 403
+    project.refresh_from_db()
+    assert project.name == "Support intents v2"
+
+
+@pytest.mark.django_db
+def test_queries_page_shows_each_import_report(owner_client, project, tmp_path):
+    with pytest.raises(InvalidInput):
+        do_import(project, write(tmp_path, "empty.csv", "text\n\n"))
+    do_import(project, write(tmp_path, "ok.jsonl", '{"query": "hello"}\n{"query": "hello"}\nnot json\n'))
+    body = owner_client.get(reverse("queries_page", kwargs={"slug": project.slug})).content.decode()
+    assert "Not imported (nothing was written): empty.csv: " not in body
+    assert "Not imported (nothing was written): no query could be read from the file (1 row skipped: line 2: empty)" in body
+    assert "<strong>1</strong> queries imported" in body and "<strong>1</strong> duplicates" in body
+    assert "<td>3</td><td>malformed JSON: Expecting value at column 1</td>" in body
