@@ -74,7 +74,7 @@ def project_stages(project: Project) -> list[dict]:
         reviewed=Count("id", filter=Q(review_status__isnull=False)),
     )
     runs = TrainingRun.objects.filter(project=project)
-    latest_eval = Evaluation.objects.filter(project=project).first()
+    latest_eval = Evaluation.objects.filter(project=project, status="succeeded").first()
     return [
         {"key": "queries", "title": "Queries", "url_name": "queries_page",
          "counts": [("queries", q["total"]), ("train", q["train"]), ("test", q["test"]), ("golden", q["golden"])]},
@@ -85,7 +85,8 @@ def project_stages(project: Project) -> list[dict]:
         {"key": "training", "title": "Students", "url_name": "training_page",
          "counts": [("runs", runs.count()), ("succeeded", runs.filter(status="succeeded").count())]},
         {"key": "evaluation", "title": "Evaluation", "url_name": "evaluation_page",
-         "counts": [("verdict", latest_eval.verdict if latest_eval and latest_eval.verdict else "—")]},
+         "counts": [("verdict", latest_eval.verdict if latest_eval and latest_eval.verdict else "—")]
+         + evaluation_headline(latest_eval)},
     ]
 
 
@@ -134,46 +135,6 @@ def curated_dataset_sha256(project: Project) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-# --- Training -------------------------------------------------------------------------------
-
-
-def training_runs(project: Project):
-    """The project's training runs, newest first, with their job."""
-    from projects.models import TrainingRun
-
-    return TrainingRun.objects.filter(project=project).select_related("job", "created_by")
-
-
-def training_run_for_user(user, slug: str, run_id: int):
-    """The training run ``run_id`` of project ``slug`` if one of the user's teams owns it;
-    Http404 otherwise."""
-    from projects.models import TrainingRun
-
-    project = project_for_user(user, slug)
-    try:
-        return TrainingRun.objects.select_related("project", "project__team", "job").get(pk=run_id, project=project)
-    except TrainingRun.DoesNotExist:
-        raise Http404("No such training run") from None
-
-
-def training_artifact_for_user(user, slug: str, artifact_id: int):
-    """The model artifact ``artifact_id`` of project ``slug`` for a member of its team; Http404 otherwise."""
-    from projects.models import ModelArtifact
-
-    project = project_for_user(user, slug)
-    try:
-        return ModelArtifact.objects.select_related("training_run").get(pk=artifact_id, project=project)
-    except ModelArtifact.DoesNotExist:
-        raise Http404("No such artifact") from None
-
-
-def training_metrics(run) -> list[dict]:
-    """The run's curve points as plain dicts (``split``, ``step``, ``epoch``, ``loss``,
-    ``learning_rate``, ``grad_norm``, ``fidelity``), ordered by step."""
-    from projects.models import TrainingMetric
-
-    return list(TrainingMetric.objects.filter(run=run).order_by("step", "split").values(
-        "split", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"))
 # --- Generation -------------------------------------------------------------------------------
 
 
@@ -344,3 +305,116 @@ def query_split_counts(project: Project) -> dict[str, int]:
     for row in Query.objects.filter(project=project).values("split").annotate(n=Count("id")).order_by():
         counts[row["split"]] = row["n"]
     return counts
+
+
+# --- Evaluation -------------------------------------------------------------------------------
+
+
+def evaluation_headline(evaluation) -> list[tuple[str, str]]:
+    """The overview's headline figures of an evaluation as (label, text): quality retention of
+    the best student, its speed-up over the teacher (p50 latency ratio) and its cost per 1K
+    queries in USD. Empty when there is no finished evaluation with a student."""
+    if evaluation is None or not evaluation.summary.get("best_student"):
+        return []
+    s = evaluation.summary
+    out = [("best student", s["best_student"])]
+    if s.get("retention") is not None:
+        out.append(("retention", f"{s['retention'] * 100:.1f} %"))
+    if s.get("speedup") is not None:
+        out.append(("speed-up", f"{s['speedup']:.1f}×"))
+    if s.get("cost_per_1k_usd") is not None:
+        out.append(("cost per 1K", f"${s['cost_per_1k_usd']:.4f}"))
+    return out
+
+
+def evaluations_for_project(project: Project):
+    """The project's evaluations, newest first, with their jobs."""
+    from projects.models import Evaluation
+
+    return Evaluation.objects.filter(project=project).select_related("job")
+
+
+def evaluation_for_user(user, slug: str, evaluation_id: int):
+    """Evaluation ``evaluation_id`` of project ``slug`` if one of the user's teams owns it;
+    Http404 otherwise."""
+    from projects.models import Evaluation
+
+    project = project_for_user(user, slug)
+    try:
+        return Evaluation.objects.select_related("project", "job").get(pk=evaluation_id, project=project)
+    except Evaluation.DoesNotExist:
+        raise Http404("No such evaluation") from None
+
+
+def eval_side_by_side(evaluation, *, student_result_id: int | None = None, disagreements_only: bool = True):
+    """Rows for the side-by-side view: one dict per query ``{"query", "reference", "teacher",
+    "student", "agree"}`` where teacher/student are EvalPrediction rows (the primary teacher's and
+    the chosen student's; default: the best student). Returns ``(rows, student_result,
+    teacher_result, students)``; rows is a list (the page paginates it)."""
+    from projects.models import EvalPrediction
+
+    results = list(evaluation.results.order_by("id"))
+    teacher_name = evaluation.summary.get("teacher")
+    teacher = next((r for r in results if r.role == "teacher" and r.model_name == teacher_name),
+                   next((r for r in results if r.role == "teacher"), None))
+    students = [r for r in results if r.role in ("student", "base")]
+    student = next((r for r in students if r.pk == student_result_id), None)
+    if student is None and students:
+        best = evaluation.summary.get("best_student")
+        student = next((r for r in students if r.model_name == best), students[0])
+    if teacher is None or student is None:
+        return [], student, teacher, students
+    t_preds = {p.query_id: p for p in EvalPrediction.objects.filter(result=teacher)}
+    rows = []
+    for p in EvalPrediction.objects.filter(result=student).select_related("query").order_by("query_id"):
+        t = t_preds.get(p.query_id)
+        if evaluation.project.task_type == "classification":
+            agree = t is not None and p.label == t.label
+        else:
+            agree = t is not None and (p.output or "").strip() == (t.output or "").strip()
+        if disagreements_only and agree:
+            continue
+        rows.append({"query": p.query, "reference": p.query.reference, "teacher": t, "student": p, "agree": agree})
+    return rows, student, teacher, students
+
+
+# --- Training -------------------------------------------------------------------------------
+
+
+def training_runs(project: Project):
+    """The project's training runs, newest first, with their job."""
+    from projects.models import TrainingRun
+
+    return TrainingRun.objects.filter(project=project).select_related("job", "created_by")
+
+
+def training_run_for_user(user, slug: str, run_id: int):
+    """The training run ``run_id`` of project ``slug`` if one of the user's teams owns it;
+    Http404 otherwise."""
+    from projects.models import TrainingRun
+
+    project = project_for_user(user, slug)
+    try:
+        return TrainingRun.objects.select_related("project", "project__team", "job").get(pk=run_id, project=project)
+    except TrainingRun.DoesNotExist:
+        raise Http404("No such training run") from None
+
+
+def training_artifact_for_user(user, slug: str, artifact_id: int):
+    """The model artifact ``artifact_id`` of project ``slug`` for a member of its team; Http404 otherwise."""
+    from projects.models import ModelArtifact
+
+    project = project_for_user(user, slug)
+    try:
+        return ModelArtifact.objects.select_related("training_run").get(pk=artifact_id, project=project)
+    except ModelArtifact.DoesNotExist:
+        raise Http404("No such artifact") from None
+
+
+def training_metrics(run) -> list[dict]:
+    """The run's curve points as plain dicts (``split``, ``step``, ``epoch``, ``loss``,
+    ``learning_rate``, ``grad_norm``, ``fidelity``), ordered by step."""
+    from projects.models import TrainingMetric
+
+    return list(TrainingMetric.objects.filter(run=run).order_by("step", "split").values(
+        "split", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"))

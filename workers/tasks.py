@@ -163,3 +163,11 @@ _register_training_sync()
 
 
 # --- Evaluation -----------------------------------------------------------------------------
+
+
+@shared_task(bind=True, name="workers.tasks.evaluation_task")
+def evaluation_task(self, job_id: int) -> None:
+    """Evaluate students against the teacher(s) (projects.services.evaluation.evaluation_run)."""
+    from projects.services.evaluation import evaluation_run
+
+    run_job(job_id, lambda job, reporter: evaluation_run(job=job, reporter=reporter), task_id=self.request.id or "")

@@ -7,7 +7,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import plotly.utils
 from django.conf import settings
 from django.contrib import messages
 from django.http import FileResponse, Http404
@@ -65,7 +64,7 @@ def training_start_view(request, slug: str):
 
 
 def _chart_json(run) -> str:
-    return json.dumps(charts.training_loss_figure(selectors.training_metrics(run)), cls=plotly.utils.PlotlyJSONEncoder)
+    return json.dumps(charts.training_loss_figure(selectors.training_metrics(run)))
 
 
 def _run_context(request, run) -> dict:

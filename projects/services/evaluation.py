@@ -1,0 +1,491 @@
+"""Evaluate students against the teacher(s) on the held-out test split or the golden set.
+
+``evaluation_start`` creates the Evaluation and its Job (task ``evaluation_task`` on the ``gpu``
+queue); the task calls ``evaluation_run``, which
+
+1. takes the teacher answers from the latest succeeded GenerationRun whose ``options["split"]``
+   is the evaluated split (starting one through ``projects.services.generation.generation_start``
+   and waiting for it when there is none);
+2. runs every student artifact (``adapter``, ``merged``, ``int8``, ``classifier``) and the
+   untouched base student of each training run over the same queries, one query at a time;
+3. writes one EvalResult per model (metrics, quality, quality retention, latency p50/p95 in ms,
+   throughput in queries/s, size in bytes, cost per 1,000 queries in USD) and one EvalPrediction
+   per model and query, measures speculative decoding when the teacher is local and a student
+   shares its tokenizer, then stores the verdict, the summary and the plotly charts.
+
+Quality is the task's headline metric (accuracy, field F1, ROUGE-L) against the gold references
+when the queries have them, else against the primary teacher's answers (the teacher then scores
+1.0). Cost of a local model = mean compute time per query x an hourly machine price:
+``Evaluation.options["price_per_hour_usd"]``, else ``project.checks["eval_price_per_hour_usd"]``,
+else $0.10/h on CPU and $2.00/h on a GPU.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from projects.models import (
+    Evaluation, EvalPrediction, EvalResult, GenerationRun, Job, JobStatus, ModelArtifact, Project, Query, Sample,
+    Split, Teacher, TrainingRun,
+)
+from projects.selectors import project_task_spec
+from projects.services import InvalidInput, InvalidState
+from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.permissions import ensure_can_write
+
+EVAL_SPLITS = ("test", "golden")
+CAUSAL_KINDS = ("merged", "adapter", "int8")
+STUDENT_KINDS = CAUSAL_KINDS + ("classifier",)
+DEFAULT_PRICE_PER_HOUR_USD = {"cpu": 0.10, "cuda": 2.00}
+READY_RETENTION = 0.95
+
+
+def evaluation_queries(*, project: Project, split: str):
+    """The queries an evaluation of ``split`` scores: the held-out test split (not golden) or
+    the golden set, in id order."""
+    qs = Query.objects.filter(project=project)
+    qs = qs.filter(golden=True) if split == "golden" else qs.filter(split=Split.TEST, golden=False)
+    return qs.order_by("id")
+
+
+def evaluation_start(*, project: Project, user=None, split: str = "test", options: dict | None = None) -> Evaluation:
+    """Queue an evaluation of every student and the teacher(s) on ``split`` (``test`` or
+    ``golden``). ``options``: ``{"limit": int (first N queries), "price_per_hour_usd": float,
+    "speculative_prompts": int (default 3)}``.
+
+    Returns the Evaluation (``evaluation.job`` is its Job). Raises NotAllowed for viewers,
+    InvalidInput for an unknown split or option, InvalidState when the split has no queries or
+    the project has no teacher."""
+    ensure_can_write(user=user, team=project.team)
+    options = dict(options or {})
+    if split not in EVAL_SPLITS:
+        raise InvalidInput(f"split: {split!r} is not one of {', '.join(EVAL_SPLITS)}")
+    if "limit" in options and options["limit"] is not None:
+        try:
+            options["limit"] = int(options["limit"])
+        except (TypeError, ValueError):
+            raise InvalidInput(f"limit: {options['limit']!r} is not a whole number") from None
+        if options["limit"] < 1:
+            raise InvalidInput("limit: must be at least 1")
+    if "price_per_hour_usd" in options and options["price_per_hour_usd"] is not None:
+        try:
+            options["price_per_hour_usd"] = float(options["price_per_hour_usd"])
+        except (TypeError, ValueError):
+            raise InvalidInput(f"price_per_hour_usd: {options['price_per_hour_usd']!r} is not a number") from None
+        if options["price_per_hour_usd"] < 0:
+            raise InvalidInput("price_per_hour_usd: must not be negative")
+    if not evaluation_queries(project=project, split=split).exists():
+        where = "golden set" if split == "golden" else "held-out test split"
+        raise InvalidState(f"the {where} of project {project.slug!r} has no queries; import queries first")
+    if not Teacher.objects.filter(project=project).exists() and not _teacher_run(project, split):
+        raise InvalidState(f"project {project.slug!r} has no teacher; add one on the Teachers page")
+    from workers.tasks import evaluation_task
+
+    with transaction.atomic():
+        ev = Evaluation.objects.create(project=project, split=split, options=options,
+                                       created_by=user if (user is not None and user.is_authenticated) else None)
+        job = job_create(kind="evaluation", team=project.team, project=project, user=user,
+                         payload={"evaluation_id": ev.pk, "split": split})
+        ev.job = job
+        ev.save(update_fields=["job"])
+        job_enqueue(job=job, task=evaluation_task, queue="gpu")
+    return ev
+
+
+@job_subject_sync("evaluation")
+def _sync_evaluation(job: Job) -> None:
+    Evaluation.objects.filter(job=job).exclude(status=JobStatus.SUCCEEDED).update(
+        status=job.status, finished_at=job.finished_at or timezone.now())
+
+
+def _teacher_run(project: Project, split: str) -> GenerationRun | None:
+    return (GenerationRun.objects.filter(project=project, options__split=split, status=JobStatus.SUCCEEDED)
+            .order_by("-created_at").first())
+
+
+def _wait_teacher_run(project: Project, split: str, reporter, limit: int | None = None) -> GenerationRun:
+    """Start a generation run over ``split`` and wait for its job, heart-beating meanwhile."""
+    try:
+        from projects.services import generation as generation_service
+    except ImportError:
+        raise InvalidState(
+            f"no finished teacher run exists for the {split} split and the generation service "
+            "(projects.services.generation) is not installed; generate teacher answers for this split first"
+        ) from None
+    run = generation_service.generation_start(project=project, split=split, limit=limit)
+    reporter.report(0.02, f"Generating teacher answers for the {split} split (run {run.pk})", force=True)
+    while True:
+        job = Job.objects.get(pk=run.job_id)
+        if job.ended:
+            break
+        reporter.report(0.02 + 0.18 * job.progress, f"Teacher run {run.pk}: {job.message}")
+        reporter.check_cancel()
+        time.sleep(1.0)
+    if job.status != JobStatus.SUCCEEDED:
+        raise InvalidState(f"the teacher run {run.pk} for the {split} split ended {job.status}: {job.error or job.message}")
+    run.refresh_from_db()
+    return run
+
+
+def _price_per_hour(ev: Evaluation, device: str) -> float:
+    if ev.options.get("price_per_hour_usd") is not None:
+        return float(ev.options["price_per_hour_usd"])
+    if ev.project.checks.get("eval_price_per_hour_usd") is not None:
+        return float(ev.project.checks["eval_price_per_hour_usd"])
+    return DEFAULT_PRICE_PER_HOUR_USD.get(device, DEFAULT_PRICE_PER_HOUR_USD["cpu"])
+
+
+def _score(task_type: str, labels, outputs: list, pred_labels: list, references: list) -> dict:
+    from workers.pipeline import metrics as M
+
+    if task_type == "classification":
+        return M.classification_metrics(pred_labels, references, labels)
+    if task_type == "extraction":
+        return M.extraction_metrics(outputs, references)
+    return M.text_metrics(outputs, references)
+
+
+def evaluation_run(*, job: Job, reporter) -> dict:
+    """The body of ``evaluation_task``: evaluate, write the rows, return the job's result
+    ``{"evaluation", "verdict", "results": n, "message"}``. Raises InvalidState when there are no
+    teacher answers for the split (and none can be generated)."""
+    from workers.pipeline import evaluation as P
+    from workers.pipeline import metrics as M
+    from workers.pipeline.local_lm import LocalCausalLM, pick_device
+    from workers.pipeline.specs import QueryItem
+
+    ev = Evaluation.objects.select_related("project").get(pk=job.payload["evaluation_id"])
+    project = ev.project
+    Evaluation.objects.filter(pk=ev.pk).update(status=JobStatus.RUNNING)
+    task = project_task_spec(project)
+    labels = list(project.labels or [])
+    queries = list(evaluation_queries(project=project, split=ev.split))
+    if ev.options.get("limit"):
+        queries = queries[: int(ev.options["limit"])]
+    items = [QueryItem(query_id=q.pk, text=q.text) for q in queries]
+    qids = [q.pk for q in queries]
+    gold = [q.reference if q.reference not in (None, "") else None for q in queries]
+    has_gold = any(g is not None for g in gold)
+
+    run = _teacher_run(project, ev.split) or _wait_teacher_run(project, ev.split, reporter, ev.options.get("limit"))
+    samples = (Sample.objects.filter(run=run, query_id__in=qids, sample_index=0).exclude(status="failed")
+               .select_related("teacher").order_by("teacher_id", "query_id"))
+    by_teacher: dict[int, dict[int, Sample]] = {}
+    teachers: dict[int, Teacher] = {}
+    for s in samples:
+        by_teacher.setdefault(s.teacher_id, {})[s.query_id] = s
+        teachers[s.teacher_id] = s.teacher
+    if not by_teacher:
+        raise InvalidState(f"teacher run {run.pk} has no answers on the {ev.split} queries of this evaluation")
+
+    device = pick_device()
+    price_h = _price_per_hour(ev, device)
+    ev.options = {**ev.options, "price_per_hour_usd": price_h, "device": device, "teacher_run": run.pk,
+                  "reference": "gold" if has_gold else "teacher"}
+    Evaluation.objects.filter(pk=ev.pk).update(options=ev.options)
+
+    # -- teachers ---------------------------------------------------------------------------
+    teacher_rows = []  # (teacher, outputs, labels, probs, latencies, sample dict)
+    for tid, per_q in by_teacher.items():
+        t = teachers[tid]
+        outs, labs, probs, lats = [], [], [], []
+        for qid in qids:
+            s = per_q.get(qid)
+            text = s.final_response if s else None
+            outs.append(text)
+            if task.task_type == "classification":
+                lab = s.parsed if (s and isinstance(s.parsed, str) and s.parsed in labels) else None
+                labs.append(lab or (P.prompts.match_label(text, labels) if text else None))
+            else:
+                labs.append(None)
+            probs.append(s.label_probs if s else None)
+            lats.append(s.latency_ms if s and s.latency_ms is not None else None)
+        teacher_rows.append((t, outs, labs, probs, lats, per_q))
+
+    def refs_from(outs, labs):
+        if has_gold:
+            return gold
+        return labs if task.task_type == "classification" else outs
+
+    # The primary teacher: the best-scoring one (its answers are the reference when there is no gold).
+    scored_teachers = []
+    for row in teacher_rows:
+        t, outs, labs, probs, lats, per_q = row
+        m = _score(task.task_type, labels, outs, labs, refs_from(outs, labs))
+        scored_teachers.append((m.get(M.headline_metric(task.task_type)) or 0.0, row, m))
+    scored_teachers.sort(key=lambda x: -x[0])
+    primary = scored_teachers[0][1]
+    p_outs, p_labs, p_probs = primary[1], primary[2], primary[3]
+    references = refs_from(p_outs, p_labs)
+    teacher_quality = scored_teachers[0][0]
+
+    EvalResult.objects.filter(evaluation=ev).delete()  # a retried task starts clean
+    results: list[EvalResult] = []
+    for quality, (t, outs, labs, probs, lats, per_q), m in scored_teachers:
+        if not has_gold:
+            m = _score(task.task_type, labels, outs, labs, references)
+            quality = m.get(M.headline_metric(task.task_type))
+        sp = M.speed_figures([x for x in lats if x is not None])
+        api = t.provider == Teacher.Provider.OPENAI or float(t.price_in_per_1m or 0) or float(t.price_out_per_1m or 0)
+        ss = [per_q[q] for q in qids if q in per_q]
+        if api:
+            recorded = [float(s.cost_usd or 0) for s in ss]
+            if any(recorded):
+                cost = sum(recorded) / len(recorded) * 1000.0
+            else:
+                cost = M.api_cost_per_1k([s.input_tokens for s in ss], [s.output_tokens for s in ss],
+                                         price_in_per_1m=float(t.price_in_per_1m), price_out_per_1m=float(t.price_out_per_1m))
+            m["cost_basis"] = "api_prices"
+        else:
+            cost = M.compute_cost_per_1k([x for x in lats if x is not None], price_per_hour_usd=price_h)
+            m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
+        size = None
+        if t.provider == Teacher.Provider.TRANSFORMERS and t.model:
+            try:
+                from workers.pipeline.registry import resolve_model
+
+                src = resolve_model(t.model)
+                size = P.folder_size(src) if Path(src).exists() else None
+            except Exception:  # noqa: BLE001 - size is informative only
+                size = None
+        if task.task_type == "classification":
+            m["agreement"] = M.agreement(labs, p_labs)
+        m["mean_input_tokens"] = (sum(s.input_tokens for s in ss) / len(ss)) if ss else None
+        m["mean_output_tokens"] = (sum(s.output_tokens for s in ss) / len(ss)) if ss else None
+        res = EvalResult.objects.create(
+            evaluation=ev, model_name=t.name, role="teacher", teacher=t, metrics=m, quality=quality,
+            quality_retention=M.retention(quality, teacher_quality), latency_ms_p50=sp["latency_ms_p50"],
+            latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
+            cost_per_1k_usd=cost)
+        EvalPrediction.objects.bulk_create([
+            EvalPrediction(result=res, query_id=qid, output=outs[i] or "", label=labs[i], probs=probs[i],
+                           latency_ms=lats[i], correct=_correct(task.task_type, outs[i], labs[i], references[i]))
+            for i, qid in enumerate(qids)])
+        results.append(res)
+
+    # -- students ---------------------------------------------------------------------------
+    judge = _judge(ev, task) if task.task_type in ("summarization", "generation") else None
+    students = _students(project)
+    total = max(1, len(students))
+    causal_loaded: list[tuple[EvalResult, object]] = []
+    for k, (name, role, kind, path, artifact, run_) in enumerate(students):
+        reporter.check_cancel()
+        base_progress = 0.2 + 0.7 * k / total
+
+        def report(done, n, _b=base_progress, _name=name):
+            reporter.report(_b + 0.7 / total * done / n, f"{_name}: {done}/{n} queries")
+
+        t0 = time.perf_counter()
+        lm = None
+        if kind == "classifier":
+            preds = P.predict_classifier(path, items, labels=labels, report=report, check_cancel=reporter.check_cancel)
+            size = P.folder_size(path)
+        else:
+            lm = LocalCausalLM.load(path, kind=kind)
+            preds = P.predict_causal(lm, task, items, report=report, check_cancel=reporter.check_cancel)
+            if kind == "base":
+                from workers.pipeline.registry import resolve_model
+
+                size = P.folder_size(resolve_model(path))
+            else:
+                size = P.folder_size(path)
+        wall = time.perf_counter() - t0
+        outs = [p.output for p in preds]
+        labs = [p.label for p in preds]
+        m = _score(task.task_type, labels, outs, labs, references)
+        quality = m.get(M.headline_metric(task.task_type))
+        lats = [p.latency_ms for p in preds]
+        sp = M.speed_figures(lats)
+        if task.task_type == "classification":
+            m["agreement"] = M.agreement(labs, p_labs)
+            m["fidelity"] = m["agreement"]
+            m["mean_kl_teacher_student"] = M.mean_kl(p_probs, [p.probs for p in preds])
+        elif task.task_type == "extraction":
+            m["exact_match_teacher"] = M.extraction_metrics(outs, p_outs)["exact_match"]
+        else:
+            m["rouge_l_vs_teacher"] = M.rouge_l(outs, p_outs)
+            if judge is not None:
+                reporter.report(None, f"{name}: LLM judge vs the teacher", force=True)
+                pairs = [(it.text, o, t) for it, o, t in zip(items, outs, p_outs) if t is not None]
+                m["judge_win_rate"] = M.pairwise_win_rate([p[0] for p in pairs], [p[1] for p in pairs],
+                                                          [p[2] for p in pairs], judge)
+        m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
+        m["wall_s"] = wall
+        m["kind"] = kind
+        if run_ is not None:
+            m["training_run"] = run_.pk
+        res = EvalResult.objects.create(
+            evaluation=ev, model_name=name, role=role, artifact=artifact, metrics=m, quality=quality,
+            quality_retention=M.retention(quality, teacher_quality), latency_ms_p50=sp["latency_ms_p50"],
+            latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
+            cost_per_1k_usd=M.compute_cost_per_1k(lats, price_per_hour_usd=price_h))
+        EvalPrediction.objects.bulk_create([
+            EvalPrediction(result=res, query_id=p.query_id, output=p.output, label=p.label, probs=p.probs,
+                           latency_ms=p.latency_ms, correct=_correct(task.task_type, p.output, p.label, references[i]))
+            for i, p in enumerate(preds)])
+        results.append(res)
+        if lm is not None:
+            causal_loaded.append((res, lm))
+            if len(causal_loaded) > 1:  # keep only the best causal student in memory for the draft test
+                causal_loaded.sort(key=lambda x: -(x[0].quality or 0))
+                causal_loaded = causal_loaded[:1]
+
+    # -- speculative decoding -----------------------------------------------------------------
+    spec = None
+    primary_teacher = primary[0]
+    if primary_teacher.provider == Teacher.Provider.TRANSFORMERS and primary_teacher.model and causal_loaded:
+        reporter.report(0.92, "Measuring speculative decoding", force=True)
+        res, student_lm = causal_loaded[0]
+        try:
+            teacher_lm = LocalCausalLM.load(primary_teacher.model, kind="base",
+                                            device="cpu" if student_lm.device == "cpu" else None)
+            n_prompts = int(ev.options.get("speculative_prompts", 3))
+            msgs = [P.prompts.teacher_messages(task, it.text) for it in items[:n_prompts]]
+            spec = P.speculative_decoding(teacher_lm, student_lm, msgs,
+                                          max_new_tokens=int(ev.options.get("speculative_max_new_tokens", 24)))
+            spec.update({"teacher": primary_teacher.name, "draft": res.model_name})
+        except ValueError as exc:
+            spec = {"teacher": primary_teacher.name, "draft": res.model_name, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a failed measurement must not lose the evaluation
+            spec = {"teacher": primary_teacher.name, "draft": res.model_name, "error": f"{type(exc).__name__}: {exc}"}
+        del causal_loaded
+
+    # -- verdict, summary, charts --------------------------------------------------------------
+    summary, verdict, ready = _summary(task.task_type, results, primary_teacher.name, teacher_quality, spec)
+    summary.update({"n_queries": len(items), "split": ev.split, "reference": ev.options["reference"],
+                    "price_per_hour_usd": price_h, "teacher_run": run.pk})
+    from projects import charts
+
+    ev.summary = summary
+    ev.verdict = verdict
+    ev.ready_to_ship = ready
+    ev.charts = charts.evaluation_charts(evaluation=ev)
+    ev.status = JobStatus.SUCCEEDED
+    ev.finished_at = timezone.now()
+    ev.save(update_fields=["summary", "verdict", "ready_to_ship", "charts", "status", "finished_at"])
+    return {"evaluation": ev.pk, "verdict": verdict, "results": len(results), "message": verdict}
+
+
+def _judge(ev: Evaluation, task):
+    """The optional LLM judge: the teacher named by ``Evaluation.options["judge_teacher"]`` or
+    ``project.checks["judge_teacher"]``, as ``judge(query, a, b) -> "A"|"B"|"tie"``; None when
+    none is set. Raises InvalidInput when the named teacher does not exist or lacks its key."""
+    import os
+
+    from workers.pipeline import evaluation as P
+
+    name = ev.options.get("judge_teacher") or (ev.project.checks or {}).get("judge_teacher")
+    if not name:
+        return None
+    t = Teacher.objects.filter(project=ev.project, name=name).first()
+    if t is None:
+        raise InvalidInput(f"judge_teacher: no teacher named {name!r} in this project")
+    if t.provider == Teacher.Provider.OPENAI:
+        import openai
+
+        key = os.environ.get(t.api_key_env, "") if t.api_key_env else "none"
+        if t.api_key_env and not key:
+            raise InvalidInput(f"judge_teacher {name!r}: environment variable {t.api_key_env} is not set")
+        client = openai.OpenAI(base_url=t.base_url or None, api_key=key or "none", timeout=t.timeout_s)
+
+        def chat(msgs):
+            r = client.chat.completions.create(model=t.model, messages=msgs, temperature=0, max_tokens=4)
+            return r.choices[0].message.content or ""
+    elif t.provider == Teacher.Provider.TRANSFORMERS:
+        from workers.pipeline.local_lm import load_cached
+
+        lm = load_cached(t.model, kind="base")
+
+        def chat(msgs):
+            return lm.generate(msgs, max_new_tokens=4).text
+    else:
+        raise InvalidInput(f"judge_teacher {name!r}: an ensemble cannot judge; name one model")
+    return P.make_judge(chat, ev.project.instructions)
+
+
+def _correct(task_type: str, output, label, reference) -> bool | None:
+    from workers.pipeline import metrics as M
+
+    if reference is None:
+        return None
+    if task_type == "classification":
+        return label == reference
+    if task_type == "extraction":
+        return bool(M.extraction_metrics([output], [reference])["exact_match"])
+    return (output or "").strip() == str(reference).strip()
+
+
+def _students(project: Project) -> list[tuple]:
+    """Every model to evaluate as a student: ``(name, role, kind, path, artifact, training_run)``.
+    Artifacts of kinds adapter/merged/int8/classifier (path under MEDIA_ROOT), then each distinct
+    base student model of the runs that produced a causal artifact (role ``base``)."""
+    out = []
+    bases: dict[str, TrainingRun] = {}
+    arts = (ModelArtifact.objects.filter(project=project, kind__in=STUDENT_KINDS)
+            .select_related("training_run").order_by("training_run_id", "id"))
+    for a in arts:
+        path = Path(settings.MEDIA_ROOT) / a.path
+        if not path.exists():
+            raise InvalidState(f"artifact {a.pk} ({a.kind}): {a.path} is missing under the media folder")
+        run = a.training_run
+        label = f"{a.kind} (run {run.pk})" if run else f"{a.kind} #{a.pk}"
+        out.append((label, "student", a.kind, str(path), a, run))
+        if run and a.kind in CAUSAL_KINDS and run.student_model:
+            bases.setdefault(run.student_model, run)
+    for name, run in bases.items():
+        out.append((f"{name} (base)", "base", "base", name, None, None))
+    return out
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f} %"
+
+
+def _summary(task_type: str, results: list[EvalResult], teacher_name: str, teacher_quality: float | None,
+             spec: dict | None) -> tuple[dict, str, bool | None]:
+    """Headline figures and the verdict: ready to ship when the best student keeps at least 95 %
+    of the teacher's quality (retention >= 0.95)."""
+    from workers.pipeline import metrics as M
+
+    metric = M.headline_metric(task_type)
+    teacher = next(r for r in results if r.role == "teacher" and r.model_name == teacher_name)
+    studs = [r for r in results if r.role in ("student", "base") and r.quality is not None]
+    summary = {"metric": metric, "teacher": teacher_name, "teacher_quality": teacher_quality,
+               "teacher_latency_ms_p50": teacher.latency_ms_p50, "teacher_cost_per_1k_usd": teacher.cost_per_1k_usd,
+               "speculative_decoding": spec}
+    if not studs:
+        return summary, "no student to evaluate yet: train one on the Students page", None
+    best = max(studs, key=lambda r: (r.quality, -(r.latency_ms_p50 or 0)))
+    speedup = (teacher.latency_ms_p50 / best.latency_ms_p50
+               if teacher.latency_ms_p50 and best.latency_ms_p50 else None)
+    summary.update({"best_student": best.model_name, "best_quality": best.quality,
+                    "retention": best.quality_retention, "speedup": speedup,
+                    "cost_per_1k_usd": best.cost_per_1k_usd,
+                    "size_bytes": best.size_bytes, "latency_ms_p50": best.latency_ms_p50})
+    r = best.quality_retention
+    if r is None:
+        return summary, f"no verdict: the teacher's {metric} is 0 or missing", None
+    if r >= READY_RETENTION:
+        return summary, (f"ready to ship: {best.model_name} keeps {_fmt_pct(r)} of the teacher's {metric}"), True
+    gap = (teacher_quality or 0) - (best.quality or 0)
+    return summary, (f"not ready: best student {best.model_name} keeps {_fmt_pct(r)} of the teacher's {metric} "
+                     f"(gap {gap * 100:.1f} points; needs 95 %)"), False
+
+
+def evaluation_api_summary(*, evaluation: Evaluation) -> dict:
+    """The CLI/JSON shape: ``{"evaluation", "status", "split", "verdict", "ready_to_ship",
+    "summary", "results": [{"model", "role", "metrics", "quality", "quality_retention",
+    "latency_ms_p50", "latency_ms_p95", "throughput_qps", "size_bytes", "cost_per_1k_usd"}]}``."""
+    rows = evaluation.results.order_by("id")
+    return {
+        "evaluation": evaluation.pk, "status": evaluation.status, "split": evaluation.split,
+        "verdict": evaluation.verdict, "ready_to_ship": evaluation.ready_to_ship, "summary": evaluation.summary,
+        "results": [{"model": r.model_name, "role": r.role, "metrics": r.metrics, "quality": r.quality,
+                     "quality_retention": r.quality_retention, "latency_ms_p50": r.latency_ms_p50,
+                     "latency_ms_p95": r.latency_ms_p95, "throughput_qps": r.throughput_qps,
+                     "size_bytes": r.size_bytes, "cost_per_1k_usd": r.cost_per_1k_usd} for r in rows],
+    }
