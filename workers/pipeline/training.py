@@ -676,9 +676,14 @@ def train(spec: TrainSpec, *, report: Callable[[str, dict], None] | None = None,
         raise TrainingRefused("no training rows: the curated dataset is empty")
     os.makedirs(spec.output_dir, exist_ok=True)
     _limit_threads()
-    if spec.method == "classifier-kd":
-        return _train_classifier(spec, report, check_stop)
-    return _train_sft(spec, report, check_stop)
+    import torch
+
+    # A worker process is reused across tasks; an earlier task (evaluation, a local teacher) may
+    # have left autograd switched off process-wide.
+    with torch.enable_grad():
+        if spec.method == "classifier-kd":
+            return _train_classifier(spec, report, check_stop)
+        return _train_sft(spec, report, check_stop)
 
 
 def _limit_threads() -> None:
