@@ -376,3 +376,45 @@ def eval_side_by_side(evaluation, *, student_result_id: int | None = None, disag
             continue
         rows.append({"query": p.query, "reference": p.query.reference, "teacher": t, "student": p, "agree": agree})
     return rows, student, teacher, students
+
+
+# --- Training -------------------------------------------------------------------------------
+
+
+def training_runs(project: Project):
+    """The project's training runs, newest first, with their job."""
+    from projects.models import TrainingRun
+
+    return TrainingRun.objects.filter(project=project).select_related("job", "created_by")
+
+
+def training_run_for_user(user, slug: str, run_id: int):
+    """The training run ``run_id`` of project ``slug`` if one of the user's teams owns it;
+    Http404 otherwise."""
+    from projects.models import TrainingRun
+
+    project = project_for_user(user, slug)
+    try:
+        return TrainingRun.objects.select_related("project", "project__team", "job").get(pk=run_id, project=project)
+    except TrainingRun.DoesNotExist:
+        raise Http404("No such training run") from None
+
+
+def training_artifact_for_user(user, slug: str, artifact_id: int):
+    """The model artifact ``artifact_id`` of project ``slug`` for a member of its team; Http404 otherwise."""
+    from projects.models import ModelArtifact
+
+    project = project_for_user(user, slug)
+    try:
+        return ModelArtifact.objects.select_related("training_run").get(pk=artifact_id, project=project)
+    except ModelArtifact.DoesNotExist:
+        raise Http404("No such artifact") from None
+
+
+def training_metrics(run) -> list[dict]:
+    """The run's curve points as plain dicts (``split``, ``step``, ``epoch``, ``loss``,
+    ``learning_rate``, ``grad_norm``, ``fidelity``), ordered by step."""
+    from projects.models import TrainingMetric
+
+    return list(TrainingMetric.objects.filter(run=run).order_by("step", "split").values(
+        "split", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"))

@@ -35,7 +35,12 @@ def _review(*, project, team, user) -> dict:
 
 
 def _training(*, project, team, user) -> dict:
-    return {}
+    from projects.models import ModelArtifact, TrainingRun
+
+    run = TrainingRun.objects.create(project=project, method="sft-lora", student_model="smollm2-135m-instruct")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="adapter",
+                                       path=f"artifacts/{project.slug}/run-{run.pk}/adapter")
+    return {"run_id": run.pk, "artifact_id": art.pk}
 
 
 def _evaluation(*, project, team, user) -> dict:

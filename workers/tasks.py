@@ -143,6 +143,25 @@ def review_bulk_task(self, job_id: int) -> None:
 # --- Training -------------------------------------------------------------------------------
 
 
+@shared_task(bind=True, name="workers.tasks.training_run_task", acks_late=False)
+def training_run_task(self, job_id: int) -> None:
+    """Train a student (gpu queue): ``projects.services.training.training_execute`` does the
+    work; the job's payload names the TrainingRun and, on resume, the checkpoint. Never retried
+    automatically (a failed run is resumed by a user from its last checkpoint)."""
+    from projects.services.training import training_execute
+
+    run_job(job_id, lambda job, reporter: training_execute(job=job, reporter=reporter), task_id=self.request.id or "")
+
+
+def _register_training_sync() -> None:
+    # Importing the service registers how a training job's end updates its TrainingRun
+    # (also when beat fails a stale job in this process).
+    import projects.services.training  # noqa: F401
+
+
+_register_training_sync()
+
+
 # --- Evaluation -----------------------------------------------------------------------------
 
 

@@ -1,0 +1,78 @@
+"""Verb: ``train`` (a student from the curated dataset), plus ``train-resume``."""
+from __future__ import annotations
+
+import json
+
+from projects.cli import CliError, emit, wait_for_job
+from projects.cli.foundation import get_project
+from projects.models import ModelArtifact, TrainingRun
+from projects.services.training import training_resume, training_start
+from workers.pipeline.training import METHODS
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a student on the curated dataset (gpu queue)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--student", default="", help="bundled name, HF id or folder (default: the method's)")
+    p.add_argument("--preset", default="fast", choices=["seed", "fast"])
+    p.add_argument("--epochs", type=float, help="num_train_epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter (repeatable), e.g. --set learning_rate=1e-4")
+    p.add_argument("--wait", action="store_true", help="block until the run ends")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("train-resume", help="resume a failed or cancelled training run from its last checkpoint")
+    p.add_argument("run", type=int)
+    p.add_argument("--wait", action="store_true")
+    p.set_defaults(handler=cmd_train_resume)
+
+
+def run_summary(run: TrainingRun) -> dict:
+    """``{run, job, status, method, student, train_loss, best_val_loss, stop_reason, artifacts:
+    [{kind, path, size_bytes, sha256}]}`` (paths relative to MEDIA_ROOT)."""
+    run.refresh_from_db()
+    arts = [{"kind": a.kind, "path": a.path, "size_bytes": a.size_bytes, "sha256": a.sha256}
+            for a in ModelArtifact.objects.filter(training_run=run).order_by("kind")]
+    return {"run": run.pk, "job": run.job_id, "status": run.status, "method": run.method,
+            "student": run.student_model, "preset": run.preset, "dataset_rows": run.dataset_rows,
+            "dataset_sha256": run.dataset_sha256, "train_loss": run.train_loss, "best_val_loss": run.best_val_loss,
+            "stop_reason": run.stop_reason, "artifacts": arts}
+
+
+def _finish(o: dict, run: TrainingRun) -> dict:
+    if o["wait"]:
+        job = wait_for_job(run.job_id)
+        summary = run_summary(run)
+        if job.status != "succeeded":
+            emit(o, summary)
+            raise CliError(f"training run {run.pk} ended {job.status}: {run.stop_reason or job.error or job.message}")
+        return summary
+    return run_summary(run)
+
+
+def cmd_train(o: dict) -> dict:
+    project = get_project(o["project"])
+    overrides: dict = {}
+    for item in o["set"]:
+        if "=" not in item:
+            raise CliError(f"--set: {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            overrides[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k.strip()] = v
+    if o.get("epochs") is not None:
+        overrides["num_train_epochs"] = o["epochs"]
+    run = training_start(project=project, method=o["method"], student_model=o["student"], preset=o["preset"],
+                         overrides=overrides)
+    return _finish(o, run)
+
+
+def cmd_train_resume(o: dict) -> dict:
+    try:
+        run = TrainingRun.objects.get(pk=o["run"])
+    except TrainingRun.DoesNotExist:
+        raise CliError(f"train-resume: no training run with id {o['run']}") from None
+    run = training_resume(run=run)
+    return _finish(o, run)

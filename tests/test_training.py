@@ -1,0 +1,153 @@
+"""Training through the service, the real Celery worker, the CLI and the pages: a classifier-kd
+run on BANKING77 queries with soft labels, cancel and resume from a checkpoint, the Train form."""
+import csv
+import io
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+
+from projects import selectors
+from projects.models import (GenerationRun, JobStatus, ModelArtifact, Query, Sample, Teacher, TrainingMetric,
+                             TrainingRun)
+from projects.services.projects import project_create
+from projects.services.training import latest_checkpoint, path_digest, training_resume, training_start
+from tests.conftest import wait_job
+
+# Two shared cores: one torch thread each trains several times faster than oversubscribed
+# OpenMP (the worker process inherits this at start).
+os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
+
+
+def curated_banking(team, user, shared_data, *, n_labels=10, train_per_label=12, val_per_label=4):
+    """A classification project whose curated dataset is BANKING77 queries answered with their
+    gold labels, soft labels 0.7 on the gold label and the rest spread evenly."""
+    rows = list(csv.DictReader(open(shared_data / "banking77" / "train.csv", encoding="utf-8")))
+    labels = sorted({r["category"] for r in rows})[:n_labels]
+    project = project_create(team=team, user=user, name="Banking intents", task_type="classification",
+                             labels=labels, instructions="Classify the banking customer's message.")
+    teacher = Teacher.objects.create(project=project, name="gold-teacher", provider="openai", model="gpt-x")
+    gen = GenerationRun.objects.create(project=project, status="succeeded")
+    gen.teachers.add(teacher)
+    counts = {l: 0 for l in labels}
+    for i, r in enumerate(rows):
+        c = r["category"]
+        if c not in counts or counts[c] >= train_per_label + val_per_label:
+            continue
+        split = "train" if counts[c] < train_per_label else "validation"
+        counts[c] += 1
+        q = Query.objects.create(project=project, text=r["text"], text_hash=f"h{i}", split=split, reference=c)
+        probs = {l: (0.7 if l == c else 0.3 / (len(labels) - 1)) for l in labels}
+        Sample.objects.create(run=gen, query=q, teacher=teacher, response=c, parsed=c, label_probs=probs,
+                              status="accepted")
+    return project
+
+
+@pytest.mark.django_db(transaction=True)
+def test_train_cli_classifier_kd_through_the_worker(celery_worker, team, owner, shared_data, client, capsys):
+    project = curated_banking(team, owner, shared_data)
+    call_command("distill", "train", "--project", project.slug, "--method", "classifier-kd", "--student", "minilm-l6",
+                 "--epochs", "2", "--set", "per_device_train_batch_size=8", "--wait", "--json")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["status"] == "succeeded", res
+    run = TrainingRun.objects.get(pk=res["run"])
+    sha, n = selectors.curated_dataset_sha256(project)
+    assert (run.dataset_sha256, run.dataset_rows) == (sha, n) and n == 120
+    assert res["train_loss"] == pytest.approx(run.train_loss) and run.train_loss > 0
+    assert run.preflight["validation_source"] == "validation-split" and run.preflight["validation_rows"] == 40
+    assert run.student_prompt_template == "{query}" and "Classify the banking" in run.teacher_prompt_template
+    [art] = res["artifacts"]
+    assert art["kind"] == "classifier" and art["path"] == f"artifacts/{project.slug}/run-{run.pk}/classifier"
+    from django.conf import settings
+
+    size, digest = path_digest(path=Path(settings.MEDIA_ROOT) / art["path"])
+    assert (art["size_bytes"], art["sha256"]) == (size, digest) and size > 10_000_000
+    val = list(TrainingMetric.objects.filter(run=run, split="validation").order_by("step"))
+    assert len(val) == 2 and all(m.fidelity is not None for m in val)
+    assert val[-1].fidelity > 0.3  # 10 labels: chance is 0.1
+    assert TrainingMetric.objects.filter(run=run, split="train", grad_norm__isnull=False).count() >= 3
+    # The run page: chart, preflight, templates, artifacts with a working download.
+    client.force_login(owner)
+    page = client.get(reverse("training_run", kwargs={"slug": project.slug, "run_id": run.pk})).content.decode()
+    assert "plotly/plotly.min.js" in page and f"loss-chart-{run.pk}" in page and "validation loss" in page
+    assert "validation_source" in page and digest in page and "{query}" in page
+    assert "hx-get" not in page  # finished: no more polling
+    a = ModelArtifact.objects.get(training_run=run)
+    r = client.get(reverse("training_artifact_download", kwargs={"slug": project.slug, "artifact_id": a.pk}))
+    z = zipfile.ZipFile(io.BytesIO(b"".join(r.streaming_content)))
+    assert any(name.endswith("classifier/config.json") or name.endswith("/config.json") for name in z.namelist())
+    cfg = json.loads(next(z.read(n) for n in z.namelist() if n.endswith("/config.json")))
+    assert cfg["id2label"]["0"] == project.labels[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_then_resume_from_the_last_checkpoint(celery_worker, team, owner, shared_data):
+    project = curated_banking(team, owner, shared_data, n_labels=6, train_per_label=10, val_per_label=2)
+    run = training_start(project=project, method="classifier-kd", student_model="minilm-l6", user=owner,
+                         overrides={"num_train_epochs": 6, "per_device_train_batch_size": 4, "eval_steps": 15,
+                                    "early_stopping_patience": 0, "logging_steps": 1})
+    deadline = time.time() + 240
+    while latest_checkpoint(run=run) is None:
+        assert time.time() < deadline, "no checkpoint was written"
+        run.refresh_from_db()
+        assert run.status in ("queued", "running"), (run.status, run.stop_reason)
+        time.sleep(0.3)
+    run.refresh_from_db()
+    from projects.services.training import training_cancel
+
+    training_cancel(run=run, user=owner)
+    job = wait_job(run.job_id, timeout=120)
+    assert job.status == JobStatus.CANCELLED
+    run.refresh_from_db()
+    assert run.status == "cancelled" and run.stop_reason == "cancelled by user"
+    assert not run.artifacts.exists()
+    ckpt = latest_checkpoint(run=run)
+    ckpt_step = int(ckpt.rsplit("-", 1)[-1])
+    assert 15 <= ckpt_step < 90  # 15 steps an epoch, 6 epochs
+    first_job = run.job_id
+    run = training_resume(run=run, user=owner)
+    assert run.job_id != first_job and run.status == "queued"
+    job = wait_job(run.job_id, timeout=300)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.result["resumed_from_step"] >= ckpt_step and job.result["global_step"] == 90
+    run.refresh_from_db()
+    assert run.status == "succeeded" and run.preflight["resume_from_checkpoint"].endswith(f"checkpoint-{ckpt_step}")
+    assert run.artifacts.filter(kind="classifier").exists()
+    steps = list(TrainingMetric.objects.filter(run=run, split="train").values_list("step", flat=True))
+    assert steps == sorted(set(steps)) and steps[-1] == 90
+
+
+def test_train_form_starts_a_run_and_refuses_bad_input(owner_client, client, viewer, team, owner, shared_data):
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    url = reverse("training_start", kwargs={"slug": project.slug})
+    page = owner_client.get(reverse("training_page", kwargs={"slug": project.slug})).content.decode()
+    assert ">Train</button>" in page and "lora_r" in page and "q_proj" in page
+    r = owner_client.post(url, {"method": "sft-lora", "preset": "fast", "target_modules": "q_proj,bogus",
+                                "num_train_epochs": "1"})
+    assert r.status_code == 302
+    run = TrainingRun.objects.get(project=project)
+    assert run.hyperparams["target_modules"] == ["q_proj", "bogus"]  # checked against the model in the worker
+    assert run.hyperparams["num_train_epochs"] == 1.0 and run.student_model == "smollm2-135m-instruct"
+    assert run.status == "queued" and run.job.kind == "training" and run.job.payload["run_id"] == run.pk
+    page = owner_client.get(r["Location"]).content.decode()
+    assert "Label: {query}" in page and "hx-get" in page
+    r = owner_client.post(url, {"method": "sft-lora", "preset": "fast", "extra": "temperature=2"})
+    assert r.status_code == 400 and "is not a setting of sft-lora" in r.content.decode()
+    r = owner_client.post(url, {"method": "logit-kd", "preset": "fast"})
+    assert r.status_code == 400 and "local (transformers) teacher" in r.content.decode()
+    client.force_login(viewer)
+    r = client.post(url, {"method": "classifier-kd", "preset": "fast"})
+    assert r.status_code == 400 and "read-only" in r.content.decode()
+    assert TrainingRun.objects.filter(project=project).count() == 1
+
+
+def test_empty_curated_dataset_is_refused(project, owner):
+    from projects.services import InvalidState
+
+    with pytest.raises(InvalidState, match="curated dataset is empty"):
+        training_start(project=project, method="classifier-kd", user=owner)

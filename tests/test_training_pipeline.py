@@ -1,0 +1,207 @@
+"""The training pipeline without Django: real sft-lora steps on the bundled SmolLM2, a
+classifier-kd run on BANKING77 with soft labels, the preflight cases and clear refusals."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import os
+
+import pytest
+
+# Two shared cores: one torch thread each trains several times faster than oversubscribed OpenMP.
+os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
+
+from workers.pipeline.local_lm import LocalCausalLM
+from workers.pipeline.registry import resolve_model
+from workers.pipeline.specs import TaskSpec
+from workers.pipeline.training import (TrainingRefused, TrainRow, TrainSpec, ensure_chat_template,
+                                       resolve_hyperparams, split_validation, train)
+
+
+def banking_rows(shared_data: Path, split: str, n_labels: int, per_label: int):
+    rows = list(csv.DictReader(open(shared_data / "banking77" / f"{split}.csv", encoding="utf-8")))
+    labels = sorted({r["category"] for r in rows})[:n_labels]
+    out, seen = [], {l: 0 for l in labels}
+    for r in rows:
+        c = r["category"]
+        if c in seen and seen[c] < per_label:
+            seen[c] += 1
+            out.append((r["text"], c))
+    return labels, out
+
+
+def soft(labels, gold, p_gold=0.7):
+    rest = (1 - p_gold) / (len(labels) - 1)
+    return {l: (p_gold if l == gold else rest) for l in labels}
+
+
+def _spec(tmp_path, method, student, task, train_rows, val_rows, **over):
+    return TrainSpec(method=method, student_model=student, task=task, train_rows=train_rows, val_rows=val_rows,
+                     hyperparams=resolve_hyperparams(method, "fast", over), output_dir=str(tmp_path / "out"),
+                     checkpoint_dir=str(tmp_path / "ckpt"))
+
+
+def test_sft_lora_lowers_loss_and_artifacts_reload_the_same(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 4, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l, label=l) for q, l in pairs]
+    events = []
+    spec = _spec(tmp_path, "sft-lora", "smollm2-135m-instruct", task, rows[:12], rows[12:],
+                 num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    pf = res.preflight
+    # The preflight checked TRL's own batches: the end-of-turn token is supervised in every row
+    # although SmolLM2's pad token IS its eos token.
+    assert pf["ok"] and pf["pad_is_eos"] and pf["eos_token"] == "<|im_end|>"
+    assert pf["eos_supervised_rows"] == 12 and pf["rows_cut_by_max_length"] == 0
+    assert pf["supervised_tokens_min"] >= 2 and pf["supervised_tokens_total"] > 12
+    assert [e for e, _ in events].count("preflight") == 1
+    train_losses = [d["loss"] for e, d in events if e == "metric" and d["split"] == "train"]
+    val = [d for e, d in events if e == "metric" and d["split"] == "validation"]
+    assert len(train_losses) == 6 and train_losses[-1] < train_losses[0] * 0.6
+    assert len(val) == 2 and val[-1]["loss"] < val[0]["loss"] and 0 <= val[-1]["fidelity"] <= 1
+    assert all(d["learning_rate"] is not None and d["grad_norm"] is not None
+               for e, d in events if e == "metric" and d["split"] == "train")
+    assert res.best_step == 6 and res.best_val_loss == pytest.approx(val[-1]["loss"])
+    kinds = {a["kind"]: Path(a["path"]) for a in res.artifacts}
+    assert set(kinds) == {"adapter", "merged", "int8"}
+    cfg = json.loads((kinds["adapter"] / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "smollm2-135m-instruct"
+    # Every saved tokenizer carries the chat template used in training.
+    for k in kinds.values():
+        assert "<|im_start|>" in (json.dumps(json.loads((k / "tokenizer_config.json").read_text()))
+                                  + ((k / "chat_template.jinja").read_text() if (k / "chat_template.jinja").exists() else ""))
+    msgs = [{"role": "user", "content": "Label: " + pairs[0][0]}]
+    adapter = LocalCausalLM.load(str(kinds["adapter"]), kind="adapter", device="cpu")
+    merged = LocalCausalLM.load(str(kinds["merged"]), kind="merged", device="cpu")
+    a = adapter.generate(msgs, max_new_tokens=8)
+    m = merged.generate(msgs, max_new_tokens=8)
+    assert a.text == m.text and a.output_tokens == m.output_tokens
+    int8 = LocalCausalLM.load(str(kinds["int8"]), kind="int8")
+    assert int8.generate(msgs, max_new_tokens=8).output_tokens >= 1
+
+
+def test_classifier_kd_on_banking77_beats_chance(tmp_path, shared_data):
+    labels, train_pairs = banking_rows(shared_data, "train", 10, 30)
+    _, val_pairs = banking_rows(shared_data, "test", 10, 8)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    tr = [TrainRow(query=q, label=l, teacher_label=l, label_probs=soft(labels, l)) for q, l in train_pairs]
+    va = [TrainRow(query=q, label=l, teacher_label=l, label_probs=soft(labels, l)) for q, l in val_pairs]
+    events = []
+    res = train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, tr, va, num_train_epochs=2, logging_steps=5),
+                report=lambda e, d: events.append((e, d)))
+    acc = res.preflight["final_validation_accuracy"]
+    assert acc >= 0.6, acc  # chance is 0.1
+    assert res.preflight["rows_with_soft_labels"] == 300 and res.preflight["temperature"] == 4.0
+    val = [d for e, d in events if e == "metric" and d["split"] == "validation"]
+    assert len(val) == 2 and val[-1]["fidelity"] >= 0.6
+    out = Path(res.artifacts[0]["path"])
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.id2label[0] == labels[0] and model.config.label2id[labels[3]] == 3
+    import torch
+
+    with torch.no_grad():
+        logits = model(**tok([q for q, _ in val_pairs[:40]], return_tensors="pt", padding=True)).logits
+    hits = sum(labels[i] == l for i, (_, l) in zip(logits.argmax(-1).tolist(), val_pairs[:40]))
+    assert hits >= 20
+
+
+def test_preflight_refuses_when_max_length_cuts_every_answer(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 2, 2)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l) for q, l in pairs]
+    events = []
+    with pytest.raises(TrainingRefused, match="no supervised tokens"):
+        train(_spec(tmp_path, "sft-lora", "smollm2-135m-instruct", task, rows, [], max_length=16),
+              report=lambda e, d: events.append((e, d)))
+    pf = next(d for e, d in events if e == "preflight")
+    assert not pf["ok"] and pf["rows_cut_by_max_length"] == 4 and pf["supervised_tokens_total"] == 0
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("checkpoint-*"))
+
+
+def test_student_without_chat_template_is_refused_or_given_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    src = Path(resolve_model("smollm2-135m-instruct"))
+    folder = tmp_path / "plain-lm"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        if (src / f).exists():
+            (folder / f).symlink_to(src / f)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = None
+    tok.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    with pytest.raises(TrainingRefused, match="no chat template"):
+        train(_spec(tmp_path, "sft-lora", str(folder), task, [TrainRow(query="x", answer="a")], []))
+    plain = AutoTokenizer.from_pretrained(folder)
+    ensure_chat_template(plain, str(folder), "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    assert plain.chat_template
+
+
+def test_wrong_target_module_lists_valid_ones(tmp_path):
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    with pytest.raises(TrainingRefused, match=r"qkv_proj not a linear layer.*valid: .*q_proj.*v_proj"):
+        train(_spec(tmp_path, "sft-lora", "smollm2-135m-instruct", task, [TrainRow(query="x", answer="a")], [],
+                    target_modules="q_proj,qkv_proj"))
+
+
+def test_logit_kd_with_another_tokenizer_suggests_sft_lora(tmp_path):
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, [TrainRow(query="x", answer="a")], [])
+    spec.teacher_model = "minilm-l6"
+    with pytest.raises(TrainingRefused, match="share a tokenizer.*sft-lora"):
+        train(spec)
+
+
+def test_hyperparameters_overrides_and_errors():
+    hp = resolve_hyperparams("sft-lora", "seed")
+    assert (hp["lora_r"], hp["lora_alpha"], hp["target_modules"], hp["learning_rate"], hp["num_train_epochs"],
+            hp["lr_scheduler_type"], hp["max_length"]) == (16, 32, ["q_proj", "v_proj"], 2e-5, 3.0, "cosine", 2048)
+    hp = resolve_hyperparams("sft-lora", "fast", {"num_train_epochs": "1", "target_modules": "q_proj, o_proj"})
+    assert hp["num_train_epochs"] == 1.0 and hp["target_modules"] == ["q_proj", "o_proj"]
+    with pytest.raises(TrainingRefused, match="'temperature' is not a setting of sft-lora"):
+        resolve_hyperparams("sft-lora", "fast", {"temperature": 2})
+    with pytest.raises(TrainingRefused, match="lora_r.*not a valid int"):
+        resolve_hyperparams("sft-lora", "fast", {"lora_r": "eight"})
+    with pytest.raises(TrainingRefused, match="alpha.*\\[0, 1\\]"):
+        resolve_hyperparams("classifier-kd", "fast", {"alpha": 1.5})
+    assert resolve_hyperparams("classifier-kd", "seed")["temperature"] == 4.0
+    tr, va = split_validation(list(range(25)))
+    assert va == [9, 19] and len(tr) == 23
+
+
+def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
+    from workers.pipeline.training import TrainingStopped
+
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    rows = [TrainRow(query=f"message number {i}", label="ab"[i % 2], teacher_label="ab"[i % 2]) for i in range(24)]
+    events = []
+    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step \d+"):
+        train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], learning_rate=1e38, max_grad_norm=0.0,
+                    per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3),
+              report=lambda e, d: events.append((e, d)))
+    losses = [d["loss"] for e, d in events if e == "metric"]
+    assert losses and not math.isfinite(losses[-1])  # the last logged loss is NaN (or inf)
+    assert len(losses) < 18  # stopped early, not after all 18 steps
+    assert not (tmp_path / "out" / "classifier").exists()
+
+
+def test_logit_kd_on_a_teacher_with_the_same_tokenizer(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 2, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l) for q, l in pairs]
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], max_steps=2,
+                 per_device_train_batch_size=4, logging_steps=1, temperature=2.0)
+    spec.teacher_model = "smollm2-135m-instruct"
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    losses = [d["loss"] for e, d in events if e == "metric" and d["split"] == "train"]
+    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
+    assert res.preflight["eos_supervised_rows"] == 8
+    assert {a["kind"] for a in res.artifacts} == {"adapter", "merged", "int8"}

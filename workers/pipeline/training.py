@@ -1,0 +1,708 @@
+"""Student training (no Django): response-based SFT (LoRA or full) with TRL, soft-label
+classifier distillation, and token-level logit distillation.
+
+Entry point: ``train(TrainSpec, report=..., check_stop=...) -> TrainResult``. The caller (a
+Celery task) turns ``report`` events into TrainingMetric rows and Job progress, and passes
+``check_stop`` (which raises to cancel). Every trainer is a ``transformers.Trainer`` (TRL's
+``SFTTrainer`` is one), so ``accelerate launch`` spreads a run over several GPUs, CUDA + bf16 is
+used when available and the CPU otherwise.
+
+Files written under ``TrainSpec.output_dir`` (artifact kinds, the formats
+``workers.pipeline.local_lm`` and the evaluation load):
+
+- ``adapter/``: PEFT adapter + tokenizer (with the chat template used in training);
+  ``adapter_config.json``'s ``base_model_name_or_path`` is the student's name as the user gave
+  it (e.g. the bundled short name ``smollm2-135m-instruct``), resolved through the registry.
+- ``merged/``: full HF causal-LM folder (adapter merged onto a float32 base) + tokenizer.
+- ``int8/``: tokenizer + ``model_int8.pt``, ``torch.save`` of the whole merged module after
+  ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` (CPU serving).
+- ``classifier/``: ``AutoModelForSequenceClassification`` folder with id2label/label2id + tokenizer.
+
+Checkpoints go to ``TrainSpec.checkpoint_dir`` (``checkpoint-<step>``, at most two kept: the
+best on validation loss and the latest) so a killed worker resumes from the last one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.pipeline import prompts
+from workers.pipeline.kd import IGNORE_INDEX, soft_label_kd_loss, token_kd_loss
+from workers.pipeline.local_lm import INT8_FILE
+from workers.pipeline.registry import clear_quantizer_marker, resolve_model
+from workers.pipeline.specs import TaskSpec
+
+METHODS = ("sft-lora", "sft-full", "classifier-kd", "logit-kd")
+
+_COMMON = {
+    "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "weight_decay": 0.0,
+    "warmup_ratio": 0.0, "max_grad_norm": 1.0, "logging_steps": 5, "eval_steps": 0,
+    "early_stopping_patience": 2, "seed": 42, "max_steps": -1,
+}
+_LORA_SEED = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+              "learning_rate": 2e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "max_length": 2048}
+_LORA_FAST = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              "learning_rate": 1e-3, "num_train_epochs": 2.0, "lr_scheduler_type": "cosine", "max_length": 256}
+
+#: Hyperparameters by method and preset. Every value can be overridden; ``eval_steps`` 0 means
+#: validate (and checkpoint) once per epoch; ``max_steps`` -1 means "run the epochs".
+PRESETS: dict[str, dict[str, dict]] = {
+    "sft-lora": {"seed": {**_COMMON, **_LORA_SEED}, "fast": {**_COMMON, **_LORA_FAST}},
+    "sft-full": {
+        "seed": {**_COMMON, "learning_rate": 2e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "max_length": 2048},
+        "fast": {**_COMMON, "learning_rate": 5e-5, "num_train_epochs": 2.0, "lr_scheduler_type": "cosine", "max_length": 256},
+    },
+    "classifier-kd": {
+        "seed": {**_COMMON, "per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 5.0,
+                 "lr_scheduler_type": "linear", "max_length": 128, "temperature": 4.0, "alpha": 0.5},
+        "fast": {**_COMMON, "per_device_train_batch_size": 16, "learning_rate": 2e-4, "num_train_epochs": 3.0,
+                 "lr_scheduler_type": "linear", "max_length": 64, "temperature": 4.0, "alpha": 0.5},
+    },
+    "logit-kd": {
+        "seed": {**_COMMON, **_LORA_SEED, "temperature": 1.0, "alpha": 0.5, "teacher": ""},
+        "fast": {**_COMMON, **_LORA_FAST, "temperature": 1.0, "alpha": 0.5, "teacher": ""},
+    },
+}
+PRESET_NAMES = ("seed", "fast")
+DEFAULT_STUDENT = {"sft-lora": "smollm2-135m-instruct", "sft-full": "smollm2-135m-instruct",
+                   "classifier-kd": "minilm-l6", "logit-kd": "smollm2-135m-instruct"}
+
+
+class TrainingRefused(ValueError):
+    """The run cannot start (bad setting, preflight failure); the message says what to change."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early for a reason that fails the run (e.g. the loss became NaN)."""
+
+
+@dataclass
+class TrainRow:
+    """One curated example. ``answer``: the text the student learns (the teacher's response or
+    a human edit); ``label``: the hard label for classification (gold where it exists, else the
+    teacher's); ``teacher_label``: the teacher's label; ``label_probs``: ``{label: p}`` soft labels."""
+
+    query: str
+    answer: str = ""
+    label: str | None = None
+    teacher_label: str | None = None
+    label_probs: dict | None = None
+
+
+@dataclass
+class TrainSpec:
+    """Everything a run needs. ``hyperparams`` come from ``resolve_hyperparams``. ``teacher_model``:
+    a local causal teacher (logit-kd only). Paths are absolute folders."""
+
+    method: str
+    student_model: str
+    task: TaskSpec
+    train_rows: list[TrainRow]
+    val_rows: list[TrainRow]
+    hyperparams: dict
+    output_dir: str
+    checkpoint_dir: str
+    resume_from_checkpoint: str | None = None
+    teacher_model: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``artifacts``: ``[{"kind", "path"}]`` (absolute paths, files or
+    folders); losses are mean token cross-entropy (nats) or the KD loss; ``stop_reason`` says why
+    it ended early (empty when it ran all epochs)."""
+
+    train_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    global_step: int
+    stop_reason: str
+    preflight: dict
+    artifacts: list[dict] = field(default_factory=list)
+    resumed_from_step: int | None = None
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+
+
+def resolve_hyperparams(method: str, preset: str = "fast", overrides: dict | None = None) -> dict:
+    """The preset's hyperparameters with ``overrides`` applied; each override is converted to
+    the preset value's type (``target_modules`` also accepts a comma-separated string). Raises
+    TrainingRefused naming an unknown method, preset or setting, or a value of the wrong type."""
+    if method not in PRESETS:
+        raise TrainingRefused(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if preset not in PRESETS[method]:
+        raise TrainingRefused(f"preset: {preset!r} is not one of {', '.join(PRESETS[method])}")
+    hp = json.loads(json.dumps(PRESETS[method][preset]))
+    for key, value in (overrides or {}).items():
+        if key not in hp:
+            raise TrainingRefused(f"hyperparameter {key!r} is not a setting of {method}; "
+                                  f"settings: {', '.join(sorted(hp))}")
+        if value is None or value == "":
+            continue
+        base = hp[key]
+        try:
+            if isinstance(base, list):
+                value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            elif isinstance(base, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            elif isinstance(base, int):
+                if float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif isinstance(base, float):
+                value = float(value)
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise TrainingRefused(f"hyperparameter {key!r}: {value!r} is not a valid "
+                                  f"{type(base).__name__}") from None
+        hp[key] = value
+    _check_ranges(hp)
+    return hp
+
+
+def _check_ranges(hp: dict) -> None:
+    positive = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "max_length", "logging_steps", "lora_r", "lora_alpha", "temperature")
+    for k in positive:
+        if k in hp and not (hp[k] > 0):
+            raise TrainingRefused(f"hyperparameter {k!r} must be > 0, got {hp[k]}")
+    if "alpha" in hp and not 0.0 <= hp["alpha"] <= 1.0:
+        raise TrainingRefused(f"hyperparameter 'alpha' must be in [0, 1], got {hp['alpha']}")
+    if hp.get("eval_steps", 0) < 0:
+        raise TrainingRefused("hyperparameter 'eval_steps' must be >= 0 (0: once per epoch)")
+    if hp.get("early_stopping_patience", 0) < 0:
+        raise TrainingRefused("hyperparameter 'early_stopping_patience' must be >= 0 (0: off)")
+    if "target_modules" in hp and not hp["target_modules"]:
+        raise TrainingRefused("hyperparameter 'target_modules' must name at least one linear layer")
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last path component) of the model's ``nn.Linear`` layers, e.g. ``q_proj``."""
+    import torch.nn as nn
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, nn.Linear) and name})
+
+
+def check_target_modules(model, target_modules: list[str]) -> None:
+    """Raise TrainingRefused naming LoRA target modules that are not linear layers of the
+    model, and listing the valid ones."""
+    valid = linear_module_names(model)
+    bad = [m for m in target_modules if m not in valid]
+    if bad:
+        raise TrainingRefused(f"target_modules: {', '.join(bad)} not a linear layer of this model; "
+                              f"valid: {', '.join(valid)}")
+
+
+def _device() -> tuple[bool, object]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return cuda, (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32)
+
+
+# --- callbacks ------------------------------------------------------------------------------
+
+
+def _report_callback(report: Callable[[str, dict], None], check_stop: Callable[[], None], state_box: dict):
+    """A TrainerCallback that forwards logs as metric events, checks for cancel after every
+    step (``check_stop`` raises to stop within a step) and stops on a NaN loss."""
+    from transformers import TrainerCallback
+
+    class ReportCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            check_stop()
+            total = max(state.max_steps, 1)
+            report("progress", {"progress": 0.05 + 0.85 * state.global_step / total,
+                                "message": f"step {state.global_step}/{total}"})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state_box.get("mute"):
+                return
+            logs = logs or {}
+            step = state.global_step
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                report("metric", {"split": "train", "step": step, "epoch": logs.get("epoch", state.epoch),
+                                  "loss": loss, "learning_rate": logs.get("learning_rate"),
+                                  "grad_norm": _finite(logs.get("grad_norm"))})
+                if not math.isfinite(loss):
+                    state_box["stop_reason"] = f"the training loss became {loss} at step {step}"
+                    control.should_training_stop = True
+            if "eval_loss" in logs:
+                fid = logs.get("eval_fidelity", logs.get("eval_mean_token_accuracy"))
+                report("metric", {"split": "validation", "step": step, "epoch": logs.get("epoch", state.epoch),
+                                  "loss": float(logs["eval_loss"]), "fidelity": _finite(fid)})
+                if not math.isfinite(float(logs["eval_loss"])):
+                    state_box["stop_reason"] = f"the validation loss became {logs['eval_loss']} at step {step}"
+                    control.should_training_stop = True
+            if "train_loss" in logs:
+                state_box["train_loss"] = float(logs["train_loss"])
+
+        def on_train_begin(self, args, state, control, **kw):
+            state_box["start_step"] = state.global_step
+
+    return ReportCallback()
+
+
+def _finite(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _training_args_kwargs(hp: dict, spec: TrainSpec, n_train: int, has_val: bool) -> dict:
+    cuda, dtype = _device()
+    import torch
+
+    steps_per_epoch = max(1, math.ceil(n_train / (hp["per_device_train_batch_size"] * hp["gradient_accumulation_steps"])))
+    every = int(hp["eval_steps"]) or steps_per_epoch
+    kw = dict(
+        output_dir=spec.checkpoint_dir, num_train_epochs=hp["num_train_epochs"], max_steps=int(hp["max_steps"]),
+        per_device_train_batch_size=hp["per_device_train_batch_size"], per_device_eval_batch_size=hp["per_device_train_batch_size"],
+        gradient_accumulation_steps=hp["gradient_accumulation_steps"], learning_rate=hp["learning_rate"],
+        lr_scheduler_type=hp["lr_scheduler_type"], warmup_steps=float(hp["warmup_ratio"]), weight_decay=hp["weight_decay"],
+        max_grad_norm=hp["max_grad_norm"], logging_steps=hp["logging_steps"], logging_first_step=True,
+        save_strategy="steps", save_steps=every, save_total_limit=2, seed=hp["seed"], report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not cuda, bf16=bool(cuda and dtype == torch.bfloat16),
+        logging_nan_inf_filter=False,  # a NaN/inf loss must reach the callback, which stops the run
+    )
+    if has_val:
+        kw.update(eval_strategy="steps", eval_steps=every, load_best_model_at_end=True,
+                  metric_for_best_model="eval_loss", greater_is_better=False)
+    return kw
+
+
+def _finish(trainer, state_box: dict, spec: TrainSpec, preflight: dict, t0: float, tokens: int) -> TrainResult:
+    import time
+
+    st = trainer.state
+    if state_box.get("stop_reason"):
+        raise TrainingStopped(state_box["stop_reason"])
+    reason = ""
+    if st.max_steps and st.global_step < st.max_steps:
+        reason = f"early stopping: validation loss did not improve for {spec.hyperparams['early_stopping_patience']} evaluation(s)"
+    best_step = None
+    if st.best_model_checkpoint:
+        try:
+            best_step = int(Path(st.best_model_checkpoint).name.split("-")[-1])
+        except ValueError:
+            best_step = None
+    start = state_box.get("start_step") or 0
+    return TrainResult(train_loss=state_box.get("train_loss"), best_val_loss=_finite(st.best_metric),
+                       best_step=best_step, global_step=st.global_step, stop_reason=reason, preflight=preflight,
+                       resumed_from_step=start if spec.resume_from_checkpoint else None,
+                       train_tokens=tokens, train_seconds=time.perf_counter() - t0)
+
+
+# --- SFT (LoRA / full) and logit KD ---------------------------------------------------------
+
+
+def _load_tokenizer(spec: TrainSpec):
+    from transformers import AutoTokenizer
+
+    src = resolve_model(spec.student_model, spec.cache_dir)
+    tok = AutoTokenizer.from_pretrained(src)
+    return src, tok
+
+
+def ensure_chat_template(tokenizer, student_model: str, chat_template: str | None = None) -> None:
+    """Give the tokenizer ``chat_template`` when one is given; refuse (TrainingRefused) a
+    student whose tokenizer has none, because the chat rows cannot be rendered and the saved
+    tokenizer must carry the template used in training."""
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainingRefused(f"student {student_model!r} has no chat template: choose an instruct/chat model "
+                              "(e.g. smollm2-135m-instruct) or give the hyperparameter 'chat_template' a Jinja template")
+
+
+def chat_rows(task: TaskSpec, rows: list[TrainRow]) -> list[dict]:
+    """Prompt/completion chat rows for TRL: ``{"prompt": student_messages, "completion":
+    [{"role": "assistant", "content": answer}]}``."""
+    return [{"prompt": prompts.student_messages(task, r.query),
+             "completion": [{"role": "assistant", "content": r.answer or ""}]} for r in rows]
+
+
+def sft_preflight(trainer, tokenizer, raw_rows: list[dict], max_length: int) -> dict:
+    """Check what TRL will actually train on, before the first step.
+
+    Runs TRL's own tokenized dataset through its own data collator and reports: supervised
+    tokens per row (labels != -100; min/mean/max and total), whether the end-of-turn token
+    (``tokenizer.eos_token``) is a supervised label in every row (also when pad == eos: TRL's
+    collator pads labels by length with -100, so a real EOS keeps its label), rows cut by
+    ``max_length`` (their answer loses its end), the chat template. ``ok`` is False with
+    ``refusal`` set when no token is supervised or no row teaches the student to stop."""
+    ds = trainer.train_dataset
+    collate = trainer.data_collator
+    eos_id = tokenizer.eos_token_id
+    per_row: list[int] = []
+    without_eos: list[int] = []
+    for i in range(len(ds)):
+        batch = collate([ds[i]])
+        labels = batch["labels"][0]
+        sup = labels[labels != IGNORE_INDEX]
+        per_row.append(int(sup.numel()))
+        if eos_id is None or not bool((sup == eos_id).any()):
+            without_eos.append(i)
+    cut: list[int] = []
+    for i, row in enumerate(raw_rows):
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+        n = len(full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full)
+        if n > max_length:
+            cut.append(i)
+    total = sum(per_row)
+    pf = {
+        "rows": len(raw_rows), "max_length": max_length,
+        "rows_dropped_fully_masked": len(raw_rows) - len(per_row),
+        "supervised_tokens_total": total,
+        "supervised_tokens_min": min(per_row) if per_row else 0,
+        "supervised_tokens_mean": round(total / len(per_row), 2) if per_row else 0,
+        "supervised_tokens_max": max(per_row) if per_row else 0,
+        "rows_without_supervised_tokens": sum(1 for n in per_row if n == 0) + len(raw_rows) - len(per_row),
+        "eos_token": tokenizer.eos_token, "eos_token_id": eos_id,
+        "pad_token": tokenizer.pad_token, "pad_is_eos": tokenizer.pad_token_id == eos_id,
+        "eos_supervised_rows": len(per_row) - len(without_eos),
+        "rows_without_eos_label": without_eos[:50],
+        "rows_cut_by_max_length": len(cut), "cut_row_indexes": cut[:50],
+        "chat_template_present": bool(getattr(tokenizer, "chat_template", None)),
+        "chat_template_chars": len(tokenizer.chat_template or ""),
+        "ok": True, "refusal": "",
+    }
+    if total == 0:
+        pf.update(ok=False, refusal=f"no supervised tokens: every answer is cut off by max_length={max_length} "
+                                    "or empty; raise max_length or check the curated answers")
+    elif pf["eos_supervised_rows"] == 0:
+        pf.update(ok=False, refusal=f"the end-of-turn token {tokenizer.eos_token!r} is not a supervised label "
+                                    "in any row, so the student would never learn to stop; raise max_length")
+    return pf
+
+
+def _sft_model(spec: TrainSpec, src: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        clear_quantizer_marker(model)
+    return model
+
+
+def _lora_config(model, hp: dict):
+    from peft import LoraConfig
+
+    check_target_modules(model, hp["target_modules"])
+    return LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
+                      target_modules=list(hp["target_modules"]), task_type="CAUSAL_LM", bias="none")
+
+
+def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
+    import time
+
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    hp = spec.hyperparams
+    method = spec.method
+    src, tok = _load_tokenizer(spec)
+    ensure_chat_template(tok, spec.student_model, hp.get("chat_template"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    teacher = None
+    if method == "logit-kd":
+        teacher = _load_logit_teacher(spec, tok)
+    report("progress", {"progress": 0.01, "message": "loading the student"})
+    cuda, dtype = _device()
+    model = _sft_model(spec, src, dtype)
+    peft_config = _lora_config(model, hp) if method in ("sft-lora", "logit-kd") else None
+    train_raw = chat_rows(spec.task, spec.train_rows)
+    val_raw = chat_rows(spec.task, spec.val_rows)
+    kw = _training_args_kwargs(hp, spec, len(train_raw), bool(val_raw))
+    args = SFTConfig(max_length=hp["max_length"], completion_only_loss=True, assistant_only_loss=False,
+                     packing=False, dataset_num_proc=None, **kw)
+    state_box: dict = {}
+    callbacks = [_report_callback(report, check_stop, state_box)]
+    if val_raw and hp["early_stopping_patience"] > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp["early_stopping_patience"]))
+    trainer_cls = SFTTrainer if teacher is None else _logit_kd_trainer_cls(teacher, hp)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(train_raw),
+                          eval_dataset=Dataset.from_list(val_raw) if val_raw else None,
+                          processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    preflight = sft_preflight(trainer, tok, train_raw, hp["max_length"])
+    preflight.update(student_prompt_template=prompts.student_template(spec.task), method=method,
+                     validation_rows=len(val_raw), device="cuda" if cuda else "cpu")
+    report("preflight", preflight)
+    if not preflight["ok"]:
+        raise TrainingRefused(f"preflight: {preflight['refusal']}")
+    check_stop()
+    report("progress", {"progress": 0.05, "message": "training"})
+    tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset) * max(1, math.ceil(hp["num_train_epochs"]))
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
+    result = _finish(trainer, state_box, spec, preflight, t0, tokens)
+    report("progress", {"progress": 0.92, "message": "saving artifacts"})
+    result.artifacts = save_causal_artifacts(trainer, tok, spec, lora=peft_config is not None)
+    return result
+
+
+def save_causal_artifacts(trainer, tok, spec: TrainSpec, *, lora: bool) -> list[dict]:
+    """Write ``adapter`` (LoRA only), ``merged`` and ``int8`` under ``spec.output_dir`` from the
+    trainer's (best) model. Returns ``[{"kind", "path"}]``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arts = []
+    merged_dir = out / "merged"
+    if lora:
+        adapter_dir = out / "adapter"
+        trainer.model.save_pretrained(adapter_dir)
+        tok.save_pretrained(adapter_dir)
+        cfg_path = adapter_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = spec.student_model  # resolved through the registry on load
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        arts.append({"kind": "adapter", "path": str(adapter_dir)})
+        from peft import PeftModel
+
+        # Merge onto a float32 base (not the bf16 training copy) so the merged weights are exact.
+        base = _sft_model(spec, resolve_model(spec.student_model, spec.cache_dir), torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    else:
+        merged = trainer.model
+        merged = merged.to(torch.float32)
+    merged.save_pretrained(merged_dir)
+    tok.save_pretrained(merged_dir)
+    arts.append({"kind": "merged", "path": str(merged_dir)})
+    int8_dir = out / "int8"
+    int8_dir.mkdir(exist_ok=True)
+    fp32 = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    q = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+    torch.save(q, int8_dir / INT8_FILE)
+    tok.save_pretrained(int8_dir)
+    arts.append({"kind": "int8", "path": str(int8_dir)})
+    return arts
+
+
+def _load_logit_teacher(spec: TrainSpec, student_tok):
+    """Load the local causal teacher for logit-kd; refuse (TrainingRefused) one whose tokenizer
+    differs from the student's, suggesting sft-lora."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not spec.teacher_model:
+        raise TrainingRefused("logit-kd needs a local teacher (a transformers teacher of this project); "
+                              "for an API teacher use sft-lora on its answers")
+    src = resolve_model(spec.teacher_model, spec.cache_dir)
+    ttok = AutoTokenizer.from_pretrained(src)
+    if ttok.get_vocab() != student_tok.get_vocab():
+        raise TrainingRefused(f"logit-kd needs the teacher and the student to share a tokenizer, but teacher "
+                              f"{spec.teacher_model!r} and student {spec.student_model!r} have different "
+                              "vocabularies; use sft-lora (response-based distillation) instead")
+    cuda, dtype = _device()
+    teacher = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    if getattr(teacher, "is_quantized", False):
+        clear_quantizer_marker(teacher)
+    teacher.eval().requires_grad_(False)
+    if cuda:
+        teacher.to("cuda")
+    return teacher
+
+
+def _logit_kd_trainer_cls(teacher, hp: dict):
+    import torch
+    from trl import SFTTrainer
+
+    class LogitKDTrainer(SFTTrainer):
+        """SFTTrainer whose loss is ``token_kd_loss`` against the teacher's logits on the same
+        tokens; prompt and padding positions are masked (labels -100)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            outputs = model(**fwd)
+            with torch.no_grad():
+                t_logits = teacher.to(outputs.logits.device)(**fwd).logits
+            loss = token_kd_loss(outputs.logits, t_logits, labels, temperature=hp["temperature"], alpha=hp["alpha"])
+            return (loss, outputs) if return_outputs else loss
+
+    return LogitKDTrainer
+
+
+# --- classifier KD --------------------------------------------------------------------------
+
+
+def soft_targets(row: TrainRow, labels: list[str]) -> list[float]:
+    """The teacher distribution over ``labels`` for one row: its soft labels (missing labels get
+    0, renormalised) or, without them, one-hot on the teacher's (else the hard) label."""
+    probs = [0.0] * len(labels)
+    if row.label_probs:
+        for i, l in enumerate(labels):
+            probs[i] = max(0.0, float(row.label_probs.get(l, 0.0)))
+    z = sum(probs)
+    if z <= 0:
+        lab = row.teacher_label or row.label
+        probs = [1.0 if l == lab else 0.0 for l in labels]
+        z = sum(probs)
+    if z <= 0:
+        return [1.0 / len(labels)] * len(labels)
+    return [p / z for p in probs]
+
+
+def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
+    import time
+
+    import numpy as np
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback, Trainer,
+                              TrainingArguments)
+
+    hp = spec.hyperparams
+    labels = list(spec.task.labels)
+    if spec.task.task_type != "classification" or len(labels) < 2:
+        raise TrainingRefused("classifier-kd needs a classification project with at least two labels")
+    index = {l: i for i, l in enumerate(labels)}
+    src = resolve_model(spec.student_model, spec.cache_dir)
+    tok = AutoTokenizer.from_pretrained(src)
+    report("progress", {"progress": 0.01, "message": "loading the student"})
+    model = AutoModelForSequenceClassification.from_pretrained(
+        src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
+
+    def encode(rows: list[TrainRow]) -> list[dict]:
+        if not rows:
+            return []
+        enc = tok([r.query for r in rows], truncation=True, max_length=hp["max_length"])
+        out = []
+        for i, r in enumerate(rows):
+            hard = index.get(r.label, index.get(r.teacher_label, IGNORE_INDEX))
+            out.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+                        "labels": hard, "teacher_probs": soft_targets(r, labels),
+                        "teacher_label": index.get(r.teacher_label, hard)})
+        return out
+
+    train_ds, val_ds = encode(spec.train_rows), encode(spec.val_rows)
+    supervised = sum(1 for r in train_ds if r["labels"] != IGNORE_INDEX)
+    preflight = {"rows": len(train_ds), "validation_rows": len(val_ds), "labels": len(labels),
+                 "rows_with_soft_labels": sum(1 for r in spec.train_rows if r.label_probs),
+                 "rows_with_hard_label": supervised,
+                 "rows_cut_by_max_length": sum(1 for r in train_ds if len(r["input_ids"]) >= hp["max_length"]),
+                 "max_length": hp["max_length"], "temperature": hp["temperature"], "alpha": hp["alpha"],
+                 "student_prompt_template": "{query}", "method": spec.method,
+                 "device": "cuda" if torch.cuda.is_available() else "cpu", "ok": True, "refusal": ""}
+    if not train_ds:
+        preflight.update(ok=False, refusal="no training rows")
+    report("preflight", preflight)
+    if not preflight["ok"]:
+        raise TrainingRefused(f"preflight: {preflight['refusal']}")
+
+    def collate(batch: list[dict]) -> dict:
+        padded = tok.pad([{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batch],
+                         return_tensors="pt")
+        padded["labels"] = torch.tensor([b["labels"] for b in batch])
+        padded["teacher_probs"] = torch.tensor([b["teacher_probs"] for b in batch], dtype=torch.float32)
+        padded["teacher_label"] = torch.tensor([b["teacher_label"] for b in batch])
+        return dict(padded)
+
+    class KDTrainer(Trainer):
+        """Trainer with the soft-label KD loss (workers.pipeline.kd.soft_label_kd_loss)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = soft_label_kd_loss(out.logits, inputs["teacher_probs"], inputs["labels"],
+                                      temperature=hp["temperature"], alpha=hp["alpha"])
+            return (loss, out) if return_outputs else loss
+
+    def metrics(ev) -> dict:
+        logits = ev.predictions[0] if isinstance(ev.predictions, tuple) else ev.predictions
+        hard, _probs, teacher_label = ev.label_ids
+        pred = np.asarray(logits).argmax(-1)
+        return {"fidelity": float((pred == teacher_label).mean()),
+                "accuracy": float((pred == hard)[hard != IGNORE_INDEX].mean()) if (hard != IGNORE_INDEX).any() else 0.0}
+
+    kw = _training_args_kwargs(hp, spec, len(train_ds), bool(val_ds))
+    args = TrainingArguments(remove_unused_columns=False, label_names=["labels", "teacher_probs", "teacher_label"], **kw)
+    state_box: dict = {}
+    callbacks = [_report_callback(report, check_stop, state_box)]
+    if val_ds and hp["early_stopping_patience"] > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp["early_stopping_patience"]))
+    trainer = KDTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds or None,
+                        data_collator=collate, compute_metrics=metrics if val_ds else None, callbacks=callbacks)
+    check_stop()
+    report("progress", {"progress": 0.05, "message": "training"})
+    tokens = sum(len(r["input_ids"]) for r in train_ds) * max(1, math.ceil(hp["num_train_epochs"]))
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
+    result = _finish(trainer, state_box, spec, preflight, t0, tokens)
+    if val_ds:
+        state_box["mute"] = True  # the best model's figures; already logged at its step
+        final = trainer.evaluate()
+        result.preflight = {**preflight, "final_validation_accuracy": final.get("eval_accuracy"),
+                            "final_validation_fidelity": final.get("eval_fidelity")}
+    report("progress", {"progress": 0.92, "message": "saving artifacts"})
+    out = Path(spec.output_dir) / "classifier"
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.model.to(torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    result.artifacts = [{"kind": "classifier", "path": str(out)}]
+    return result
+
+
+def train(spec: TrainSpec, *, report: Callable[[str, dict], None] | None = None,
+          check_stop: Callable[[], None] | None = None) -> TrainResult:
+    """Train the student described by ``spec``.
+
+    ``report(event, data)`` receives ``("progress", {"progress": 0..1, "message"})``,
+    ``("preflight", dict)`` once before the first step, and ``("metric", {"split": "train" |
+    "validation", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"})`` every
+    ``logging_steps`` steps and at every validation. ``check_stop()`` is called after every step
+    and may raise to stop the run (cancel). Raises TrainingRefused before training on a bad
+    setting or a failed preflight, TrainingStopped when the loss becomes NaN."""
+    report = report or (lambda event, data: None)
+    check_stop = check_stop or (lambda: None)
+    if spec.method not in METHODS:
+        raise TrainingRefused(f"method: {spec.method!r} is not one of {', '.join(METHODS)}")
+    if not spec.train_rows:
+        raise TrainingRefused("no training rows: the curated dataset is empty")
+    os.makedirs(spec.output_dir, exist_ok=True)
+    _limit_threads()
+    import torch
+
+    # A worker process is reused across tasks; an earlier task (evaluation, a local teacher) may
+    # have left autograd switched off process-wide.
+    with torch.enable_grad():
+        if spec.method == "classifier-kd":
+            return _train_classifier(spec, report, check_stop)
+        return _train_sft(spec, report, check_stop)
+
+
+def _limit_threads() -> None:
+    """``DISTILLHUB_TORCH_THREADS=N`` caps torch's CPU threads: on a CPU shared with other
+    processes, OpenMP threads that outnumber free cores spin and slow training down many times
+    (measured here: MiniLM 12 examples/s with 1 thread vs 1.7 with 2 on a busy 2-core machine)."""
+    n = os.environ.get("DISTILLHUB_TORCH_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def split_validation(rows: list, *, every: int = 10) -> tuple[list, list]:
+    """Deterministic hold-out when no validation-split samples exist: every ``every``-th row
+    (index % every == every - 1, in curated order) goes to validation; fewer than ``every`` rows
+    -> no validation. Returns (train, validation)."""
+    if len(rows) < every:
+        return list(rows), []
+    train_rows = [r for i, r in enumerate(rows) if i % every != every - 1]
+    val_rows = [r for i, r in enumerate(rows) if i % every == every - 1]
+    return train_rows, val_rows
