@@ -4,6 +4,7 @@ and ``gpu`` (training and evaluation; run its worker with ``--concurrency 1
 import os
 
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "distillhub.settings")
@@ -17,3 +18,14 @@ app.conf.task_routes = {
     "workers.tasks.evaluation_*": {"queue": "gpu"},
 }
 app.autodiscover_tasks(["workers"])
+
+
+@worker_process_init.connect
+def _cap_torch_threads(**_kwargs) -> None:
+    """``DISTILLHUB_TORCH_THREADS=N`` caps torch's CPU threads in every worker process: several
+    worker processes on a small CPU otherwise oversubscribe its cores and run many times slower."""
+    n = os.environ.get("DISTILLHUB_TORCH_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))

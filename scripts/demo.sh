@@ -58,7 +58,10 @@ start_worker() {  # name queues pidfile logfile extra-args...
 
 # Ingest and generation on one worker; training and evaluation on the `gpu` queue with a fresh
 # process per job (so memory is given back), as on a real GPU machine.
-start_worker default "default,teacher" "$RUN/worker-default.pid" "$RUN/worker-default.log" --concurrency 2
+# Two processes with one torch thread each use both cores of a small machine without
+# oversubscribing them (DISTILLHUB_TORCH_THREADS, see distillhub/celery.py).
+DISTILLHUB_TORCH_THREADS=${DISTILLHUB_TORCH_THREADS:-1} \
+  start_worker default "default,teacher" "$RUN/worker-default.pid" "$RUN/worker-default.log" --concurrency 2
 start_worker gpu "gpu" "$RUN/worker-gpu.pid" "$RUN/worker-gpu.log" --concurrency 1 --max-tasks-per-child 1
 
 answers() {

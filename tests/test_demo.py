@@ -120,4 +120,7 @@ def test_distill_demo_runs_the_loop_then_reuses_it(celery_worker, tmp_path):
     assert Job.objects.count() == jobs
     assert out2["generation"]["run"] == gen["run"]
     assert out2["evaluation"]["evaluation"] == out["evaluation"]["evaluation"]
-    assert GenerationRun.objects.count() == 1 and TrainingRun.objects.count() == 1 and Evaluation.objects.count() == 1
+    # One teacher run over the train split (the dataset) and one over the test split, which the
+    # evaluation started for the teacher's answers on held-out queries.
+    assert sorted(r.options.get("split", "train") for r in GenerationRun.objects.all()) == ["test", "train"]
+    assert TrainingRun.objects.count() == 1 and Evaluation.objects.count() == 1

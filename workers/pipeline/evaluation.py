@@ -72,12 +72,10 @@ class SequenceClassifier:
     config carries ``id2label``. Raises FileNotFoundError when ``config.json`` is missing."""
 
     def __init__(self, path: str | Path) -> None:
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path}/config.json is missing: not a classifier folder")
-        torch.set_grad_enabled(False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path))
         self.model.eval()

@@ -181,31 +181,71 @@ class LocalCausalLM:
         prompt = self._encode(self.chat_text(messages))
         end = self.tokenizer.eos_token or ""
         conts = [self._encode(l + end) for l in labels]
+        with self._lock, torch.inference_mode():
+            try:
+                scores = self._score_with_prompt_cache(prompt, conts)
+            except Exception:  # noqa: BLE001 - a model whose cache cannot be shared: score whole sequences
+                scores = self._score_full(prompt, conts)
+        m = max(scores)
+        exps = [math.exp(s - m) for s in scores]
+        z = sum(exps)
+        return {l: e / z for l, e in zip(labels, exps)}
+
+    def _score_with_prompt_cache(self, prompt: list[int], conts: list[list[int]]) -> list[float]:
+        """Summed log-probabilities of each continuation after ``prompt``, running the prompt once
+        and the continuations as one right-padded batch on a copy of its KV cache (the prompt is
+        most of the tokens, so this is several times faster than scoring whole sequences)."""
+        import torch
+
+        dev = self.device
+        out = self.model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
+        first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+        n, width = len(conts), max(len(c) for c in conts)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, len(prompt) + width), dtype=torch.long)
+        mask[:, : len(prompt)] = 1
+        for i, c in enumerate(conts):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, len(prompt): len(prompt) + len(c)] = 1
+        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache,
+                            use_cache=True).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        scores = []
+        for i, c in enumerate(conts):
+            total = float(first_logp[c[0]])
+            for j in range(1, len(c)):
+                total += float(logp[i, j - 1, c[j]])  # logits at j-1 predict continuation token j
+            scores.append(total)
+        return scores
+
+    def _score_full(self, prompt: list[int], conts: list[list[int]]) -> list[float]:
+        """The same scores by running prompt + continuation for every label (no shared cache)."""
+        import torch
+
         seqs = [prompt + c for c in conts]
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
         scores: list[float] = []
         chunk = 32
-        with self._lock, torch.inference_mode():
-            for start in range(0, len(seqs), chunk):
-                part = seqs[start:start + chunk]
-                ids = torch.full((len(part), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(part), width), dtype=torch.long)
-                for i, s in enumerate(part):
-                    ids[i, :len(s)] = torch.tensor(s)
-                    mask[i, :len(s)] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-                logp = torch.log_softmax(logits, dim=-1).cpu()
-                for i, c in enumerate(conts[start:start + chunk]):
-                    total = 0.0
-                    for j, tok in enumerate(c):
-                        pos = len(prompt) + j - 1  # logits at pos predict token pos+1
-                        total += float(logp[i, pos, tok])
-                    scores.append(total)
-        m = max(scores)
-        exps = [math.exp(s - m) for s in scores]
-        z = sum(exps)
-        return {l: e / z for l, e in zip(labels, exps)}
+        for start in range(0, len(seqs), chunk):
+            part = seqs[start:start + chunk]
+            ids = torch.full((len(part), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, s in enumerate(part):
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            for i, c in enumerate(conts[start:start + chunk]):
+                total = 0.0
+                for j, tok in enumerate(c):
+                    pos = len(prompt) + j - 1  # logits at pos predict token pos+1
+                    total += float(logp[i, pos, tok])
+                scores.append(total)
+        return scores
 
 
 _CACHE: dict[tuple[str, str, str], LocalCausalLM] = {}

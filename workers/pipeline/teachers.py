@@ -288,7 +288,16 @@ class LocalTeacher:
         return None
 
     async def answer(self, messages: list[dict], *, seed: int | None = None, temperature: float | None = None) -> TeacherReply:
-        return await asyncio.to_thread(self._answer_sync, messages, seed, temperature)
+        # One forward pass at a time: torch already uses every core for one, and queued calls
+        # must not count their wait as the teacher's latency.
+        async with self._serial():
+            return await asyncio.to_thread(self._answer_sync, messages, seed, temperature)
+
+    def _serial(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_lock_loop", None) is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     def _answer_sync(self, messages, seed, temperature) -> TeacherReply:
         t0 = time.perf_counter()
