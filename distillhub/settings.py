@@ -20,12 +20,13 @@ A malformed value raises ``ImproperlyConfigured`` naming the variable.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from distillhub.secret_files import read_or_create_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -70,16 +71,7 @@ def _secret_key() -> str:
     if key:
         return key
     path = DATA_DIR / "secret_key"
-    if not path.exists():
-        # Written once with O_EXCL so two processes starting together agree on one key.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(50))
-    key = path.read_text().strip()
+    key = read_or_create_secret(path, nbytes=50)
     if not key:
         raise ImproperlyConfigured(f"{path} is empty; delete it or set SECRET_KEY.")
     return key

@@ -45,3 +45,17 @@ def wait_for_job(job_id: int, *, poll_s: float = 1.0, echo: bool = True) -> "obj
         if job.ended:
             return job
         time.sleep(poll_s)
+
+
+def finish_job(options: dict, job_id: int, summary, what: str, reason=lambda: "") -> dict:
+    """The end of a verb that queued a job: with ``--wait`` block until job ``job_id`` ends and,
+    unless it succeeded, print ``summary()`` and raise CliError (exit 1) naming ``what`` and why
+    (``reason()``, else the job's error or message). Returns ``summary()``."""
+    if not options.get("wait"):
+        return summary()
+    job = wait_for_job(job_id)
+    result = summary()
+    if job.status != "succeeded":
+        emit(options, result)
+        raise CliError(f"{what} ended {job.status}: {reason() or job.error or job.message}")
+    return result

@@ -5,9 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from projects.cli import CliError, emit, wait_for_job
+from projects.cli import CliError, finish_job
 from projects.models import Job, Project, Team
-from projects.services import InvalidState, ServiceError
+from projects.services import InvalidState
 from projects.services.jobs import job_cancel
 from projects.services.projects import project_create
 from projects.services.teams import team_create, user_create
@@ -131,11 +131,4 @@ def cmd_job(o: dict) -> dict:
             job = job_cancel(job=job)
         except InvalidState as exc:
             raise CliError(str(exc)) from None
-    if o["wait"]:
-        job = wait_for_job(job.pk)
-        summary = job_summary(job)
-        if job.status != "succeeded":
-            emit(o, summary)
-            raise CliError(f"job {job.pk} ended {job.status}: {job.error or job.message}")
-        return summary
-    return job_summary(job)
+    return finish_job(o, job.pk, lambda: job_summary(Job.objects.get(pk=job.pk)), f"job {job.pk}")

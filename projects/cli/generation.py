@@ -1,7 +1,7 @@
 """Verbs: ``teacher add``, ``generate`` (see ../shared/CONTRACT.md)."""
 from __future__ import annotations
 
-from projects.cli import CliError, emit, wait_for_job
+from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import GenerationRun
 
@@ -71,11 +71,5 @@ def cmd_generate(o: dict) -> dict:
         run = generation_start(project=project, teachers=o["teacher"] or None, limit=o["limit"],
                                samples_per_query=o["samples_per_query"], concurrency=o["concurrency"],
                                budget_usd=o["budget_usd"], split=o["split"])
-    if o["wait"]:
-        job = wait_for_job(run.job.pk)
-        summary = run_summary(run)
-        if job.status != "succeeded":
-            emit(o, summary)
-            raise CliError(f"generation run {run.pk} ended {job.status}: {run.stop_reason or job.error or job.message}")
-        return summary
-    return run_summary(run)
+    return finish_job(o, run.job.pk, lambda: run_summary(run), f"generation run {run.pk}",
+                      lambda: GenerationRun.objects.get(pk=run.pk).stop_reason)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from projects.cli import CliError, emit, wait_for_job
+from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import ModelArtifact, TrainingRun
 from projects.services.training import training_resume, training_start
@@ -41,14 +41,8 @@ def run_summary(run: TrainingRun) -> dict:
 
 
 def _finish(o: dict, run: TrainingRun) -> dict:
-    if o["wait"]:
-        job = wait_for_job(run.job_id)
-        summary = run_summary(run)
-        if job.status != "succeeded":
-            emit(o, summary)
-            raise CliError(f"training run {run.pk} ended {job.status}: {run.stop_reason or job.error or job.message}")
-        return summary
-    return run_summary(run)
+    return finish_job(o, run.job_id, lambda: run_summary(run), f"training run {run.pk}",
+                      lambda: TrainingRun.objects.get(pk=run.pk).stop_reason)
 
 
 def cmd_train(o: dict) -> dict:

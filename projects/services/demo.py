@@ -12,12 +12,13 @@ unless ``rerun`` is set, so running the demo again is quick and shows the same p
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
+
+from distillhub.secret_files import read_or_create_secret
 
 from projects.models import (
     Evaluation,
@@ -52,16 +53,7 @@ def demo_password() -> str:
     env = os.environ.get("DISTILLHUB_DEMO_PASSWORD")
     if env:
         return env
-    path = Path(settings.DATA_DIR) / "demo_password"
-    if not path.exists():
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(12))
-    return path.read_text().strip()
+    return read_or_create_secret(Path(settings.DATA_DIR) / "demo_password", nbytes=12)
 
 
 def dashboard_url(*, project: Project | None = None) -> str:
