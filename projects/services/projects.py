@@ -53,6 +53,19 @@ def project_validate(*, task_type: str, labels: list[str], output_schema: dict |
         raise InvalidInput("split_train: must be above 0 (nothing to train on otherwise)")
 
 
+def _clean_definition(*, name: str, task_type: str, labels: list[str] | None, output_schema: dict | None,
+                      splits: tuple[float, float, float]) -> tuple[str, list[str]]:
+    """The stripped name and label list of a task definition, after ``project_validate``.
+    Raises InvalidInput for an empty name or a bad definition."""
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("name: must not be empty")
+    labels = [l.strip() for l in (labels or []) if l and l.strip()]
+    project_validate(task_type=task_type, labels=labels, output_schema=output_schema,
+                     split_train=splits[0], split_validation=splits[1], split_test=splits[2])
+    return name, labels
+
+
 def project_create(
     *,
     team: Team,
@@ -71,12 +84,8 @@ def project_create(
     """Create a project in ``team``. Raises NotAllowed for viewers, InvalidInput for a bad
     definition (see ``project_validate``)."""
     ensure_can_write(user=user, team=team)
-    name = (name or "").strip()
-    if not name:
-        raise InvalidInput("name: must not be empty")
-    labels = [l.strip() for l in (labels or []) if l and l.strip()]
-    project_validate(task_type=task_type, labels=labels, output_schema=output_schema,
-                     split_train=split_train, split_validation=split_validation, split_test=split_test)
+    name, labels = _clean_definition(name=name, task_type=task_type, labels=labels, output_schema=output_schema,
+                                     splits=(split_train, split_validation, split_test))
     try:
         with transaction.atomic():
             return Project.objects.create(
@@ -109,12 +118,8 @@ def project_update(
     checks. Queries already imported keep their split; new imports use the new fractions.
     Raises NotAllowed for viewers, InvalidInput for a bad definition (see ``project_validate``)."""
     ensure_can_write(user=user, team=project.team)
-    name = (name or "").strip()
-    if not name:
-        raise InvalidInput("name: must not be empty")
-    labels = [l.strip() for l in (labels or []) if l and l.strip()]
-    project_validate(task_type=task_type, labels=labels, output_schema=output_schema,
-                     split_train=split_train, split_validation=split_validation, split_test=split_test)
+    name, labels = _clean_definition(name=name, task_type=task_type, labels=labels, output_schema=output_schema,
+                                     splits=(split_train, split_validation, split_test))
     project.name, project.task_type, project.instructions = name, task_type, instructions or ""
     project.labels, project.output_schema, project.few_shot = labels, output_schema, few_shot or []
     if checks is not None:

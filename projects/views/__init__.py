@@ -1,6 +1,8 @@
 """Thin views, one module per page group; each module exports ``urlpatterns``."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.contrib import messages
 from django.http import HttpRequest
 
@@ -10,3 +12,16 @@ from projects.services import ServiceError
 def flash_error(request: HttpRequest, exc: ServiceError) -> None:
     """Show a service error as a message on the next page."""
     messages.error(request, str(exc))
+
+
+def call_service(request: HttpRequest, action: Callable[[], object], success: str,
+                 errors: tuple[type[Exception], ...] = (ServiceError,)) -> bool:
+    """Run one service call for a POST view: a raised ``errors`` exception becomes an error
+    message, success a ``success`` message. Returns True when the call succeeded."""
+    try:
+        action()
+    except errors as exc:
+        messages.error(request, str(exc))
+        return False
+    messages.success(request, success)
+    return True

@@ -2,6 +2,8 @@
 samples; Cancel and Resume."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
@@ -12,6 +14,7 @@ from projects import selectors
 from projects.forms import GenerateForm, TeacherForm
 from projects.models import Sample
 from projects.services import ServiceError
+from projects.views import call_service
 from projects.services.generation import (generation_cancel, generation_resume, generation_start, teacher_create,
                                           teacher_update)
 
@@ -112,12 +115,8 @@ def generation_run_stats(request, slug: str, run_id: int):
 @require_POST
 def generation_run_cancel(request, slug: str, run_id: int):
     run = selectors.generation_run_for_user(request.user, slug, run_id)
-    try:
-        generation_cancel(run=run, user=request.user)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Cancel requested for run {run.pk}; it stops within seconds.")
+    call_service(request, lambda: generation_cancel(run=run, user=request.user),
+                 f"Cancel requested for run {run.pk}; it stops within seconds.")
     return redirect("generation_run", slug=run.project.slug, run_id=run.pk)
 
 
@@ -126,11 +125,12 @@ def generation_run_resume(request, slug: str, run_id: int):
     run = selectors.generation_run_for_user(request.user, slug, run_id)
     budget = (request.POST.get("budget_usd") or "").strip() or None
     try:
-        generation_resume(run=run, user=request.user, budget_usd=budget)
-    except (ServiceError, ArithmeticError) as exc:
-        messages.error(request, str(exc) or "budget_usd: not a number")
+        budget = None if budget is None else Decimal(budget)
+    except ArithmeticError:
+        messages.error(request, "budget_usd: not a number")
     else:
-        messages.success(request, f"Run {run.pk} resumed: only its unfinished slots are asked.")
+        call_service(request, lambda: generation_resume(run=run, user=request.user, budget_usd=budget),
+                     f"Run {run.pk} resumed: only its unfinished slots are asked.")
     return redirect("generation_run", slug=run.project.slug, run_id=run.pk)
 
 

@@ -1,14 +1,13 @@
 """Jobs: the list, one job's page, its htmx progress partial and Cancel."""
 from __future__ import annotations
 
-from django.contrib import messages
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from projects import selectors
-from projects.services import ServiceError
+from projects.views import call_service
 from projects.services.jobs import job_cancel
 
 
@@ -32,12 +31,7 @@ def job_progress(request, job_id: int):
 @require_POST
 def job_cancel_view(request, job_id: int):
     job = selectors.job_for_user(request.user, job_id)
-    try:
-        job_cancel(job=job, user=request.user)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Cancel requested for job {job.pk}.")
+    call_service(request, lambda: job_cancel(job=job, user=request.user), f"Cancel requested for job {job.pk}.")
     next_url = request.POST.get("next", "")
     if next_url and url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
         return redirect(next_url)

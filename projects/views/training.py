@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 from projects import charts, selectors
 from projects.forms import TrainForm
 from projects.services import ServiceError
+from projects.views import call_service
 from projects.services.training import presets_table, training_cancel, training_resume, training_start
 
 
@@ -96,24 +97,16 @@ def training_run_live(request, slug: str, run_id: int):
 @require_POST
 def training_run_cancel(request, slug: str, run_id: int):
     run = selectors.training_run_for_user(request.user, slug, run_id)
-    try:
-        training_cancel(run=run, user=request.user)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.info(request, f"Cancel requested for training run {run.pk}.")
+    call_service(request, lambda: training_cancel(run=run, user=request.user),
+                 f"Cancel requested for training run {run.pk}.")
     return redirect("training_run", slug=slug, run_id=run.pk)
 
 
 @require_POST
 def training_run_resume(request, slug: str, run_id: int):
     run = selectors.training_run_for_user(request.user, slug, run_id)
-    try:
-        training_resume(run=run, user=request.user)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Training run {run.pk} resumes from its last checkpoint.")
+    call_service(request, lambda: training_resume(run=run, user=request.user),
+                 f"Training run {run.pk} resumes from its last checkpoint.")
     return redirect("training_run", slug=slug, run_id=run.pk)
 
 
