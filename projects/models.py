@@ -76,6 +76,12 @@ class Project(models.Model):
     # the audit queue, and the highest sample id already considered for it.
     review_audit_share = models.FloatField(default=0.05)
     review_audit_marked_upto = models.BigIntegerField(default=0)
+    # Query search: every import bumps ``search_version``; the search indexer (a Celery task)
+    # copies the new queries into QuerySearch and then records the version it caught up with.
+    # While ``search_indexed_version < search_version`` the query list searches the queries
+    # themselves (a scan, always complete) instead of the index.
+    search_version = models.BigIntegerField(default=0)
+    search_indexed_version = models.BigIntegerField(default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -183,7 +189,10 @@ class Query(models.Model):
     # No single-column indexes on project and split: the composite indexes below lead with
     # project (and split), and every extra index slows bulk imports.
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queries", db_index=False)
-    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries")
+    # No index on dataset either: nothing looks queries up by dataset but deleting one, and each
+    # index costs every import (about 0.2 s per 100,000 rows here).
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="queries",
+                                db_index=False)
     text = models.TextField()
     text_hash = models.CharField(max_length=64)
     split = models.CharField(max_length=10, choices=Split.choices)
@@ -201,8 +210,25 @@ class Query(models.Model):
             models.Index(fields=["project", "split", "id"], name="query_project_split_id"),
             # The query list pages through all splits by id (keyset pagination).
             models.Index(fields=["project", "id"], name="query_project_id"),
+        ]
+
+
+class QuerySearch(models.Model):
+    """The substring-search index of the queries: a copy of each query's text under a pg_trgm GIN
+    index on UPPER(text), filled after an import commits (``projects.services.ingest.
+    query_search_index``) so that the import itself does not maintain a trigram index (about
+    5 s per 100,000 rows here). Deleting a query deletes its row here (a database-level ON DELETE
+    CASCADE, added by migration 0004, so the ORM never loads these rows)."""
+
+    query = models.OneToOneField(Query, primary_key=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                                 related_name="+")
+    project_id = models.BigIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        indexes = [
             # Substring search (ILIKE '%...%') over millions of queries.
-            GinIndex(OpClass(Upper("text"), name="gin_trgm_ops"), name="query_text_trgm"),
+            GinIndex(OpClass(Upper("text"), name="gin_trgm_ops"), name="querysearch_text_trgm"),
         ]
 
 

@@ -269,16 +269,23 @@ def query_page(project: Project, *, split: str = "", search: str = "", after: in
                before: int | None = None, limit: int = 50) -> dict:
     """One page of the project's queries, newest first, by keyset pagination on ``id`` (fast at
     any depth over millions of rows: the (project, split, id) and (project, id) indexes).
-    ``search``: case-insensitive substring (a pg_trgm GIN index on UPPER(text) serves it).
+    ``search``: case-insensitive substring, through the trigram index of QuerySearch once the
+    search indexer has caught up with the project's imports, else over the queries themselves
+    (complete either way; the index makes it fast over millions of rows).
     ``after``: ids below it (older); ``before``: ids above it (newer). Returns ``{"rows":
     [Query], "older": id | None, "newer": id | None}`` (the cursors for the next links)."""
-    from projects.models import Query
+    from projects.models import Project, Query, QuerySearch
 
     qs = Query.objects.filter(project=project)
     if split:
         qs = qs.filter(split=split)
     if search:
-        qs = qs.filter(text__icontains=search)
+        versions = Project.objects.filter(pk=project.pk).values_list("search_version", "search_indexed_version").first()
+        if versions and versions[1] >= versions[0]:
+            matches = QuerySearch.objects.filter(project_id=project.pk, text__icontains=search).values("query_id")
+            qs = qs.filter(id__in=matches)
+        else:
+            qs = qs.filter(text__icontains=search)
     qs = qs.only("id", "text", "split", "reference", "golden", "line", "dataset_id")
     if before is not None:
         rows = list(qs.filter(id__gt=before).order_by("id")[: limit + 1])

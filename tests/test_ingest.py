@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import threading
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -103,6 +104,90 @@ def test_double_import_adds_nothing_and_keeps_splits(project, team, owner, tmp_p
     other = project_create(team=team, user=owner, name="Copy", task_type="generation")
     do_import(other, path)
     assert dict(Query.objects.filter(project=other).values_list("text", "split")) == splits
+
+
+@pytest.mark.django_db
+def test_second_import_counts_queries_already_in_the_project_as_duplicates(project, tmp_path):
+    # The first file goes straight into the empty project; the second through ON CONFLICT.
+    first = do_import(project, write(tmp_path, "a.txt", "".join(f"query number {i}\n" for i in range(300))))
+    second_lines = ([f"  QUERY   Number {i} \n" for i in range(100)]  # same normalised form
+                    + [f"new query {i}\n" for i in range(50)] + ["new query 7\n"] * 5)
+    second = do_import(project, write(tmp_path, "b.txt", "".join(second_lines)))
+    assert (first.imported, first.duplicates) == (300, 0)
+    assert (second.imported, second.duplicates) == (50, 105)
+    assert sum(second.report["splits"].values()) == 50
+    assert Query.objects.filter(project=project).count() == 350
+    assert Query.objects.filter(project=project, dataset=second).count() == 50
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_imports_of_one_file_at_once_store_each_query_once(project, tmp_path):
+    from django.db import connection
+
+    path = write(tmp_path, "q.txt", "".join(f"query number {i}\n" for i in range(3000)) + "query number 5\n")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(do_import(project, path))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert sorted((ds.imported, ds.duplicates) for ds in results) == [(0, 3001), (3000, 1)]
+    assert Query.objects.filter(project=project).count() == 3000
+
+
+@pytest.mark.django_db
+def test_search_uses_the_index_once_it_caught_up_and_scans_before(project, tmp_path):
+    from projects.models import Project, QuerySearch
+    from projects.selectors import query_page
+    from projects.services.ingest import query_search_index
+
+    do_import(project, write(tmp_path, "q.txt", "".join(f"question number {i}\n" for i in range(300))
+                             + "Ünïcode NEEDLE in a haystack\n"))
+    versions = Project.objects.values_list("search_version", "search_indexed_version").get(pk=project.pk)
+    assert versions == (1, 0) and not QuerySearch.objects.filter(project_id=project.pk).exists()
+
+    def texts(search):
+        return sorted(q.text for q in query_page(project, search=search, limit=500)["rows"])
+
+    expected = ["question number 29"] + [f"question number {i}" for i in range(290, 300)]
+    # Before the indexer ran: the search scans the queries and misses nothing.
+    assert texts("ünïcode needle") == ["Ünïcode NEEDLE in a haystack"] and texts("NUMBER 29") == expected
+    assert query_search_index(project_id=project.pk, batch=128) == 301
+    assert query_search_index(project_id=project.pk) == 0  # a second run adds nothing
+    assert Project.objects.values_list("search_indexed_version", flat=True).get(pk=project.pk) == 1
+    assert QuerySearch.objects.filter(project_id=project.pk).count() == 301
+    # Through the index: the same answers.
+    assert texts("ünïcode needle") == ["Ünïcode NEEDLE in a haystack"] and texts("NUMBER 29") == expected
+    # Deleting queries deletes their search rows (ON DELETE CASCADE in the database).
+    Query.objects.filter(project=project, text__startswith="question number 1").delete()
+    assert QuerySearch.objects.filter(project_id=project.pk).count() == 301 - 111
+    assert texts("number 1") == []
+
+
+def test_the_worker_indexes_an_import_for_search(celery_worker, project, tmp_path):
+    import time
+
+    from projects.models import Project, QuerySearch
+
+    do_import(project, write(tmp_path, "q.txt", "".join(f"question number {i}\n" for i in range(500))))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        version, indexed = Project.objects.values_list("search_version", "search_indexed_version").get(pk=project.pk)
+        if indexed == version == 1:
+            break
+        time.sleep(0.25)
+    assert (version, indexed) == (1, 1)
+    assert QuerySearch.objects.filter(project_id=project.pk).count() == 500
 
 
 @pytest.mark.django_db

@@ -97,6 +97,15 @@ def ingest_import_task(self, job_id: int) -> None:
     run_job(job_id, body, task_id=self.request.id or "")
 
 
+@shared_task(name="workers.tasks.ingest_search_index_task")
+def ingest_search_index_task(project_id: int) -> int:
+    """Index the project's newly imported queries for substring search (see
+    ``projects.services.ingest.query_search_index``); returns the number added."""
+    from projects.services.ingest import query_search_index
+
+    return query_search_index(project_id=project_id)
+
+
 # --- Generation -----------------------------------------------------------------------------
 
 

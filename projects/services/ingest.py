@@ -25,7 +25,7 @@ from projects.services import InvalidInput
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 from workers.pipeline.ingest import (
-    MAX_LISTED, ColumnChoice, IngestError, ParsedRow, SkippedRow, read_rows, sniff_file, split_for_hash, text_hash,
+    MAX_LISTED, ColumnChoice, IngestError, ParsedRow, SkippedRow, read_rows, sniff_file, split_for_hash, text_digest,
 )
 
 JOB_KIND = "ingest"
@@ -162,7 +162,32 @@ def _mark_failed(dataset: Dataset, message: str) -> None:
     dataset.status, dataset.error = Dataset.Status.FAILED, message
 
 
+#: pg_advisory_xact_lock key (with the project id): one import at a time per project.
+INGEST_LOCK = 0x696E6773  # "ings"
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_JSON_STRING = json.encoder.encode_basestring  # the C encoder of one str, quotes included
+
+
+def _metadata_json(metadata: dict) -> str:
+    """``metadata`` as JSON; a flat dict of strings (a CSV row's other columns) is written
+    without the general encoder, which costs a few microseconds a row."""
+    try:
+        return "{" + ",".join(_JSON_STRING(k) + ":" + _JSON_STRING(v) for k, v in metadata.items()) + "}"
+    except TypeError:  # a value that is not a string (JSON input)
+        return _JSON(metadata)
+_QUERY_COLUMNS = "project_id, dataset_id, golden, line, text, text_hash, split, reference, metadata"
+
+
 def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header, progress) -> dict:
+    """Parse and write the rows (inside the caller's transaction); returns the report.
+
+    Two ways to write, one result. When the project has no queries of this kind (golden or not)
+    yet, the rows are COPYed straight into ``projects_query`` while the file is read (PostgreSQL
+    stores them on the other core as Python parses), duplicates within the file being dropped
+    here by their 16-byte digest prefix. Otherwise they go through a temporary table and one
+    ``INSERT ... ON CONFLICT DO NOTHING``, so queries already in the project count as duplicates.
+    An advisory lock keeps a second import of the same project waiting until this one commits,
+    which is what makes the first check safe."""
     fmt = sniff_file(file_path, dataset.name)
     fractions = {"train": project.split_train, "validation": project.split_validation, "test": project.split_test}
     golden = dataset.golden
@@ -171,15 +196,31 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
     rows_read = 0
     columns: list[ColumnChoice] = []
     table = f"ingest_rows_{dataset.pk}"
+    by_split: dict[str, int] = {}
 
     def on_progress(fraction: float) -> None:
         if progress is not None:
             progress(0.9 * fraction, f"Read {rows_read:,} rows")
 
     with connection.cursor() as cur:
-        cur.execute(f"CREATE TEMP TABLE {table} (line integer, text text, text_hash text, split text, reference text, metadata jsonb)")
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INGEST_LOCK, project.pk])
+        cur.execute("SELECT EXISTS (SELECT 1 FROM projects_query WHERE project_id = %s AND golden = %s)", [project.pk, golden])
+        direct = not cur.fetchone()[0]
+        # This import's rows are the project's rows above this id (imports of a project take turns).
+        cur.execute("SELECT coalesce(max(id), 0) FROM projects_query WHERE project_id = %s", [project.pk])
+        before_id = cur.fetchone()[0]
+        if direct:
+            target = f"projects_query ({_QUERY_COLUMNS})"
+        else:
+            cur.execute(f"CREATE TEMP TABLE {table} (project_id bigint, dataset_id bigint, golden boolean, line integer, "
+                        "text text, text_hash text, split text, reference text, metadata jsonb) ON COMMIT DROP")
+            target = f"{table} ({_QUERY_COLUMNS})"
+        seen: set[bytes] = set()
+        duplicates_in_file = 0
+        ids = (project.pk, dataset.pk, golden)
         pg = cur.cursor  # the psycopg 3 cursor underneath Django's wrapper
-        with pg.copy(f"COPY {table} (line, text, text_hash, split, reference, metadata) FROM STDIN") as copy:
+        with pg.copy(f"COPY {target} FROM STDIN") as copy:
+            write_row = copy.write_row
             for row in read_rows(file_path, fmt, text_column=dataset.text_column or None,
                                  reference_column=dataset.reference_column or None, header=header,
                                  on_columns=columns.append, progress=on_progress):
@@ -189,40 +230,49 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
                         skipped.append({"line": row.line, "reason": row.reason})
                     continue
                 rows_read += 1
-                digest = text_hash(row.text)
-                split = Split.GOLDEN if golden else split_for_hash(digest, **fractions)
-                copy.write_row((row.line, row.text, digest, split, row.reference,
-                                json.dumps(row.metadata, ensure_ascii=False) if row.metadata else "{}"))
+                digest = text_digest(row.text)
+                if direct:
+                    key = digest[:16]
+                    if key in seen:
+                        duplicates_in_file += 1
+                        continue
+                    seen.add(key)
+                hexdigest = digest.hex()
+                split = Split.GOLDEN if golden else split_for_hash(hexdigest, **fractions)
+                if direct:
+                    by_split[split] = by_split.get(split, 0) + 1
+                write_row((*ids, row.line, row.text, hexdigest, split, row.reference,
+                           _metadata_json(row.metadata) if row.metadata else "{}"))
+        seen.clear()
         if rows_read == 0:
             first = "; ".join(f"line {s['line']}: {s['reason']}" for s in skipped[:3])
             plural = "s" if skipped_total != 1 else ""
             raise IngestError(f"no query could be read from the file ({skipped_total} row{plural} skipped: {first})")
         if progress is not None:
             progress(0.92, f"Read {rows_read:,} rows; storing")
-        cur.execute(
-            f"""WITH ins AS (
-                   INSERT INTO projects_query (project_id, dataset_id, text, text_hash, split, golden, reference, metadata, line, created_at)
-                   SELECT %s, %s, text, text_hash, split, %s, reference, metadata, line, now() FROM {table}
-                   ON CONFLICT (project_id, golden, text_hash) DO NOTHING
-                   RETURNING split)
-                SELECT split, count(*) FROM ins GROUP BY split""",
-            [project.pk, dataset.pk, golden],
-        )
-        by_split = dict(cur.fetchall())
+        if not direct:
+            cur.execute(
+                f"""WITH ins AS (
+                       INSERT INTO projects_query ({_QUERY_COLUMNS})
+                       SELECT {_QUERY_COLUMNS} FROM {table}
+                       ON CONFLICT (project_id, golden, text_hash) DO NOTHING
+                       RETURNING split)
+                    SELECT split, count(*) FROM ins GROUP BY split""")
+            by_split = dict(cur.fetchall())
         # A golden query that is also a train/validation/test query (or the reverse) would leak
         # the golden set into training: count the distinct ones for the report (only when the
         # project has queries of the other kind; probes go through the unique index).
         overlap = 0
         cur.execute("SELECT EXISTS (SELECT 1 FROM projects_query WHERE project_id = %s AND golden = %s)", [project.pk, not golden])
         if cur.fetchone()[0]:
-            cur.execute(f"ANALYZE {table}")
             cur.execute(
-                f"""SELECT count(DISTINCT t.text_hash) FROM {table} t WHERE EXISTS (
+                """SELECT count(*) FROM projects_query t WHERE t.project_id = %s AND t.id > %s AND EXISTS (
                      SELECT 1 FROM projects_query o WHERE o.project_id = %s AND o.golden = %s AND o.text_hash = t.text_hash)""",
-                [project.pk, not golden],
+                [project.pk, before_id, project.pk, not golden],
             )
             overlap = cur.fetchone()[0]
-        cur.execute(f"DROP TABLE {table}")
+        cur.execute("UPDATE projects_project SET search_version = search_version + 1 WHERE id = %s", [project.pk])
+    transaction.on_commit(lambda: _enqueue_search_index(project.pk))
     imported = sum(by_split.values())
     warnings = list(fmt.warnings)
     if overlap:
@@ -251,6 +301,45 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
     if progress is not None:
         progress(1.0, f"Imported {imported:,} queries ({rows_read - imported:,} duplicates, {skipped_total:,} skipped)")
     return report
+
+
+def _enqueue_search_index(project_id: int) -> None:
+    from workers.tasks import ingest_search_index_task
+
+    ingest_search_index_task.apply_async(args=[project_id])
+
+
+def query_search_index(*, project_id: int, batch: int = 20_000) -> int:
+    """Copy the project's queries that are not in QuerySearch yet into it, ``batch`` rows per
+    transaction (a crash keeps what was committed; running it twice adds nothing), then record
+    the ``search_version`` it caught up with, which switches the query list's search to the
+    index. Returns the number of queries added. Called by ``ingest_search_index_task`` after
+    every import; an import that commits meanwhile queues its own run."""
+    version = Project.objects.filter(pk=project_id).values_list("search_version", flat=True).first()
+    if version is None:
+        return 0
+    added, after = 0, 0
+    with connection.cursor() as cur:
+        while True:
+            with transaction.atomic():
+                cur.execute(
+                    """WITH ins AS (
+                           INSERT INTO projects_querysearch (query_id, project_id, text)
+                           SELECT q.id, q.project_id, q.text FROM projects_query q
+                           WHERE q.project_id = %s AND q.id > %s
+                             AND NOT EXISTS (SELECT 1 FROM projects_querysearch s WHERE s.query_id = q.id)
+                           ORDER BY q.id LIMIT %s
+                           ON CONFLICT (query_id) DO NOTHING
+                           RETURNING query_id)
+                       SELECT count(*), max(query_id) FROM ins""",
+                    [project_id, after, batch],
+                )
+                n, last = cur.fetchone()
+            if not n:
+                break
+            added, after = added + n, last
+    Project.objects.filter(pk=project_id, search_indexed_version__lt=version).update(search_indexed_version=version)
+    return added
 
 
 def dataset_report(*, dataset: Dataset) -> dict:

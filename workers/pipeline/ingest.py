@@ -120,6 +120,11 @@ def normalise_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def text_digest(text: str) -> bytes:
+    """sha256 digest (32 bytes) of ``normalise_text(text)`` in UTF-8; ``text_hash`` is its hex."""
+    return hashlib.sha256(normalise_text(text).encode("utf-8")).digest()
+
+
 def text_hash(text: str) -> str:
     """sha256 hex digest (64 characters) of ``normalise_text(text)`` in UTF-8."""
     return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()

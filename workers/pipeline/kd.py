@@ -13,14 +13,19 @@ probabilities rather than logits, its logits are taken as ``log p`` (so ``p_teac
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when a loss is computed: importing this module stays cheap
+    import torch
 
 IGNORE_INDEX = -100
 
 
 def _kl_rows(teacher_log_p_t: torch.Tensor, student_logits_t: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per row over the last dim; inputs already divided by T."""
+    import torch
+    import torch.nn.functional as F
+
     log_q = F.log_softmax(student_logits_t, dim=-1)
     log_p = F.log_softmax(teacher_log_p_t, dim=-1)
     p = log_p.exp()
@@ -38,6 +43,9 @@ def soft_label_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     over rows with a label. Raises ValueError on mismatched shapes or T <= 0 or alpha outside
     [0, 1]. Formula: see the module docstring (Hinton et al. 2015).
     """
+    import torch
+    import torch.nn.functional as F
+
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_probs "
                          f"{tuple(teacher_probs.shape)} must have the same shape")
@@ -67,6 +75,9 @@ def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     batch, so padding a batch never changes its loss. Returns a scalar tensor (0 when no position
     is supervised). Raises ValueError on mismatched shapes.
     """
+    import torch
+    import torch.nn.functional as F
+
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (same tokenizer)")
