@@ -93,6 +93,22 @@ def test_progress_partial_polls_only_while_running(owner_client, project):
     assert "hx-trigger" not in body and "100 %" in body
 
 
+def test_job_page_reloads_when_its_job_ends_so_cancel_goes(owner_client, project):
+    job = job_create(kind="selftest", team=project.team, project=project)
+    page = owner_client.get(reverse("job_detail", kwargs={"job_id": job.pk})).content.decode()
+    assert f'/jobs/{job.pk}/progress/?refresh=1"' in page and ">Cancel</button>" in page
+    url = reverse("job_progress", kwargs={"job_id": job.pk})
+    r = owner_client.get(url, {"refresh": "1"}, HTTP_HX_REQUEST="true")
+    assert "HX-Refresh" not in r.headers  # still running
+    Job.objects.filter(pk=job.pk).update(status="succeeded", progress=1.0)
+    r = owner_client.get(url, {"refresh": "1"}, HTTP_HX_REQUEST="true")
+    assert r.headers["HX-Refresh"] == "true"
+    # A progress bar on another page (no refresh=1) never reloads its page.
+    assert "HX-Refresh" not in owner_client.get(url, HTTP_HX_REQUEST="true").headers
+    page = owner_client.get(reverse("job_detail", kwargs={"job_id": job.pk})).content.decode()
+    assert ">Cancel</button>" not in page and "hx-trigger" not in page
+
+
 def test_project_creation_from_the_browser(owner_client, team):
     r = owner_client.post(reverse("project_new"), {"team": team.pk, "name": "Spam filter", "task_type": "classification",
                                                    "labels": "spam\nham", "instructions": "Is it spam?"})

@@ -17,7 +17,7 @@ def test_bundled_teacher_labels_20_banking77_queries_with_soft_labels(celery_wor
     from projects.models import GenerationRun, Sample
     from projects.services.generation import generation_start, teacher_create
     from workers.pipeline.prompts import teacher_messages
-    from projects.services.generation import _task_spec
+    from projects.selectors import project_task_spec as _task_spec
 
     project = banking_project(team, owner)
     project.checks = {"min_confidence": 0.5}

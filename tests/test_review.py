@@ -119,12 +119,16 @@ def test_recheck_extraction_json_and_schema(team, owner):
     checks, parsed = review_recheck(project=p, response='{"city": "Kyōto"}')
     assert all(c["passed"] for c in checks) and parsed == {"city": "Kyōto"}
     checks, _ = review_recheck(project=p, response='{"town": 1}')
-    assert [(c["name"], c["passed"]) for c in checks] == [("non_empty", True), ("json_valid", True), ("json_schema", False)]
+    # The same checks as a teacher's answer (workers.pipeline.checks), less the finish reason.
+    assert [(c["name"], c["passed"]) for c in checks] == [
+        ("non_empty", True), ("length", True), ("refusal", True), ("unicode_escapes", True), ("json_schema", False)]
     assert "'city' is a required property" in checks[-1]["reason"]
     checks, _ = review_recheck(project=p, response="{city:")
-    assert checks[1]["name"] == "json_valid" and not checks[1]["passed"]
+    assert [(c["name"], c["passed"]) for c in checks][-1] == ("json_valid", False)
     checks, _ = review_recheck(project=p, response="   ")
-    assert checks[0] == {"name": "non_empty", "passed": False, "reason": "the answer is empty"}
+    assert checks == [{"name": "non_empty", "passed": False, "reason": "the answer is empty"}]
+    checks, _ = review_recheck(project=p, response="I'm sorry, I cannot help with that.")
+    assert ("refusal", False) in [(c["name"], c["passed"]) for c in checks]
 
 
 def test_undo_restores_previous_state_and_requeues(project, rejected, owner, member):

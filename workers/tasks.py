@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Callable
 
 from celery import shared_task
+from django.db import transaction
 
 from projects.models import Job, JobStatus
 from projects.services.jobs import jobs_mark_stale
@@ -27,21 +28,26 @@ def run_job(job_id: int, body: Callable[[Job, JobReporter], dict | None], *, tas
         log.info("job %s is not queued any more; nothing to do", job_id)
         return
     reporter = JobReporter(job.id)
+    outcome: dict | None = None
     try:
         result = body(job, reporter) or {}
     except JobCancelled:
-        job_finish(job.id, status=JobStatus.CANCELLED, message="Cancelled by user")
+        outcome = {"status": JobStatus.CANCELLED, "message": "Cancelled by user"}
     except Exception as exc:  # noqa: BLE001 - a job records every failure for the user
         log.exception("job %s failed", job_id)
         tb = traceback.format_exc(limit=8)
-        job_finish(job.id, status=JobStatus.FAILED, message=f"Failed: {exc}"[:2000], error=f"{exc}\n\n{tb}"[:20000])
+        outcome = {"status": JobStatus.FAILED, "message": f"Failed: {exc}"[:2000], "error": f"{exc}\n\n{tb}"[:20000]}
     else:
-        job_finish(job.id, status=JobStatus.SUCCEEDED, message=result.get("message", "Done"), result=result)
+        outcome = {"status": JobStatus.SUCCEEDED, "message": result.get("message", "Done"), "result": result}
     finally:
-        # Let the area's subject row (GenerationRun, TrainingRun, ...) mirror the final state.
         from projects.services.jobs import _notify_subject
 
-        _notify_subject(Job.objects.get(pk=job_id))
+        # The job's end and its subject row (GenerationRun, TrainingRun, ...) mirroring it commit
+        # together: whoever sees the job ended sees the subject ended too.
+        with transaction.atomic():
+            if outcome is not None:
+                job_finish(job.id, **outcome)
+            _notify_subject(Job.objects.get(pk=job_id))
 
 
 @shared_task(bind=True, name="workers.tasks.selftest_task")

@@ -27,6 +27,7 @@ from django.db.models import Count, F, Max, Q, Sum
 from django.utils import timezone
 
 from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
+from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
@@ -311,13 +312,6 @@ def _sync_run_with_job(job: Job) -> None:
 # --- Worker side ------------------------------------------------------------------------------
 
 
-def _task_spec(project: Project):
-    from workers.pipeline.specs import TaskSpec
-
-    return TaskSpec(task_type=project.task_type, instructions=project.instructions or "", labels=tuple(project.labels or ()),
-                    output_schema=project.output_schema, few_shot=tuple(project.few_shot or ()), checks=dict(project.checks or {}))
-
-
 def _teacher_config(t: Teacher):
     from workers.pipeline.teachers import TeacherConfig
 
@@ -364,7 +358,7 @@ def _group_rows(run: GenerationRun, query_ids=None):
 def _count_done_groups(run: GenerationRun, n_eff: dict[int, int] | None = None) -> int:
     """Groups (query, teacher) finished: one accepted sample, or every slot drawn."""
     if n_eff is None:
-        n_eff = _effective_n(run, _task_spec(run.project), _configs(run))
+        n_eff = _effective_n(run, project_task_spec(run.project), _configs(run))
     return sum(1 for g in _group_rows(run) if g["acc"] > 0 or g["n"] >= n_eff.get(g["teacher_id"], run.samples_per_query))
 
 
@@ -430,7 +424,7 @@ def _coordinate(*, job: Job, reporter) -> dict:
 
     run = GenerationRun.objects.select_related("project").get(job=job)
     GenerationRun.objects.filter(pk=run.pk).update(status=JobStatus.RUNNING, stop_reason="", finished_at=None)
-    task = _task_spec(run.project)
+    task = project_task_spec(run.project)
     configs = _configs(run)
     n_eff = _effective_n(run, task, configs)
     qids = _run_query_ids(run)
@@ -498,7 +492,7 @@ def generation_chunk_take(*, job_id: int, index: int, query_ids: list[int]) -> N
         return
     if not _claim_chunk(job, index):
         return
-    task = _task_spec(run.project)
+    task = project_task_spec(run.project)
     try:
         _process_chunk(job, run, query_ids, reporter=JobReporter(job_id), total=None,
                        n_eff=_effective_n(run, task, _configs(run)))
@@ -516,7 +510,7 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
     from workers.pipeline.specs import QueryItem
     from workers.pipeline.teachers import RunStopped, make_client
 
-    task = _task_spec(run.project)
+    task = project_task_spec(run.project)
     configs = _configs(run)
     texts = dict(Query.objects.filter(pk__in=query_ids).values_list("id", "text"))
     state = {(g["query_id"], g["teacher_id"]): g for g in _group_rows(run, query_ids)}

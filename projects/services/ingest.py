@@ -25,7 +25,7 @@ from projects.services import InvalidInput
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 from workers.pipeline.ingest import (
-    MAX_LISTED, ColumnChoice, IngestError, ParsedRow, SkippedRow, read_rows, sniff_file, split_for_hash, text_digest,
+    MAX_LISTED, ColumnChoice, IngestError, SkippedRow, read_rows, sniff_file, split_for_hash, text_digest,
 )
 
 JOB_KIND = "ingest"
@@ -142,7 +142,7 @@ def dataset_import_run(
     project = dataset.project
     try:
         with transaction.atomic():
-            report = _import_rows(dataset=dataset, project=project, file_path=Path(file_path), header=header, progress=progress)
+            _import_rows(dataset=dataset, project=project, file_path=Path(file_path), header=header, progress=progress)
     except UnicodeDecodeError as exc:
         message = f"the file is not valid {exc.encoding} text ({exc.reason} at byte {exc.start} of a read block); nothing imported"
         _mark_failed(dataset, message)

@@ -46,13 +46,14 @@ def job_cancel(*, job: Job, user=None) -> Job:
     if job.status in JOB_ENDED:
         raise InvalidState(f"job {job.pk} has already ended ({job.status})")
     now = timezone.now()
-    n = Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
-        status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, message="Cancelled before it started"
-    )
-    if not n:
-        Job.objects.filter(pk=job.pk).exclude(status__in=JOB_ENDED).update(cancel_requested=True, message="Cancelling…")
-    job.refresh_from_db()
-    _notify_subject(job)
+    with transaction.atomic():  # the job's end and its subject's commit together
+        n = Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
+            status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, message="Cancelled before it started"
+        )
+        if not n:
+            Job.objects.filter(pk=job.pk).exclude(status__in=JOB_ENDED).update(cancel_requested=True, message="Cancelling…")
+        job.refresh_from_db()
+        _notify_subject(job)
     return job
 
 
@@ -67,16 +68,17 @@ def jobs_mark_stale(*, now=None, max_age_s: int | None = None) -> list[int]:
     )
     failed: list[int] = []
     for pk in stale:
-        n = Job.objects.filter(pk=pk, status=JobStatus.RUNNING, heartbeat_at__lt=cutoff).update(
-            status=JobStatus.FAILED,
-            finished_at=now,
-            error=f"The worker stopped reporting (no heartbeat for over {max_age_s} s); it probably crashed. "
-            "Resume or start the job again.",
-            message="Worker lost",
-        )
-        if n:
-            failed.append(pk)
-            _notify_subject(Job.objects.get(pk=pk))
+        with transaction.atomic():  # the job's end and its subject's commit together
+            n = Job.objects.filter(pk=pk, status=JobStatus.RUNNING, heartbeat_at__lt=cutoff).update(
+                status=JobStatus.FAILED,
+                finished_at=now,
+                error=f"The worker stopped reporting (no heartbeat for over {max_age_s} s); it probably crashed. "
+                "Resume or start the job again.",
+                message="Worker lost",
+            )
+            if n:
+                failed.append(pk)
+                _notify_subject(Job.objects.get(pk=pk))
     return failed
 
 

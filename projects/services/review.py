@@ -10,7 +10,6 @@ any write to a sample's review state increments ``version``, so a decision on a 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
-from projects.models import GenerationRun, Project, ReviewDecision, Sample, SampleStatus, TaskType
+from projects.models import GenerationRun, Project, ReviewDecision, Sample, SampleStatus
 from projects.services import InvalidInput, InvalidState, ServiceError
 from projects.services.permissions import ensure_can_write
 
@@ -189,43 +188,18 @@ def _project_of(sample: Sample) -> Project:
 
 
 def review_recheck(*, project: Project, response: str) -> tuple[list[dict], object]:
-    """Re-check an edited answer: non-empty; for classification the label is in the project's
-    label set (``prompts.match_label``); for extraction the answer is JSON and validates against
-    the project's JSON Schema (``jsonschema``). Returns ``(checks, parsed)`` where ``checks`` is a
-    list of ``{"name", "passed", "reason"}`` and ``parsed`` the canonical label, the JSON object,
-    or None.
+    """Re-check an edited answer with the checks a teacher's answer gets
+    (``workers.pipeline.checks.run_checks`` on the project's task and check settings: non-empty,
+    length, refusal, stray ``\\uXXXX`` escapes, the label set for classification, JSON and the
+    JSON Schema for extraction), less the finish-reason check, which only a model's answer has.
+    Returns ``(checks, parsed)``: ``checks`` a list of ``{"name", "passed", "reason"}`` in order,
+    ``parsed`` the canonical label, the JSON object, or None."""
+    from projects.selectors import project_task_spec
+    from workers.pipeline.checks import Answer, run_checks
 
-    TODO(merge): call the shared checks in ``workers.pipeline.checks`` once they land, so an edit
-    is judged exactly like a teacher answer."""
-    from workers.pipeline.prompts import match_label
-
-    text = response or ""
-    checks: list[dict] = []
-    parsed: object = None
-    nonempty = bool(text.strip())
-    checks.append({"name": "non_empty", "passed": nonempty, "reason": "" if nonempty else "the answer is empty"})
-    if project.task_type == TaskType.CLASSIFICATION:
-        label = match_label(text, project.labels)
-        parsed = label
-        checks.append({"name": "label_in_set", "passed": label is not None,
-                       "reason": "" if label else f"not one of the labels: {', '.join(project.labels)}"})
-    elif project.task_type == TaskType.EXTRACTION:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            checks.append({"name": "json_valid", "passed": False,
-                           "reason": f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"})
-        else:
-            checks.append({"name": "json_valid", "passed": True, "reason": ""})
-            parsed = obj
-            if project.output_schema:
-                import jsonschema
-
-                v = jsonschema.validators.validator_for(project.output_schema)(project.output_schema)
-                errs = sorted(v.iter_errors(obj), key=lambda e: list(e.absolute_path))
-                reason = "; ".join(f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errs[:3])
-                checks.append({"name": "json_schema", "passed": not errs, "reason": reason})
-    return checks, parsed
+    verdict = run_checks(Answer(text=response or ""), project_task_spec(project))
+    checks = [c.as_dict() for c in verdict.checks if c.name != "finish_reason"]
+    return checks, verdict.parsed
 
 
 def review_decide(*, sample: Sample, user, decision: str, edited_response: str | None = None,

@@ -25,18 +25,10 @@ from projects.services import InvalidInput, InvalidState
 from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 from workers.pipeline import prompts
-from workers.pipeline.specs import TaskSpec
 from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, TrainRow, TrainSpec,
                                        resolve_hyperparams, split_validation)
 
 JOB_KIND = "training"
-
-
-def task_spec(*, project: Project) -> TaskSpec:
-    """The project's task as the pipeline's TaskSpec."""
-    return TaskSpec(task_type=project.task_type, instructions=project.instructions or "",
-                    labels=tuple(project.labels or ()), output_schema=project.output_schema,
-                    few_shot=tuple(project.few_shot or ()), checks=dict(project.checks or {}))
 
 
 def run_output_dir(*, run: TrainingRun) -> Path:
@@ -112,7 +104,7 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     sha, n = selectors.curated_dataset_sha256(project)
     if n == 0:
         raise InvalidState("the curated dataset is empty: generate teacher data (and review it) before training")
-    spec = task_spec(project=project)
+    spec = selectors.project_task_spec(project)
     with transaction.atomic():
         job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user)
         run = TrainingRun.objects.create(
@@ -257,7 +249,7 @@ def training_execute(*, job: Job, reporter) -> dict:
     teacher_model = None
     if run.method == TrainingMethod.LOGIT_KD:
         teacher_model = _local_teacher(run.project, run.hyperparams.get("teacher", "")).model
-    spec = TrainSpec(method=run.method, student_model=run.student_model, task=task_spec(project=run.project),
+    spec = TrainSpec(method=run.method, student_model=run.student_model, task=selectors.project_task_spec(run.project),
                      train_rows=train_rows, val_rows=val_rows, hyperparams=dict(run.hyperparams),
                      output_dir=str(run_output_dir(run=run)), checkpoint_dir=str(run_checkpoint_dir(run=run)),
                      resume_from_checkpoint=resume, teacher_model=teacher_model,

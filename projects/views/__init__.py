@@ -25,3 +25,12 @@ def call_service(request: HttpRequest, action: Callable[[], object], success: st
         return False
     messages.success(request, success)
     return True
+
+
+def refresh_when_ended(request: HttpRequest, response, *, ended: bool):
+    """For a polled htmx partial: once its job has ended, ask htmx to reload the whole page
+    (``HX-Refresh``), so the page's state-dependent controls (Cancel, Resume) follow; the
+    reloaded page no longer polls. Returns ``response``."""
+    if ended and request.headers.get("HX-Request") == "true":
+        response["HX-Refresh"] = "true"
+    return response

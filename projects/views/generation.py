@@ -14,7 +14,7 @@ from projects import selectors
 from projects.forms import GenerateForm, TeacherForm
 from projects.models import Sample
 from projects.services import ServiceError
-from projects.views import call_service
+from projects.views import call_service, refresh_when_ended
 from projects.services.generation import (generation_cancel, generation_resume, generation_start, teacher_create,
                                           teacher_update)
 
@@ -109,7 +109,8 @@ def _stats(run) -> dict:
 def generation_run_stats(request, slug: str, run_id: int):
     """The run's live counters (an htmx partial that polls every 2 s while the run is active)."""
     run = selectors.generation_run_for_user(request.user, slug, run_id)
-    return render(request, "generation/_stats.html", {"run": run, "project": run.project, **_stats(run)})
+    response = render(request, "generation/_stats.html", {"run": run, "project": run.project, **_stats(run)})
+    return refresh_when_ended(request, response, ended=run.job is None or run.job.ended)
 
 
 @require_POST

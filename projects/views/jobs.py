@@ -7,7 +7,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from projects import selectors
-from projects.views import call_service
+from projects.views import call_service, refresh_when_ended
 from projects.services.jobs import job_cancel
 
 
@@ -23,9 +23,12 @@ def job_detail(request, job_id: int):
 
 
 def job_progress(request, job_id: int):
-    """The progress partial; it keeps polling (hx-trigger every 2s) only while the job runs."""
+    """The progress partial; it keeps polling (hx-trigger every 2s) only while the job runs.
+    With ``?refresh=1`` (the job's own page) the job's end reloads the page, so controls that
+    depend on the state (the Cancel button) follow."""
     job = selectors.job_for_user(request.user, job_id)
-    return render(request, "jobs/_progress.html", {"job": job})
+    response = render(request, "jobs/_progress.html", {"job": job, "refresh_on_end": request.GET.get("refresh") == "1"})
+    return refresh_when_ended(request, response, ended=job.ended and request.GET.get("refresh") == "1")
 
 
 @require_POST

@@ -17,7 +17,7 @@ from django.views.decorators.http import require_POST
 from projects import charts, selectors
 from projects.forms import TrainForm
 from projects.services import ServiceError
-from projects.views import call_service
+from projects.views import call_service, refresh_when_ended
 from projects.services.training import presets_table, training_cancel, training_resume, training_start
 
 
@@ -91,7 +91,8 @@ def training_run_live(request, slug: str, run_id: int):
     """The polled partial: progress, latest figures and the loss chart; stops polling when the
     run's job has ended."""
     run = selectors.training_run_for_user(request.user, slug, run_id)
-    return render(request, "training/_live.html", _run_context(request, run))
+    ctx = _run_context(request, run)
+    return refresh_when_ended(request, render(request, "training/_live.html", ctx), ended=not ctx["live"])
 
 
 @require_POST

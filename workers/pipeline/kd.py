@@ -75,7 +75,6 @@ def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     batch, so padding a batch never changes its loss. Returns a scalar tensor (0 when no position
     is supervised). Raises ValueError on mismatched shapes.
     """
-    import torch
     import torch.nn.functional as F
 
     if student_logits.shape != teacher_logits.shape:

@@ -507,7 +507,6 @@ def save_causal_artifacts(trainer, tok, spec: TrainSpec, *, lora: bool) -> list[
 def _load_logit_teacher(spec: TrainSpec, student_tok):
     """Load the local causal teacher for logit-kd; refuse (TrainingRefused) one whose tokenizer
     differs from the student's, suggesting sft-lora."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not spec.teacher_model:
