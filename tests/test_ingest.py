@@ -120,6 +120,21 @@ def test_second_import_counts_queries_already_in_the_project_as_duplicates(proje
     assert Query.objects.filter(project=project, dataset=second).count() == 50
 
 
+@pytest.mark.django_db
+def test_a_file_past_the_in_memory_dedup_limit_imports_the_same(project, team, owner, tmp_path, monkeypatch):
+    import projects.services.ingest as ingest
+
+    lines = "".join(f"query number {i}\n" for i in range(300)) + "".join(f"QUERY  number {i}\n" for i in range(0, 300, 7))
+    path = write(tmp_path, "q.txt", lines)
+    monkeypatch.setattr(ingest, "SEEN_LIMIT", 50)  # the first 50 go straight in, the rest is staged
+    small = do_import(project, path)
+    monkeypatch.setattr(ingest, "SEEN_LIMIT", 10**9)
+    whole = do_import(project_create(team=team, user=owner, name="Other", task_type="generation"), path)
+    assert (small.imported, small.duplicates) == (whole.imported, whole.duplicates) == (300, 43)
+    assert small.report["splits"] == whole.report["splits"] and sum(small.report["splits"].values()) == 300
+    assert Query.objects.filter(project=project).count() == 300
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_imports_of_one_file_at_once_store_each_query_once(project, tmp_path):
     from django.db import connection

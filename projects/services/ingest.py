@@ -176,6 +176,9 @@ def _metadata_json(metadata: dict) -> str:
     except TypeError:  # a value that is not a string (JSON input)
         return _JSON(metadata)
 _QUERY_COLUMNS = "project_id, dataset_id, golden, line, text, text_hash, split, reference, metadata"
+#: Distinct queries an import into an empty project dedups in memory (16-byte digests, about
+#: 100 MB per million) before it stages the rest of the file (see ``_import_rows``).
+SEEN_LIMIT = 1_000_000
 
 
 def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header, progress) -> dict:
@@ -184,8 +187,10 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
     Two ways to write, one result. When the project has no queries of this kind (golden or not)
     yet, the rows are COPYed straight into ``projects_query`` while the file is read (PostgreSQL
     stores them on the other core as Python parses), duplicates within the file being dropped
-    here by their 16-byte digest prefix. Otherwise they go through a temporary table and one
-    ``INSERT ... ON CONFLICT DO NOTHING``, so queries already in the project count as duplicates.
+    here by their 16-byte digest prefix (after SEEN_LIMIT distinct queries, the rest of a very
+    large file takes the other way, so memory stays bounded). Otherwise they go through a
+    temporary table and one ``INSERT ... ON CONFLICT DO NOTHING``, so queries already in the
+    project count as duplicates.
     An advisory lock keeps a second import of the same project waiting until this one commits,
     which is what makes the first check safe."""
     fmt = sniff_file(file_path, dataset.name)
@@ -209,48 +214,56 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
         # This import's rows are the project's rows above this id (imports of a project take turns).
         cur.execute("SELECT coalesce(max(id), 0) FROM projects_query WHERE project_id = %s", [project.pk])
         before_id = cur.fetchone()[0]
-        if direct:
-            target = f"projects_query ({_QUERY_COLUMNS})"
-        else:
-            cur.execute(f"CREATE TEMP TABLE {table} (project_id bigint, dataset_id bigint, golden boolean, line integer, "
-                        "text text, text_hash text, split text, reference text, metadata jsonb) ON COMMIT DROP")
-            target = f"{table} ({_QUERY_COLUMNS})"
-        seen: set[bytes] = set()
-        duplicates_in_file = 0
+        rows = iter(read_rows(file_path, fmt, text_column=dataset.text_column or None,
+                              reference_column=dataset.reference_column or None, header=header,
+                              on_columns=columns.append, progress=on_progress))
         ids = (project.pk, dataset.pk, golden)
         pg = cur.cursor  # the psycopg 3 cursor underneath Django's wrapper
-        with pg.copy(f"COPY {target} FROM STDIN") as copy:
-            write_row = copy.write_row
-            for row in read_rows(file_path, fmt, text_column=dataset.text_column or None,
-                                 reference_column=dataset.reference_column or None, header=header,
-                                 on_columns=columns.append, progress=on_progress):
-                if isinstance(row, SkippedRow):
-                    skipped_total += 1
-                    if len(skipped) < MAX_LISTED:
-                        skipped.append({"line": row.line, "reason": row.reason})
-                    continue
-                rows_read += 1
-                digest = text_digest(row.text)
-                if direct:
-                    key = digest[:16]
-                    if key in seen:
-                        duplicates_in_file += 1
+
+        def copy_rows(target: str, seen: set[bytes] | None) -> bool:
+            """COPY rows from ``rows`` into ``target``; with ``seen``, drop the file's duplicates
+            and count the splits here, and stop (returning True) once ``seen`` holds
+            SEEN_LIMIT digests, so memory stays bounded. Returns False when the file is done."""
+            nonlocal rows_read, skipped_total
+            with pg.copy(f"COPY {target} ({_QUERY_COLUMNS}) FROM STDIN") as copy:
+                write_row = copy.write_row
+                for row in rows:
+                    if isinstance(row, SkippedRow):
+                        skipped_total += 1
+                        if len(skipped) < MAX_LISTED:
+                            skipped.append({"line": row.line, "reason": row.reason})
                         continue
-                    seen.add(key)
-                hexdigest = digest.hex()
-                split = Split.GOLDEN if golden else split_for_hash(hexdigest, **fractions)
-                if direct:
-                    by_split[split] = by_split.get(split, 0) + 1
-                write_row((*ids, row.line, row.text, hexdigest, split, row.reference,
-                           _metadata_json(row.metadata) if row.metadata else "{}"))
-        seen.clear()
+                    rows_read += 1
+                    digest = text_digest(row.text)
+                    if seen is not None:
+                        key = digest[:16]
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    hexdigest = digest.hex()
+                    split = Split.GOLDEN if golden else split_for_hash(hexdigest, **fractions)
+                    write_row((*ids, row.line, row.text, hexdigest, split, row.reference,
+                               _metadata_json(row.metadata) if row.metadata else "{}"))
+                    if seen is not None:
+                        by_split[split] = by_split.get(split, 0) + 1
+                        if len(seen) >= SEEN_LIMIT:
+                            return True
+            return False
+
+        staged = not direct
+        if direct and copy_rows("projects_query", set()):
+            staged = True  # a very large file: the rest goes through the staging table
+        if staged:
+            cur.execute(f"CREATE TEMP TABLE {table} (project_id bigint, dataset_id bigint, golden boolean, line integer, "
+                        "text text, text_hash text, split text, reference text, metadata jsonb) ON COMMIT DROP")
+            copy_rows(table, None)
         if rows_read == 0:
             first = "; ".join(f"line {s['line']}: {s['reason']}" for s in skipped[:3])
             plural = "s" if skipped_total != 1 else ""
             raise IngestError(f"no query could be read from the file ({skipped_total} row{plural} skipped: {first})")
         if progress is not None:
             progress(0.92, f"Read {rows_read:,} rows; storing")
-        if not direct:
+        if staged:
             cur.execute(
                 f"""WITH ins AS (
                        INSERT INTO projects_query ({_QUERY_COLUMNS})
@@ -258,7 +271,8 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
                        ON CONFLICT (project_id, golden, text_hash) DO NOTHING
                        RETURNING split)
                     SELECT split, count(*) FROM ins GROUP BY split""")
-            by_split = dict(cur.fetchall())
+            for split, n in cur.fetchall():
+                by_split[split] = by_split.get(split, 0) + n
         # A golden query that is also a train/validation/test query (or the reverse) would leak
         # the golden set into training: count the distinct ones for the report (only when the
         # project has queries of the other kind; probes go through the unique index).
