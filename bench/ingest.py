@@ -3,9 +3,9 @@
 Writes a CSV of N rows (default 100,000; ``--quick`` 20,000) built from BANKING77 sentences
 (made unique by a row number, with a label and a channel column), then times:
 
-- ``dataset_import`` (the service behind the Queries page and ``distill import``): encoding
-  detection, parsing, normalisation, hashing, splits, COPY into a temporary table, INSERT with
-  ON CONFLICT into the indexed query table, in one transaction;
+- ``dataset_import`` (the service behind the Queries page and ``distill import``) into a new
+  project: encoding detection, parsing, normalisation, hashing, in-file dedup, splits and a COPY
+  straight into the indexed query table, in one transaction;
 - ``COPY bare FROM STDIN (FORMAT csv, HEADER)`` of the same file into a bare table with the
   same columns and no index (the floor: PostgreSQL parsing and storing the rows itself);
 - ``copy_indexed_s``: COPY of the rows the import wrote (all their columns, as text) into a table
