@@ -198,6 +198,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
     "jobs-mark-stale": {"task": "workers.tasks.jobs_mark_stale_task", "schedule": 60.0},
+    # Catches up a search index whose run after an import was lost (broker down, worker killed).
+    "search-index-catch-up": {"task": "workers.tasks.ingest_search_catch_up_task", "schedule": 300.0},
 }
 
 LOGGING = {

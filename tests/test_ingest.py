@@ -334,6 +334,70 @@ def test_browser_upload_runs_on_the_worker(celery_worker, team, owner, client):
     assert "queries imported" in card and "hx-trigger" not in card
 
 
+def test_a_large_upload_reports_progress_from_inside_its_copy(celery_worker, team, owner, client):
+    # Progress is reported every 2,000 rows, while the import's COPY holds its connection.
+    project = project_create(team=team, user=owner, name="Large", task_type="generation")
+    client.force_login(owner)
+    data = "query\n" + "".join(f"question number {i}\n" for i in range(9000))
+    r = client.post(reverse("queries_page", kwargs={"slug": project.slug}),
+                    {"file": SimpleUploadedFile("big.csv", data.encode(), content_type="text/csv")})
+    assert r.status_code == 302
+    ds = Dataset.objects.get(project=project)
+    job = wait_job(ds.job_id, timeout=120)
+    assert job.status == "succeeded", job.error
+    ds.refresh_from_db()
+    assert (ds.imported, ds.duplicates) == (9000, 0) and job.result["message"].startswith("Imported 9,000 queries")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_failure_after_commit_keeps_the_import_and_search_catches_up(project, tmp_path, monkeypatch):
+    import projects.services.ingest as ingest
+    from projects.models import Project
+    from workers.tasks import ingest_search_catch_up_task
+
+    def broker_down(project_id):
+        raise ConnectionError("Redis is down")
+
+    monkeypatch.setattr(ingest, "_enqueue_search_index", broker_down)
+    ds = do_import(project, write(tmp_path, "q.txt", "first question\nsecond question\n"))
+    ds.refresh_from_db()
+    assert (ds.status, ds.imported) == ("imported", 2)
+    assert Project.objects.values_list("search_version", "search_indexed_version").get(pk=project.pk) == (1, 0)
+    assert ingest_search_catch_up_task() == [project.pk]  # the beat task, called here directly
+    assert Project.objects.values_list("search_version", "search_indexed_version").get(pk=project.pk) == (1, 1)
+    assert ingest_search_catch_up_task() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_waits_for_another_import_of_its_project_and_says_so(project, tmp_path):
+    import psycopg
+    from django.db import connection
+
+    from projects.services.ingest import INGEST_LOCK
+
+    params = connection.get_connection_params()
+    other = psycopg.connect(**{k: params[k] for k in ("dbname", "user", "password", "host", "port") if params.get(k)})
+    other.execute("BEGIN")
+    other.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INGEST_LOCK, project.pk])  # an import in progress
+    messages, results = [], []
+
+    def run():
+        try:
+            results.append(do_import(project, write(tmp_path, "q.txt", "hello\n"),
+                                     progress=lambda f, m: messages.append(m)))
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=2.0)
+    assert t.is_alive() and "Waiting for another import into this project to finish" in messages
+    other.execute("COMMIT")  # the other import ends
+    t.join(timeout=30)
+    other.close()
+    assert not t.is_alive() and results[0].imported == 1
+
+
 @pytest.mark.django_db
 def test_project_settings_edit(owner_client, project, viewer, client):
     url = reverse("project_settings", kwargs={"slug": project.slug})

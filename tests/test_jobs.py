@@ -82,3 +82,38 @@ def test_finish_does_not_overwrite_an_ended_job(job):
     job_finish(job.id, status=JobStatus.SUCCEEDED, message="late")
     job.refresh_from_db()
     assert (job.status, job.message) == (JobStatus.CANCELLED, "stopped")
+
+
+def test_a_failing_subject_sync_never_keeps_the_job_from_ending(job, owner, monkeypatch):
+    from projects.services import jobs
+
+    def broken(job):
+        raise RuntimeError("subject row gone")
+
+    monkeypatch.setitem(jobs._SUBJECT_SYNC, "selftest", broken)
+    ended = job_cancel(job=job, user=owner)
+    assert ended.status == JobStatus.CANCELLED
+    assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELLED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reporter_with_its_own_connection_reports_from_inside_a_copy(team):
+    from django.db import connection, transaction
+
+    job = job_create(kind="selftest", team=team)
+    job_claim(job.id)
+    side = JobReporter(job.id, interval_s=0.0, own_connection=True)
+    try:
+        with transaction.atomic(), connection.cursor() as cur:  # an import: one transaction, a COPY
+            cur.execute("CREATE TEMP TABLE side_copy (x integer) ON COMMIT DROP")
+            with cur.cursor.copy("COPY side_copy (x) FROM STDIN") as copy:
+                copy.write_row((1,))
+                side.report(0.5, "half way")  # on the task's own connection this would hang
+                copy.write_row((2,))
+            # Committed by the reporter's connection: visible while the import's transaction is open.
+            assert Job.objects.values_list("progress", "message").get(pk=job.pk) == (0.5, "half way")
+        Job.objects.filter(pk=job.pk).update(cancel_requested=True)  # a user clicks Cancel
+        with pytest.raises(JobCancelled):
+            side.check_cancel()
+    finally:
+        side.close()

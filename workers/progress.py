@@ -51,12 +51,33 @@ class JobReporter:
     ``report`` callback; pipelines call ``check_cancel()`` (or read ``cancelled``) between items.
     """
 
-    def __init__(self, job_id: int, *, interval_s: float = 2.0) -> None:
+    def __init__(self, job_id: int, *, interval_s: float = 2.0, own_connection: bool = False) -> None:
+        """``own_connection=True``: write through a database connection of the reporter's own
+        (autocommit), for a task whose connection is busy in a long transaction or a COPY (an
+        import): progress is then visible at once, a Cancel is never blocked by the task's
+        transaction, and the task's connection is never re-entered mid-COPY. Call ``close()``
+        when done."""
         self.job_id = job_id
         self.interval_s = interval_s
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self.cancelled = False
+        self._conn = None
+        if own_connection:
+            from django.db import DEFAULT_DB_ALIAS, connections
+
+            self._conn = connections.create_connection(DEFAULT_DB_ALIAS)
+
+    def close(self) -> None:
+        """Close the reporter's own connection (if it has one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _sql(self, sql: str, params: list):
+        with self._conn.cursor() as cur:
+            cur.execute(sql.format(table=Job._meta.db_table), params)
+            return cur.fetchone() if cur.description else None
 
     def report(self, progress: float | None = None, message: str | None = None, *, force: bool = False) -> bool:
         """Record progress; returns True when the job has been asked to stop."""
@@ -69,7 +90,12 @@ class JobReporter:
             fields["progress"] = max(0.0, min(1.0, float(progress)))
         if message is not None:
             fields["message"] = message[:2000]
-        Job.objects.filter(pk=self.job_id, status=JobStatus.RUNNING).update(**fields)
+        if self._conn is not None:
+            sets = ", ".join(f"{k} = %s" for k in fields)
+            self._sql(f"UPDATE {{table}} SET {sets} WHERE id = %s AND status = %s",
+                      [*fields.values(), self.job_id, JobStatus.RUNNING])
+        else:
+            Job.objects.filter(pk=self.job_id, status=JobStatus.RUNNING).update(**fields)
         self._refresh_cancel()
         return self.cancelled
 
@@ -79,7 +105,11 @@ class JobReporter:
 
     def _refresh_cancel(self) -> None:
         self._last_cancel_check = time.monotonic()
-        self.cancelled = bool(Job.objects.filter(pk=self.job_id, cancel_requested=True).exists())
+        if self._conn is not None:
+            row = self._sql("SELECT cancel_requested FROM {table} WHERE id = %s", [self.job_id])
+            self.cancelled = bool(row and row[0])
+        else:
+            self.cancelled = bool(Job.objects.filter(pk=self.job_id, cancel_requested=True).exists())
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if a cancel was requested (reads the DB at most every interval)."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from celery import shared_task
 from django.db import transaction
+from django.db.models import F
 
 from projects.models import Job, JobStatus
 from projects.services.jobs import jobs_mark_stale
@@ -89,11 +90,18 @@ def ingest_import_task(self, job_id: int) -> None:
     from projects.services.ingest import dataset_import_job, dataset_report
 
     def body(job: Job, reporter: JobReporter) -> dict:
-        def progress(fraction: float, message: str) -> None:
-            reporter.report(fraction, message)
-            reporter.check_cancel()
+        # The import holds its connection in one transaction and a COPY: progress and the cancel
+        # flag go through a connection of their own.
+        side = JobReporter(job.id, own_connection=True)
 
-        dataset = dataset_import_job(job=job, progress=progress)
+        def progress(fraction: float, message: str) -> None:
+            side.report(fraction, message)
+            side.check_cancel()
+
+        try:
+            dataset = dataset_import_job(job=job, progress=progress)
+        finally:
+            side.close()
         report = dataset_report(dataset=dataset)
         report["skipped"] = report["skipped"][:100]  # the full list stays on the Dataset
         report["message"] = (f"Imported {dataset.imported:,} queries ({dataset.duplicates:,} duplicates, "
@@ -110,6 +118,19 @@ def ingest_search_index_task(project_id: int) -> int:
     from projects.services.ingest import query_search_index
 
     return query_search_index(project_id=project_id)
+
+
+@shared_task(name="workers.tasks.ingest_search_catch_up_task")
+def ingest_search_catch_up_task() -> list[int]:
+    """Periodic (beat, every 5 minutes): index every project whose search index is behind its
+    imports (its run after an import was lost); returns their ids."""
+    from projects.models import Project
+    from projects.services.ingest import query_search_index
+
+    behind = list(Project.objects.filter(search_indexed_version__lt=F("search_version")).values_list("pk", flat=True))
+    for pk in behind:
+        query_search_index(project_id=pk)
+    return behind
 
 
 # --- Generation -----------------------------------------------------------------------------

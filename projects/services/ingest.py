@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,6 +165,8 @@ def _mark_failed(dataset: Dataset, message: str) -> None:
 
 #: pg_advisory_xact_lock key (with the project id): one import at a time per project.
 INGEST_LOCK = 0x696E6773  # "ings"
+#: pg_advisory_lock key (with the project id): one search indexer at a time per project.
+SEARCH_INDEX_LOCK = 0x73726368  # "srch"
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _JSON_STRING = json.encoder.encode_basestring  # the C encoder of one str, quotes included
 
@@ -208,7 +211,15 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
             progress(0.9 * fraction, f"Read {rows_read:,} rows")
 
     with connection.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INGEST_LOCK, project.pk])
+        # Wait for another import of this project to commit, keeping the job's heartbeat (and
+        # its Cancel) alive meanwhile.
+        while True:
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [INGEST_LOCK, project.pk])
+            if cur.fetchone()[0]:
+                break
+            if progress is not None:
+                progress(0.0, "Waiting for another import into this project to finish")
+            time.sleep(0.5)
         cur.execute("SELECT EXISTS (SELECT 1 FROM projects_query WHERE project_id = %s AND golden = %s)", [project.pk, golden])
         direct = not cur.fetchone()[0]
         # This import's rows are the project's rows above this id (imports of a project take turns).
@@ -286,7 +297,9 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
             )
             overlap = cur.fetchone()[0]
         cur.execute("UPDATE projects_project SET search_version = search_version + 1 WHERE id = %s", [project.pk])
-    transaction.on_commit(lambda: _enqueue_search_index(project.pk))
+    # robust: the import has committed; a broker that is down must not turn it into a failure
+    # (the beat task ingest_search_catch_up_task indexes the project later).
+    transaction.on_commit(lambda: _enqueue_search_index(project.pk), robust=True)
     imported = sum(by_split.values())
     warnings = list(fmt.warnings)
     if overlap:
@@ -329,31 +342,43 @@ def query_search_index(*, project_id: int, batch: int = 20_000) -> int:
     the ``search_version`` it caught up with, which switches the query list's search to the
     index. Returns the number of queries added. Called by ``ingest_search_index_task`` after
     every import; an import that commits meanwhile queues its own run."""
-    version = Project.objects.filter(pk=project_id).values_list("search_version", flat=True).first()
-    if version is None:
-        return 0
-    added, after = 0, 0
     with connection.cursor() as cur:
-        while True:
-            with transaction.atomic():
-                cur.execute(
-                    """WITH ins AS (
-                           INSERT INTO projects_querysearch (query_id, project_id, text)
-                           SELECT q.id, q.project_id, q.text FROM projects_query q
-                           WHERE q.project_id = %s AND q.id > %s
-                             AND NOT EXISTS (SELECT 1 FROM projects_querysearch s WHERE s.query_id = q.id)
-                           ORDER BY q.id LIMIT %s
-                           ON CONFLICT (query_id) DO NOTHING
-                           RETURNING query_id)
-                       SELECT count(*), max(query_id) FROM ins""",
-                    [project_id, after, batch],
-                )
-                n, last = cur.fetchone()
-            if not n:
-                break
-            added, after = added + n, last
-    Project.objects.filter(pk=project_id, search_indexed_version__lt=version).update(search_indexed_version=version)
+        # One indexer per project at a time: a second waits, then finds what is left, so "caught
+        # up" is never recorded while rows are still being inserted by another run.
+        cur.execute("SELECT pg_advisory_lock(%s, %s)", [SEARCH_INDEX_LOCK, project_id])
+        try:
+            version = Project.objects.filter(pk=project_id).values_list("search_version", flat=True).first()
+            if version is None:
+                return 0
+            added = _index_batches(cur, project_id, batch)
+            Project.objects.filter(pk=project_id, search_indexed_version__lt=version).update(search_indexed_version=version)
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(%s, %s)", [SEARCH_INDEX_LOCK, project_id])
     return added
+
+
+def _index_batches(cur, project_id: int, batch: int) -> int:
+    """Insert the project's unindexed queries into QuerySearch in id order, one transaction per
+    ``batch``; returns how many were added."""
+    added, after = 0, 0
+    while True:
+        with transaction.atomic():
+            cur.execute(
+                """WITH ins AS (
+                       INSERT INTO projects_querysearch (query_id, project_id, text)
+                       SELECT q.id, q.project_id, q.text FROM projects_query q
+                       WHERE q.project_id = %s AND q.id > %s
+                         AND NOT EXISTS (SELECT 1 FROM projects_querysearch s WHERE s.query_id = q.id)
+                       ORDER BY q.id LIMIT %s
+                       ON CONFLICT (query_id) DO NOTHING
+                       RETURNING query_id)
+                   SELECT count(*), max(query_id) FROM ins""",
+                [project_id, after, batch],
+            )
+            n, last = cur.fetchone()
+        if not n:
+            return added
+        added, after = added + n, last
 
 
 def dataset_report(*, dataset: Dataset) -> dict:

@@ -1,6 +1,7 @@
 """Background jobs: create and queue them after commit, cancel them, fail stale ones."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -11,6 +12,8 @@ from django.utils import timezone
 from projects.models import JOB_ENDED, Job, JobStatus, Project, Team
 from projects.services import InvalidState
 from projects.services.permissions import ensure_can_write
+
+log = logging.getLogger(__name__)
 
 
 def job_create(*, kind: str, team: Team, project: Project | None = None, user=None, payload: dict | None = None) -> Job:
@@ -99,6 +102,12 @@ def job_subject_sync(kind: str):
 
 
 def _notify_subject(job: Job) -> None:
+    """Run the job kind's subject sync for an ended job, in a savepoint: a sync that fails is
+    logged and rolled back alone, never the job's end that the caller commits with it."""
     fn = _SUBJECT_SYNC.get(job.kind)
     if fn is not None and job.status in JOB_ENDED:
-        fn(job)
+        try:
+            with transaction.atomic():
+                fn(job)
+        except Exception:  # noqa: BLE001 - the job's own end must still commit
+            log.exception("updating the subject of job %s (%s) failed", job.pk, job.kind)

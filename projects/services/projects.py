@@ -125,5 +125,8 @@ def project_update(
     if checks is not None:
         project.checks = checks
     project.split_train, project.split_validation, project.split_test = split_train, split_validation, split_test
-    project.save()
+    # Only the definition: counters the workers keep on the row (search versions, audit mark)
+    # are never written back from a stale copy.
+    project.save(update_fields=["name", "task_type", "instructions", "labels", "output_schema", "few_shot", "checks",
+                                "split_train", "split_validation", "split_test", "updated_at"])
     return project
