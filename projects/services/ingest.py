@@ -178,6 +178,8 @@ def _metadata_json(metadata: dict) -> str:
         return "{" + ",".join(_JSON_STRING(k) + ":" + _JSON_STRING(v) for k, v in metadata.items()) + "}"
     except TypeError:  # a value that is not a string (JSON input)
         return _JSON(metadata)
+
+
 _QUERY_COLUMNS = "project_id, dataset_id, golden, line, text, text_hash, split, reference, metadata"
 #: Distinct queries an import into an empty project dedups in memory (16-byte digests, about
 #: 100 MB per million) before it stages the rest of the file (see ``_import_rows``).
