@@ -8,8 +8,9 @@ Faults are chosen by markers in the last user message:
 ``length``; ``[filter]`` finish_reason ``content_filter`` with null content; ``[badjson]`` an
 answer that is not JSON. Otherwise it answers ``answer(text)``.
 
-``hang_after=K`` makes every request after the first K completed ones hang until ``release()``;
-hung requests then close without an answer (they are never counted as completed).
+``hang_after=K`` answers the first K requests and makes every later one hang until
+``release()`` (counted when a request arrives, so exactly K are answered however many are in
+flight at once); hung requests then close without an answer (never counted as completed).
 ``delay_s`` and ``max_in_flight`` model a slow endpoint with a concurrency ceiling.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StubServer:
         self.gate = threading.Semaphore(max_in_flight) if max_in_flight else None
         self._release = threading.Event()
         self.in_flight = 0
+        self.admitted = 0  # requests let through to be answered (see hang_after)
         self.max_seen_in_flight = 0
         stub = self
 
@@ -101,7 +103,9 @@ class StubServer:
         with self.lock:
             self.attempts[text] += 1
             first = self.attempts[text] == 1
-            must_hang = self.hang_after is not None and self.total_completed >= self.hang_after
+            must_hang = self.hang_after is not None and self.admitted >= self.hang_after
+            if not must_hang and "[hang]" not in text:
+                self.admitted += 1
         if "[hang]" in text or must_hang:
             self._release.wait(timeout=60)
             h.close_connection = True
