@@ -127,20 +127,30 @@ def curated_samples(project: Project):
     id. Several teachers in a run each keep their answer (classifier-kd averages them). Ordered
     by id (stable for hashing and export). Export, training rows and ``curated_dataset_sha256``
     all read this queryset."""
-    from django.db.models import F, Q
+    from django.db.models import Case, Exists, IntegerField, OuterRef, Q, Value, When
 
     from projects.models import Sample, Split
 
-    candidates = (
-        reviewable_samples(project).filter(query__split=Split.TRAIN, query__golden=False)
-        .filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
+    runs = train_run_ids(project)
+    curated = Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted")
+    human = Case(When(review_status="accepted", then=Value(1)), default=Value(0), output_field=IntegerField())
+    # A candidate is dropped when a better one exists for its (query, teacher). NOT EXISTS (not
+    # DISTINCT ON, which sorts every row first) keeps the stream in id order from the first row.
+    better = (Sample.objects.filter(curated, run_id__in=runs, query_id=OuterRef("query_id"),
+                                    teacher_id=OuterRef("teacher_id"))
+              .annotate(human=human)
+              .filter(Q(human__gt=OuterRef("human"))
+                      | Q(human=OuterRef("human"), run_id__gt=OuterRef("run_id"))
+                      | Q(human=OuterRef("human"), run_id=OuterRef("run_id"), sample_index__lt=OuterRef("sample_index"))
+                      | Q(human=OuterRef("human"), run_id=OuterRef("run_id"), sample_index=OuterRef("sample_index"),
+                          id__lt=OuterRef("id"))))
+    return (
+        Sample.objects.filter(curated, run_id__in=runs, query__split=Split.TRAIN, query__golden=False)
+        .annotate(human=human)
+        .filter(~Exists(better))
+        .select_related("query", "teacher")
+        .order_by("id")
     )
-    # DISTINCT ON keeps the first row of each (query, teacher) in this order; review_status is
-    # "accepted" (a human) or NULL (the checks) here, so NULLS LAST puts the human's first.
-    kept = (candidates.order_by("query_id", "teacher_id", F("review_status").asc(nulls_last=True), "-run_id",
-                                "sample_index", "id")
-            .distinct("query_id", "teacher_id").values("id"))
-    return Sample.objects.filter(id__in=kept).select_related("query", "teacher").order_by("id")
 
 
 def curated_dataset_rows(project: Project):
