@@ -67,11 +67,12 @@ def project_stages(project: Project) -> list[dict]:
         test=Count("id", filter=Q(split="test")),
         golden=Count("id", filter=Q(golden=True)),
     )
+    reviewable = Q(run_id__in=train_run_ids(project))  # the review queue's scope (reviewable_samples)
     s = Sample.objects.filter(run__project=project).aggregate(
         accepted=Count("id", filter=Q(status="accepted")),
         rejected=Count("id", filter=Q(status="rejected")),
-        to_review=Count("id", filter=Q(status="rejected", review_status__isnull=True)),
-        reviewed=Count("id", filter=Q(review_status__isnull=False)),
+        to_review=Count("id", filter=reviewable & Q(status="rejected", review_status__isnull=True)),
+        reviewed=Count("id", filter=reviewable & Q(review_status__isnull=False)),
     )
     runs = TrainingRun.objects.filter(project=project)
     latest_eval = Evaluation.objects.filter(project=project, status="succeeded").first()
@@ -90,19 +91,63 @@ def project_stages(project: Project) -> list[dict]:
     ]
 
 
-def curated_samples(project: Project):
-    """The curated dataset: samples on train-split queries that a human accepted, or that the
-    checks accepted and no human rejected. Ordered by id (stable for hashing and export)."""
+def train_run_ids(project: Project) -> list[int]:
+    """Ids of the project's generation runs over the train split, the curated dataset's source:
+    runs whose ``options["split"]`` is ``train``, and runs that name no split (runs made before
+    evaluation runs existed, which were all train runs). Runs over the test split or the golden
+    set (the evaluation's teacher answers) and the validation split are not among them."""
     from django.db.models import Q
 
-    from projects.models import GenerationRun, Sample, Split
+    from projects.models import GenerationRun
 
-    # A literal run-id list (not a join on runs) lets Postgres estimate the row count and stream in
-    # id order from the primary key instead of sorting every row before the first one is sent.
-    runs = list(GenerationRun.objects.filter(project=project).values_list("id", flat=True))
+    # A literal id list (not a join on runs) lets Postgres estimate row counts and walk the
+    # samples' partial indexes in id order.
+    return list(GenerationRun.objects.filter(project=project)
+                .filter(Q(options__split="train") | ~Q(options__has_key="split"))
+                .values_list("id", flat=True))
+
+
+def reviewable_samples(project: Project):
+    """Every sample a reviewer may see or decide: the samples of the project's train-split
+    generation runs (``train_run_ids``). The review queue, the audit queue and its draw, bulk
+    decisions, the check counts and opening an item by id all start from this queryset, so the
+    teacher answers an evaluation scores (test / golden runs) never reach a reviewer and no
+    review can change the teacher's measured quality."""
+    from projects.models import Sample
+
+    return Sample.objects.filter(run_id__in=train_run_ids(project))
+
+
+def curated_samples(project: Project):
+    """The curated dataset: samples of train-split runs on train-split queries that a human
+    accepted, or that the checks accepted and no human rejected, at most ONE per (query,
+    teacher). Several runs over the same queries (or a human accepting a rejected slot next to
+    an accepted one) leave several candidates; the one kept is, in this order: one a human
+    accepted (or edited), then the latest run's, then the lowest sample index, then the lowest
+    id. Several teachers in a run each keep their answer (classifier-kd averages them). Ordered
+    by id (stable for hashing and export). Export, training rows and ``curated_dataset_sha256``
+    all read this queryset."""
+    from django.db.models import Case, Exists, IntegerField, OuterRef, Q, Value, When
+
+    from projects.models import Sample, Split
+
+    runs = train_run_ids(project)
+    curated = Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted")
+    human = Case(When(review_status="accepted", then=Value(1)), default=Value(0), output_field=IntegerField())
+    # A candidate is dropped when a better one exists for its (query, teacher). NOT EXISTS (not
+    # DISTINCT ON, which sorts every row first) keeps the stream in id order from the first row.
+    better = (Sample.objects.filter(curated, run_id__in=runs, query_id=OuterRef("query_id"),
+                                    teacher_id=OuterRef("teacher_id"))
+              .annotate(human=human)
+              .filter(Q(human__gt=OuterRef("human"))
+                      | Q(human=OuterRef("human"), run_id__gt=OuterRef("run_id"))
+                      | Q(human=OuterRef("human"), run_id=OuterRef("run_id"), sample_index__lt=OuterRef("sample_index"))
+                      | Q(human=OuterRef("human"), run_id=OuterRef("run_id"), sample_index=OuterRef("sample_index"),
+                          id__lt=OuterRef("id"))))
     return (
-        Sample.objects.filter(run_id__in=runs, query__split=Split.TRAIN, query__golden=False)
-        .filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
+        Sample.objects.filter(curated, run_id__in=runs, query__split=Split.TRAIN, query__golden=False)
+        .annotate(human=human)
+        .filter(~Exists(better))
         .select_related("query", "teacher")
         .order_by("id")
     )
@@ -250,13 +295,11 @@ def review_check_counts(project: Project, *, max_age_s: int = 60) -> list[tuple[
     from django.core.cache import cache
     from django.db.models import Count, F, Func
 
-    from projects.models import Sample
-
     key = f"review:check-counts:{project.pk}"
     hit = cache.get(key)
     if hit is not None:
         return hit
-    rows = (Sample.objects.filter(run__project=project, status="rejected", review_status__isnull=True)
+    rows = (reviewable_samples(project).filter(status="rejected", review_status__isnull=True)
             .annotate(name=Func(F("failed_checks"), function="jsonb_array_elements_text"))
             .values("name").annotate(n=Count("id")).order_by("name"))
     out = [(r["name"], r["n"]) for r in rows]

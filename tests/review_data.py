@@ -7,11 +7,12 @@ import hashlib
 from projects.models import GenerationRun, Query, Sample, Teacher
 
 
-def make_samples(project, rows, *, teacher_name="gpt-teacher", split="train"):
+def make_samples(project, rows, *, teacher_name="gpt-teacher", split="train", run_split=None):
     """Create one Sample per ``rows`` item: ``{"query", "response", "status", "failed":
-    [(name, reason)], "parsed", "label_probs", "teacher", "split"}`` (only ``query`` required).
-    Returns the samples in order."""
-    run = GenerationRun.objects.create(project=project)
+    [(name, reason)], "parsed", "label_probs", "teacher", "split", "golden"}`` (only ``query``
+    required), all in one new GenerationRun (``run_split``: its ``options["split"]``, none by
+    default, as in runs made before evaluation runs existed). Returns the samples in order."""
+    run = GenerationRun.objects.create(project=project, options={"split": run_split} if run_split else {})
     teachers = {}
     out = []
     for i, r in enumerate(rows):
@@ -20,7 +21,7 @@ def make_samples(project, rows, *, teacher_name="gpt-teacher", split="train"):
             teachers[tname] = Teacher.objects.get_or_create(project=project, name=tname,
                                                             defaults={"provider": "openai", "model": tname})[0]
         text = r["query"]
-        q, _ = Query.objects.get_or_create(project=project, golden=False,
+        q, _ = Query.objects.get_or_create(project=project, golden=r.get("golden", False),
                                            text_hash=hashlib.sha256(text.encode()).hexdigest(),
                                            defaults={"text": text, "split": r.get("split", split)})
         failed = r.get("failed", [])

@@ -40,10 +40,10 @@ def student_folders():
     (quantized with torch dynamic INT8 as local_lm describes) and ``classifier`` (MiniLM with a
     random 3-label head). Built once and kept for later runs."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.pipeline.local_lm import INT8_FILE
-    from workers.pipeline.registry import MINILM, SMOLLM2, resolve_model
+    from workers.pipeline.registry import SMOLLM2, resolve_model
 
     root = Path(settings.MEDIA_ROOT) / "test-eval-artifacts"
     root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,19 @@ def student_folders():
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(int8)
         torch.save(q, int8 / (INT8_FILE + ".tmp"))
         os.replace(int8 / (INT8_FILE + ".tmp"), int8 / INT8_FILE)
+    return {"merged": merged, "int8": int8, "classifier": _classifier_folder()}
+
+
+def _classifier_folder() -> Path:
+    """A MiniLM classifier artifact folder with a random 3-label head (seeded) under MEDIA_ROOT,
+    built once and kept for later runs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.pipeline.registry import MINILM, resolve_model
+
+    root = Path(settings.MEDIA_ROOT) / "test-eval-artifacts"
+    root.mkdir(parents=True, exist_ok=True)
     clf = root / "classifier"
     if not (clf / "config.json").exists():
         torch.manual_seed(0)
@@ -67,10 +80,11 @@ def student_folders():
         m = AutoModelForSequenceClassification.from_pretrained(
             src, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
         tmp = root / "classifier.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         m.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         os.replace(tmp, clf)
-    return {"merged": merged, "int8": int8, "classifier": clf}
+    return clf
 
 
 def _banking_rows(shared_data, n):
@@ -287,3 +301,136 @@ def test_viewer_sees_no_evaluate_button(client, viewer, project):
     from projects.models import Evaluation
 
     assert not Evaluation.objects.exists()
+
+
+# --- which teacher answers an evaluation scores -----------------------------------------------
+
+
+def _test_queries(project, shared_data, n):
+    import hashlib
+
+    from projects.models import Query
+
+    return [Query.objects.create(project=project, text=text, text_hash=hashlib.sha256(text.encode()).hexdigest(),
+                                 split="test", reference=label)
+            for text, label in _banking_rows(shared_data, n)]
+
+
+def _classifier_student(project):
+    """A finished classifier-kd training run with its MiniLM artifact: the student evaluated."""
+    from projects.models import ModelArtifact, TrainingRun
+    from workers.pipeline.evaluation import folder_size
+
+    path = _classifier_folder()
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6",
+                                     status="succeeded")
+    ModelArtifact.objects.create(project=project, training_run=run, kind="classifier", size_bytes=folder_size(path),
+                                 path=str(path.relative_to(Path(settings.MEDIA_ROOT))))
+    return run
+
+
+def _finished(ev):
+    job = wait_job(ev.job_id, timeout=300)
+    assert job.status == "succeeded", (job.message, job.error)
+    ev.refresh_from_db()
+    return ev, {r.role: r for r in ev.results.all()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_teacher_run_made_with_limit_is_not_reused_for_queries_it_never_answered(celery_worker, project, owner,
+                                                                                 shared_data):
+    """A teacher run over the first 2 test queries (``--limit 2``) serves an evaluation of those 2
+    queries, but not one of all 4: that one starts a teacher run over the whole split instead of
+    counting the 2 unanswered queries as the teacher's mistakes (which halved its accuracy and
+    doubled every student's retention)."""
+    from projects.models import EvalPrediction, GenerationRun, Sample
+    from projects.services.evaluation import evaluation_start
+    from projects.services.generation import teacher_create
+    from tests.openai_stub import StubServer
+
+    queries = _test_queries(project, shared_data, 4)
+    refs = {q.text: q.reference for q in queries}
+    stub = StubServer(answer=lambda msg: next((l for t, l in refs.items() if t in msg), "card_arrival")).start()
+    try:
+        t = teacher_create(project=project, name="api", provider="openai", model="gpt-stub", base_url=stub.base_url)
+        old = GenerationRun.objects.create(project=project, status="succeeded", limit=2,
+                                           options={"split": "test", "queries": 2})
+        old.teachers.set([t])
+        for q in queries[:2]:
+            Sample.objects.create(run=old, query=q, teacher=t, response=q.reference, parsed=q.reference,
+                                  status="accepted", input_tokens=20, output_tokens=5, latency_ms=100.0)
+        _classifier_student(project)
+
+        ev, res = _finished(evaluation_start(project=project, user=owner, split="test", options={"limit": 2}))
+        assert (ev.summary["teacher_run"], ev.summary["n_queries"], stub.total_completed) == (old.pk, 2, 0)
+        assert res["teacher"].quality == 1.0
+
+        ev, res = _finished(evaluation_start(project=project, user=owner, split="test"))
+        assert (res["teacher"].quality, res["teacher"].metrics["n"]) == (1.0, 4)  # was 0.5: 2 of 4 "wrong"
+        assert GenerationRun.objects.filter(project=project).count() == 2
+        new = GenerationRun.objects.exclude(pk=old.pk).get(project=project)
+        assert new.options["split"] == "test" and new.limit is None
+        assert ev.summary["teacher_run"] == new.pk and ev.options["teacher_run"] == new.pk
+        assert stub.total_completed == 4 and set(stub.completed.values()) == {1}
+        teacher, student = res["teacher"], res["student"]
+        assert (teacher.quality, teacher.metrics["n"], teacher.metrics["teacher_missing"]) == (1.0, 4, 0)
+        assert (ev.summary["n_queries"], ev.summary["teacher_missing"]) == (4, 0)
+        qids = sorted(q.pk for q in queries)
+        for r in (teacher, student):
+            assert sorted(EvalPrediction.objects.filter(result=r).values_list("query_id", flat=True)) == qids
+        assert student.metrics["n"] == 4
+        assert student.quality_retention == pytest.approx(student.quality / 1.0)
+    finally:
+        stub.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failed_teacher_answers_are_left_out_for_every_model_and_edits_never_count(celery_worker, project, owner,
+                                                                                  shared_data):
+    """Query 2's request failed (an API error): it is not a wrong answer but a missing one, left
+    out for the teacher AND the students and reported as ``teacher_missing``. Query 1's first
+    request failed and its retry answered: that answer counts. Query 3's wrong answer was edited
+    by a reviewer (before review excluded evaluation runs): the teacher keeps its own answer."""
+    from projects.models import EvalPrediction, GenerationRun, ReviewDecision, Sample, Teacher
+    from projects.services.evaluation import evaluation_start
+
+    q0, q1, q2, q3 = _test_queries(project, shared_data, 4)
+    t = Teacher.objects.create(project=project, name="api", provider="openai", model="m")
+    run = GenerationRun.objects.create(project=project, status="succeeded", options={"split": "test"})
+    run.teachers.set([t])
+    wrong = next(l for l in LABELS if l != q3.reference)
+
+    def sample(q, response, status="accepted", index=0, **kw):
+        return Sample.objects.create(run=run, query=q, teacher=t, sample_index=index, response=response,
+                                     parsed=response if status != "failed" else None, status=status,
+                                     input_tokens=20, output_tokens=5, latency_ms=100.0, **kw)
+
+    sample(q0, q0.reference)
+    sample(q1, None, status="failed", error="APIError: 500 upstream hiccup")
+    sample(q1, q1.reference, index=1)
+    sample(q2, None, status="failed", error="APIError: 500 upstream hiccup")
+    s3 = sample(q3, wrong, review_status="accepted", edited_response=q3.reference, version=1)
+    Sample.objects.filter(pk=s3.pk).update(parsed=q3.reference)  # what an edit-and-accept wrote
+    ReviewDecision.objects.create(sample=s3, user=owner, decision="edit", previous_parsed=wrong,
+                                  original_response=wrong, edited_response=q3.reference, version_after=1)
+    _classifier_student(project)
+
+    ev, res = _finished(evaluation_start(project=project, user=owner, split="test"))
+    teacher, student = res["teacher"], res["student"]
+    # q0 and q1 right, q3 wrong (its own answer); q2 left out. Before: 2/4 (q1, q2 "wrong", q3's edit right).
+    assert (teacher.metrics["n"], teacher.quality) == (3, pytest.approx(2 / 3))
+    assert ev.summary["teacher_run"] == run.pk and GenerationRun.objects.filter(project=project).count() == 1
+    assert (ev.summary["n_queries"], ev.summary.get("teacher_missing"), ev.summary.get("teacher_missing_query_ids"),
+            ev.summary.get("teacher_missing_by_teacher")) == (3, 1, [q2.pk], {"api": 1})
+    assert teacher.metrics.get("teacher_missing") == 1
+    assert EvalPrediction.objects.get(result=teacher, query=q3).label == wrong
+    scored = sorted([q0.pk, q1.pk, q3.pk])
+    for r in (teacher, student):
+        assert sorted(EvalPrediction.objects.filter(result=r).values_list("query_id", flat=True)) == scored
+    assert student.metrics["n"] == 3
+    assert student.quality == pytest.approx(
+        sum(p.correct for p in EvalPrediction.objects.filter(result=student)) / 3)
+    assert student.quality_retention == pytest.approx(student.quality / (2 / 3))
+    assert ev.summary["teacher_quality"] == pytest.approx(2 / 3)

@@ -338,3 +338,51 @@ def test_large_bulk_runs_as_a_job_on_the_worker(celery_worker, client, owner, pr
     assert sorted(Sample.objects.filter(review_status="accepted", reviewed_by=owner).values_list("id", flat=True)) == \
         sorted(s.pk for s in samples)
     assert review_undo(project=project, user=owner) == 4
+
+
+def test_evaluation_teacher_runs_stay_out_of_every_review_queue(owner_client, project, owner, rejected):
+    """Samples of the evaluation's own teacher runs (test split, golden set) are never reviewed:
+    not in the rejected or audit queue, their counts, the check filter, bulk decisions, or when
+    opened by id, so no reviewer's edit can change the teacher's measured quality."""
+    from projects.selectors import project_stages, review_check_counts
+
+    r0, r1, r2, acc = rejected
+    test_run = make_samples(project, [
+        {"query": "Test: where is my card", "response": "card arival", "failed": [LABEL_FAIL], "split": "test"},
+        {"query": "Test: card stolen", "response": "lost_or_stolen_card", "parsed": "lost_or_stolen_card", "split": "test"},
+    ], run_split="test")
+    golden_run = make_samples(project, [
+        {"query": "Golden: refund?", "response": "refund?", "failed": [LABEL_FAIL], "golden": True, "split": "test"},
+    ], run_split="golden")
+    train_run = make_samples(project, [{"query": "Train: my refund", "response": "refnd", "failed": [LABEL_FAIL]}],
+                             run_split="train")
+    outside = [test_run[0], test_run[1], golden_run[0]]
+    train_ids = [r0.pk, r1.pk, r2.pk, train_run[0].pk]
+
+    assert list(review_queue(project=project, filters=ReviewFilters()).values_list("id", flat=True)) == train_ids
+    assert review_bulk_count(project=project, filters=ReviewFilters(check="label_in_set")) == 3
+    assert review_check_counts(project) == [("label_in_set", 3), ("max_length", 2)]
+    assert dict(next(s for s in project_stages(project) if s["key"] == "review")["counts"]) == \
+        {"to review": 4, "reviewed": 0}
+    # The audit draw never picks an evaluation run's accepted answer, even at a 100 % share.
+    review_audit_configure(project=project, user=owner, share=1.0)
+    assert list(review_queue(project=project, filters=ReviewFilters(mode="audit")).values_list("id", flat=True)) == [acc.pk]
+    assert Sample.objects.get(pk=test_run[1].pk).audit is False
+    # Bulk decisions decide only train samples.
+    assert review_bulk(project=project, user=owner, filters=ReviewFilters(), decision="reject", expected_count=4) == 4
+    assert Sample.objects.filter(pk__in=[s.pk for s in outside], review_status__isnull=False).count() == 0
+    # An evaluation sample cannot be opened or decided by id (the page 404s, the service refuses).
+    for s in outside:
+        assert owner_client.get(reverse("review_item", kwargs={"slug": project.slug, "sample_id": s.pk})).status_code == 404
+        url = reverse("review_decide", kwargs={"slug": project.slug, "sample_id": s.pk})
+        assert owner_client.post(url, {"decision": "edit", "version": "0", "edited_response": "card_arrival"},
+                                 HTTP_HX_REQUEST="true").status_code == 404
+        with pytest.raises(InvalidState, match="not from a train-split generation run"):
+            review_decide(sample=s, user=owner, decision="edit", edited_response="card_arrival", expected_version=0)
+    for s in outside:
+        s.refresh_from_db()
+        assert (s.review_status, s.edited_response, s.version) == (None, None, 0)
+    assert ReviewDecision.objects.filter(sample__in=outside).count() == 0
+    from projects.selectors import reviewable_samples  # the one queryset all of the above start from
+
+    assert set(reviewable_samples(project).values_list("id", flat=True)) == {*train_ids, acc.pk}

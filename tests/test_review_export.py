@@ -106,3 +106,49 @@ def test_cli_export(project, owner, tmp_path):
     assert r.returncode == 1 and "--project: no project with slug 'nope'" in r.stderr
     r = distill("export", "--project", project.slug, "--format", "hf-jsonl", "--out", str(tmp_path / "missing" / "x.jsonl"))
     assert r.returncode == 1 and "out: cannot write" in r.stderr
+
+
+def test_generating_twice_keeps_one_row_per_query_and_teacher(project, owner, tmp_path):
+    """Two generation runs over the same train queries do not duplicate them in the curated
+    dataset: per (query, teacher) the sample kept is one a human accepted or edited, else the
+    latest run's; another teacher's answer to the same query is its own row. Export, training
+    rows, the recorded sha256 and row count all see the same four rows."""
+    from projects.models import TrainingRun
+    from projects.selectors import curated_dataset_rows, curated_dataset_sha256, curated_samples
+    from projects.services.training import training_rows, training_start
+
+    a, b, c = "Where is my new card?", "My refund is missing", "Someone stole my card"
+    a1, b1, c1 = make_samples(project, [
+        {"query": a, "response": "card_arrival", "parsed": "card_arrival"},
+        {"query": b, "response": "refund?", "failed": [("label_in_set", "not a label")]},
+        {"query": c, "response": "lost_or_stolen_card", "parsed": "lost_or_stolen_card"},
+    ])
+    review_decide(sample=b1, user=owner, decision="edit", edited_response="refund_not_showing_up", expected_version=0)
+    a2, b2, a2_llama = make_samples(project, [
+        {"query": a, "response": "lost_or_stolen_card", "parsed": "lost_or_stolen_card"},
+        {"query": b, "response": "card_arrival", "parsed": "card_arrival"},
+        {"query": a, "response": "card_arrival", "parsed": "card_arrival", "teacher": "llama"},
+    ], run_split="train")
+    [a3] = make_samples(project, [{"query": a, "response": "refund_not_showing_up", "parsed": "refund_not_showing_up"}])
+    review_decide(sample=a3, user=owner, decision="reject", expected_version=0)  # a human rejected the newest one
+
+    expected = [(b1.pk, b, "refund_not_showing_up", "gpt-teacher"), (c1.pk, c, "lost_or_stolen_card", "gpt-teacher"),
+                (a2.pk, a, "lost_or_stolen_card", "gpt-teacher"), (a2_llama.pk, a, "card_arrival", "llama")]
+    assert [s.pk for s in curated_samples(project)] == [e[0] for e in expected]
+    assert [(r["sample_id"], r["query"], r["answer"], r["teacher"]) for r in curated_dataset_rows(project)] == expected
+
+    out = tmp_path / "d.jsonl"
+    res = curated_dataset_export(project=project, fmt="openai-chat", path=out)
+    assert res["rows"] == 4
+    assert [(json.loads(l)["messages"][0]["content"], json.loads(l)["messages"][1]["content"])
+            for l in out.read_text("utf-8").splitlines()] == [(f"Label: {q}", ans) for _, q, ans, _ in expected]
+
+    h = hashlib.sha256()
+    for _, q, ans, _ in expected:
+        h.update(json.dumps([q, ans, ans, None], ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+    assert curated_dataset_sha256(project) == (h.hexdigest(), 4)
+
+    train, val, _ = training_rows(run=TrainingRun(project=project, method="sft-lora"))
+    assert [(r.query, r.answer) for r in train + val] == [(q, ans) for _, q, ans, _ in expected]
+    run = training_start(project=project, method="sft-lora", user=owner)
+    assert (run.dataset_rows, run.dataset_sha256) == (4, h.hexdigest())

@@ -4,8 +4,14 @@
 queue); the task calls ``evaluation_run``, which
 
 1. takes the teacher answers from the latest succeeded GenerationRun whose ``options["split"]``
-   is the evaluated split (starting one through ``projects.services.generation.generation_start``
-   and waiting for it when there is none);
+   is the evaluated split and that asked every teacher of the run every query this evaluation
+   scores (a run made with ``--limit``, or before more queries were imported, is not reused);
+   when there is none it starts one over those queries through
+   ``projects.services.generation.generation_start`` and waits for it. A teacher's answer is its
+   ORIGINAL answer (``Sample.response``, never a reviewer's edit) at the lowest sample index that
+   did not fail; a query that a teacher has no answer for (its request failed: an API error)
+   is left out for every model, and counted as ``teacher_missing``, so teacher and students are
+   always scored on the same queries;
 2. runs every student artifact (``adapter``, ``merged``, ``int8``, ``classifier``) and the
    untouched base student of each training run over the same queries, one query at a time;
 3. writes one EvalResult per model (metrics, quality, quality retention, latency p50/p95 in ms,
@@ -81,7 +87,7 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
     if not evaluation_queries(project=project, split=split).exists():
         where = "golden set" if split == "golden" else "held-out test split"
         raise InvalidState(f"the {where} of project {project.slug!r} has no queries; import queries first")
-    if not Teacher.objects.filter(project=project).exists() and not _teacher_run(project, split):
+    if not Teacher.objects.filter(project=project).exists():
         raise InvalidState(f"project {project.slug!r} has no teacher; add one on the Teachers page")
     from workers.tasks import evaluation_task
 
@@ -102,9 +108,61 @@ def _sync_evaluation(job: Job) -> None:
         status=job.status, finished_at=job.finished_at or timezone.now())
 
 
-def _teacher_run(project: Project, split: str) -> GenerationRun | None:
-    return (GenerationRun.objects.filter(project=project, options__split=split, status=JobStatus.SUCCEEDED)
-            .order_by("-created_at").first())
+def _teacher_run(project: Project, split: str, query_ids: list[int]) -> GenerationRun | None:
+    """The newest succeeded generation run over ``split`` that asked each of its teachers every
+    query of ``query_ids`` (a sample exists for each (query, teacher), whatever its status), or
+    None. A run that skipped some of them (``--limit``, queries imported after it) is not reused:
+    its missing answers would count as the teacher's mistakes."""
+    from django.db.models import Count
+
+    n = len(set(query_ids))
+    runs = (GenerationRun.objects.filter(project=project, options__split=split, status=JobStatus.SUCCEEDED)
+            .order_by("-created_at", "-id"))
+    for run in runs:
+        asked = dict(Sample.objects.filter(run=run, query_id__in=query_ids).order_by()
+                     .values("teacher_id").annotate(n=Count("query_id", distinct=True)).values_list("teacher_id", "n"))
+        teacher_ids = set(run.teachers.values_list("id", flat=True)) | set(asked)
+        if teacher_ids and all(asked.get(t, 0) >= n for t in teacher_ids):
+            return run
+    return None
+
+
+def _original_parsed(samples: list[Sample]) -> dict[int, object]:
+    """``{sample id: parsed value before any review}`` for the given samples that a human
+    decided: a decision records the parsed value it replaced, so the earliest one holds the
+    teacher's own."""
+    from projects.models import ReviewDecision
+
+    out: dict[int, object] = {}
+    ids = [s.pk for s in samples if s.review_status is not None or s.edited_response is not None]
+    for sid, parsed in (ReviewDecision.objects.filter(sample_id__in=ids).order_by("sample_id", "id")
+                        .values_list("sample_id", "previous_parsed")):
+        out.setdefault(sid, parsed)
+    return out
+
+
+def _teacher_answers(run: GenerationRun, query_ids: list[int]):
+    """The run's answers to ``query_ids``: ``(answers, teachers, missing)`` where ``answers`` is
+    ``{teacher id: {query id: Sample}}`` (per teacher and query, the lowest sample index whose
+    request did not fail), ``teachers`` ``{teacher id: Teacher}`` for every teacher with a sample
+    in the run, ``missing`` ``{teacher id: [query ids without an answer]}``. Each Sample's
+    ``parsed`` is set back to the teacher's own value where a reviewer edited it."""
+    samples = list(Sample.objects.filter(run=run, query_id__in=query_ids).select_related("teacher")
+                   .defer("prompt", "token_logprobs", "checks").order_by("teacher_id", "query_id", "sample_index"))
+    teachers: dict[int, Teacher] = {}
+    answers: dict[int, dict[int, Sample]] = {}
+    for s in samples:
+        teachers.setdefault(s.teacher_id, s.teacher)
+        answers.setdefault(s.teacher_id, {})
+        if s.status != "failed":
+            answers[s.teacher_id].setdefault(s.query_id, s)
+    original = _original_parsed([s for per_q in answers.values() for s in per_q.values()])
+    for per_q in answers.values():
+        for s in per_q.values():
+            if s.pk in original:
+                s.parsed = original[s.pk]
+    missing = {tid: [q for q in query_ids if q not in answers[tid]] for tid in answers}
+    return answers, teachers, missing
 
 
 def _wait_teacher_run(project: Project, split: str, reporter, limit: int | None = None) -> GenerationRun:
@@ -166,21 +224,28 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     queries = list(evaluation_queries(project=project, split=ev.split))
     if ev.options.get("limit"):
         queries = queries[: int(ev.options["limit"])]
+
+    all_qids = [q.pk for q in queries]
+    run = (_teacher_run(project, ev.split, all_qids)
+           or _wait_teacher_run(project, ev.split, reporter, ev.options.get("limit")))
+    answers, teachers, missing = _teacher_answers(run, all_qids)
+    # Teachers with no answer at all (every request failed) are left out; a query that one of the
+    # others could not answer is left out for EVERY model, so teacher quality, student quality and
+    # retention all come from the same queries (a missing answer is not a wrong one).
+    by_teacher = {tid: per_q for tid, per_q in answers.items() if per_q}
+    if not by_teacher:
+        raise InvalidState(f"teacher run {run.pk} has no answers on the {ev.split} queries of this evaluation")
+    queries = [q for q in queries if all(q.pk in per_q for per_q in by_teacher.values())]
+    if not queries:
+        raise InvalidState(f"teacher run {run.pk}: no {ev.split} query of this evaluation has an answer from "
+                           f"every teacher ({', '.join(sorted(t.name for t in teachers.values()))}); "
+                           "resume the run to retry the failed requests")
+    kept = {q.pk for q in queries}
+    excluded = [q for q in all_qids if q not in kept]
     items = [QueryItem(query_id=q.pk, text=q.text) for q in queries]
     qids = [q.pk for q in queries]
     gold = [q.reference if q.reference not in (None, "") else None for q in queries]
     has_gold = any(g is not None for g in gold)
-
-    run = _teacher_run(project, ev.split) or _wait_teacher_run(project, ev.split, reporter, ev.options.get("limit"))
-    samples = (Sample.objects.filter(run=run, query_id__in=qids, sample_index=0).exclude(status="failed")
-               .select_related("teacher").order_by("teacher_id", "query_id"))
-    by_teacher: dict[int, dict[int, Sample]] = {}
-    teachers: dict[int, Teacher] = {}
-    for s in samples:
-        by_teacher.setdefault(s.teacher_id, {})[s.query_id] = s
-        teachers[s.teacher_id] = s.teacher
-    if not by_teacher:
-        raise InvalidState(f"teacher run {run.pk} has no answers on the {ev.split} queries of this evaluation")
 
     device = pick_device()
     price_h = _price_per_hour(ev, device)
@@ -195,7 +260,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
         outs, labs, probs, lats = [], [], [], []
         for qid in qids:
             s = per_q.get(qid)
-            text = s.final_response if s else None
+            text = s.response if s else None  # the teacher's own answer, never a reviewer's edit
             outs.append(text)
             if task.task_type == "classification":
                 lab = s.parsed if (s and isinstance(s.parsed, str) and s.parsed in labels) else None
@@ -254,6 +319,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
                 size = None
         if task.task_type == "classification":
             m["agreement"] = M.agreement(labs, p_labs)
+        m["teacher_missing"] = len(missing.get(t.pk, []))
         m["mean_input_tokens"] = (sum(s.input_tokens for s in ss) / len(ss)) if ss else None
         m["mean_output_tokens"] = (sum(s.output_tokens for s in ss) / len(ss)) if ss else None
         res = EvalResult.objects.create(
@@ -357,7 +423,10 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     # -- verdict, summary, charts --------------------------------------------------------------
     summary, verdict, ready = _summary(task.task_type, results, primary_teacher.name, teacher_quality, spec)
     summary.update({"n_queries": len(items), "split": ev.split, "reference": ev.options["reference"],
-                    "price_per_hour_usd": price_h, "teacher_run": run.pk})
+                    "price_per_hour_usd": price_h, "teacher_run": run.pk,
+                    # Queries left out for every model because a teacher has no answer (API error).
+                    "teacher_missing": len(excluded), "teacher_missing_query_ids": excluded[:100],
+                    "teacher_missing_by_teacher": {teachers[tid].name: len(q) for tid, q in missing.items() if q}})
     from projects import charts
 
     ev.summary = summary

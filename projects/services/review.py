@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
-from projects.models import GenerationRun, Project, ReviewDecision, Sample, SampleStatus
+from projects.models import Project, ReviewDecision, Sample, SampleStatus
 from projects.services import InvalidInput, InvalidState, ServiceError
 from projects.services.permissions import ensure_can_write
 
@@ -108,15 +108,23 @@ def _as_filters(filters) -> ReviewFilters:
 
 
 def _run_ids(project: Project) -> list[int]:
-    # A literal id list plans better than a join on the run table, and keeps FOR UPDATE on samples.
-    return list(GenerationRun.objects.filter(project=project).values_list("id", flat=True))
+    """The runs whose samples are reviewable: the train-split runs (``projects.selectors.
+    train_run_ids``). A literal id list plans better than a join on the run table, and keeps
+    FOR UPDATE on samples."""
+    from projects.selectors import train_run_ids
+
+    return train_run_ids(project)
 
 
 def review_queue(*, project: Project, filters=None) -> QuerySet[Sample]:
     """Samples still to review that match ``filters`` (a ReviewFilters or a params dict), in id
-    order. Claims are not applied here (see ``review_claim_next``)."""
+    order: only samples of train-split generation runs (``projects.selectors.reviewable_samples``;
+    the evaluation's test / golden teacher runs are never reviewed). Claims are not applied here
+    (see ``review_claim_next``); bulk decisions and their counts use this queryset too."""
+    from projects.selectors import reviewable_samples
+
     f = _as_filters(filters)
-    qs = Sample.objects.filter(run_id__in=_run_ids(project), review_status__isnull=True)
+    qs = reviewable_samples(project).filter(review_status__isnull=True)
     if f.mode == "audit":
         qs = qs.filter(status=SampleStatus.ACCEPTED, audit=True)
     else:
@@ -211,11 +219,19 @@ def review_decide(*, sample: Sample, user, decision: str, edited_response: str |
     Returns the sample as saved (version + 1, claim released). Raises NotAllowed for viewers,
     InvalidInput for an unknown decision or an empty edit, EditFailsChecks when the edit fails a
     re-check (nothing saved), ReviewConflict when the sample's version is no longer
-    ``expected_version`` (someone decided first; their decision stands)."""
+    ``expected_version`` (someone decided first; their decision stands), InvalidState when the
+    sample is not reviewable (not in ``projects.selectors.reviewable_samples``: e.g. a teacher
+    answer an evaluation scores, over the test split or golden set)."""
+    from projects.selectors import reviewable_samples
+
     project = project or _project_of(sample)
     ensure_can_write(user=user, team=project.team)
     if decision not in DECISIONS:
         raise InvalidInput(f"decision: {decision!r} is not one of {', '.join(DECISIONS)}")
+    if not reviewable_samples(project).filter(pk=sample.pk).exists():
+        raise InvalidState(f"sample {sample.pk} is not from a train-split generation run of project "
+                           f"{project.slug!r} (teacher answers over the test split or golden set are what "
+                           "evaluations score, so they are never reviewed)")
     parsed_new = None
     if decision == "edit":
         if edited_response is None or not edited_response.strip():

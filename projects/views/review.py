@@ -39,9 +39,10 @@ def _filters(request, project, params=None) -> ReviewFilters:
 
 
 def _sample(project, sample_id: int) -> Sample:
+    # Only reviewable samples (train-split runs): an evaluation's teacher answers are never reviewed.
     try:
-        return (Sample.objects.select_related("query", "teacher", "reviewed_by", "claimed_by")
-                .get(pk=sample_id, run__project=project))
+        return (selectors.reviewable_samples(project).select_related("query", "teacher", "reviewed_by", "claimed_by")
+                .get(pk=sample_id))
     except Sample.DoesNotExist:
         raise Http404("No such sample in this project") from None
 
