@@ -14,12 +14,19 @@ Variables (all optional; defaults suit one machine with local PostgreSQL and Red
 - ``DISTILLHUB_MAX_UPLOAD_MB``  largest accepted upload, default 1024 (MB).
 - ``DISTILLHUB_STALE_JOB_SECONDS``  a running job whose heartbeat is older is marked failed,
   default 600 (s).
+- ``DISTILLHUB_LOGIN_FAILURE_LIMIT``  wrong passwords for one username from one IP address
+  before its logins are refused (django-axes), default 5.
+- ``DISTILLHUB_LOGIN_COOLOFF_MINUTES``  how long such a lock lasts, default 15 (minutes).
+  An operator unlocks sooner with ``manage.py axes_reset_username NAME`` (or ``axes_reset``
+  for everyone); the client address is ``REMOTE_ADDR``, so a reverse proxy in front must pass
+  the real one through (see django-axes' ``AXES_IPWARE_*`` settings).
 
 A malformed value raises ``ImproperlyConfigured`` naming the variable.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -104,6 +111,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django.contrib.postgres",
     "projects",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -116,6 +124,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "distillhub.urls"
@@ -141,6 +151,20 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "project_list"
 LOGOUT_REDIRECT_URL = "login"
+
+# Login throttling (django-axes): failed logins are counted per (username, IP address) in the
+# database; at the limit that pair is refused, even with the right password, for the cool-off.
+# The Axes backend goes first so it can refuse before the password is checked; it needs the
+# request, so code that authenticates must pass it (tests use client.force_login).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = _env_int("DISTILLHUB_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=_env_int("DISTILLHUB_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -207,5 +231,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"},
+                # failures and lockouts are warnings; its start-up banner (info) would add a
+                # line to every `distill` command's stderr
+                "axes": {"level": "WARNING"}},
 }

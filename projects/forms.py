@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from django import forms
 
 from projects.models import TaskType
+
+
+def idempotency_key_field() -> forms.UUIDField:
+    """A hidden field holding a fresh uuid4 each time the form is rendered: posted twice (a
+    double click), the form's service returns what the first POST made (see
+    ``projects.services.idempotency``). Templates render it with the form's hidden fields."""
+    return forms.UUIDField(required=False, widget=forms.HiddenInput, initial=uuid.uuid4)
 
 
 class ProjectForm(forms.Form):
@@ -36,6 +44,7 @@ class ProjectForm(forms.Form):
 
         if editing:
             del self.fields["team"]
+            del self.fields["idempotency_key"]
         else:
             self.fields["team"].queryset = Team.objects.filter(pk__in=[t.pk for t in teams])
 
@@ -93,6 +102,8 @@ class ProjectForm(forms.Form):
         if "team" in self.fields:
             kwargs["team"] = d["team"]
         return kwargs
+
+    idempotency_key = idempotency_key_field()
 
 
 class UploadForm(forms.Form):
@@ -200,6 +211,8 @@ class GenerateForm(forms.Form):
         return {"team": d["team"], "name": d["name"], "task_type": d["task_type"], "instructions": d["instructions"],
                 "labels": d["labels"], "output_schema": d["output_schema"]}
 
+    idempotency_key = idempotency_key_field()
+
 
 # --- Evaluation -------------------------------------------------------------------------------
 
@@ -213,6 +226,7 @@ class EvaluationForm(forms.Form):
     price_per_hour_usd = forms.FloatField(min_value=0, required=False, label="Price per hour (USD)",
                                           help_text="Machine price for local models' cost per 1K queries "
                                                     "(blank: the project's setting, else $0.10/h CPU, $2.00/h GPU).")
+    idempotency_key = idempotency_key_field()
 
 
 # --- Training -------------------------------------------------------------------------------
@@ -263,3 +277,5 @@ class TrainForm(forms.Form):
         hp = {k: self.cleaned_data[k] for k in self.HP_FIELDS if self.cleaned_data.get(k) not in (None, "")}
         hp.update(self.cleaned_data.get("extra") or {})
         return hp
+
+    idempotency_key = idempotency_key_field()

@@ -85,9 +85,14 @@ class Project(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The New project form's idempotency key (a uuid4 per render): the same form posted twice
+    # makes one project. Unique per team, so one team's keys never match another's.
+    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["team", "idempotency_key"],
+                                               name="project_team_idempotency_key_unique")]
 
     def __str__(self) -> str:
         return self.name
@@ -292,9 +297,13 @@ class GenerationRun(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The start form's idempotency key (see projects.services.idempotency); unique per project.
+    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
+                                               name="generationrun_project_idempotency_key_unique")]
 
 
 class SampleStatus(models.TextChoices):
@@ -425,9 +434,13 @@ class TrainingRun(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The start form's idempotency key (see projects.services.idempotency); unique per project.
+    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
+                                               name="trainingrun_project_idempotency_key_unique")]
 
 
 class TrainingMetric(models.Model):
@@ -483,9 +496,13 @@ class Evaluation(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The start form's idempotency key (see projects.services.idempotency); unique per project.
+    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
+                                               name="evaluation_project_idempotency_key_unique")]
 
 
 class EvalResult(models.Model):

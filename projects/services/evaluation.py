@@ -40,6 +40,7 @@ from projects.models import (
 )
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
+from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 
@@ -58,14 +59,19 @@ def evaluation_queries(*, project: Project, split: str):
     return qs.order_by("id")
 
 
-def evaluation_start(*, project: Project, user=None, split: str = "test", options: dict | None = None) -> Evaluation:
+def evaluation_start(*, project: Project, user=None, split: str = "test", options: dict | None = None,
+                     idempotency_key=None) -> Evaluation:
     """Queue an evaluation of every student and the teacher(s) on ``split`` (``test`` or
     ``golden``). ``options``: ``{"limit": int (first N queries), "price_per_hour_usd": float,
     "speculative_prompts": int (default 3)}``.
 
-    Returns the Evaluation (``evaluation.job`` is its Job). Raises NotAllowed for viewers,
-    InvalidInput for an unknown split or option, InvalidState when the split has no queries or
-    the project has no teacher."""
+    Returns the Evaluation (``evaluation.job`` is its Job). Double submits (see
+    ``projects.services.idempotency``): the evaluation created with ``idempotency_key`` (a UUID
+    from the Evaluate form) is returned when there is one, else one of the same split and
+    options whose job is still queued or running; its ``reused`` says which happened.
+
+    Raises NotAllowed for viewers, InvalidInput for an unknown split or option or a malformed
+    key, InvalidState when the split has no queries or the project has no teacher."""
     ensure_can_write(user=user, team=project.team)
     options = dict(options or {})
     if split not in EVAL_SPLITS:
@@ -91,14 +97,21 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
         raise InvalidState(f"project {project.slug!r} has no teacher; add one on the Teachers page")
     from workers.tasks import evaluation_task
 
+    key = idempotency_key_parse(key=idempotency_key)
     with transaction.atomic():
-        ev = Evaluation.objects.create(project=project, split=split, options=options,
+        earlier = start_find_earlier(model=Evaluation, project=project, key=key,
+                                     same=lambda e: (e.split, e.options) == (split, options))
+        if earlier is not None:
+            earlier.reused = True
+            return earlier
+        ev = Evaluation.objects.create(project=project, split=split, options=options, idempotency_key=key,
                                        created_by=user if (user is not None and user.is_authenticated) else None)
         job = job_create(kind="evaluation", team=project.team, project=project, user=user,
                          payload={"evaluation_id": ev.pk, "split": split})
         ev.job = job
         ev.save(update_fields=["job"])
         job_enqueue(job=job, task=evaluation_task, queue="gpu")
+    ev.reused = False
     return ev
 
 

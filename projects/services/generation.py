@@ -29,6 +29,7 @@ from django.utils import timezone
 from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
+from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 
@@ -192,7 +193,7 @@ def _split_queries(project: Project, split: str):
 
 def generation_start(*, project: Project, user=None, teachers=None, limit: int | None = None, samples_per_query: int = 1,
                      concurrency: int = 16, budget_usd=None, split: str = "train", queue: str | None = None,
-                     chunk_size: int | None = None) -> GenerationRun:
+                     chunk_size: int | None = None, idempotency_key=None) -> GenerationRun:
     """Start a generation run: every ``split`` query (train by default; ``test``/``golden`` for
     the evaluation's teacher answers, never part of the curated dataset), first ``limit`` by id,
     goes to each teacher (``teachers``: Teacher rows or names; default every teacher that is not
@@ -201,8 +202,14 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
     per worker; ``budget_usd`` stops the run before its cost would pass the cap.
 
     The run and its Job are created in one transaction and the coordinator task is queued on
-    ``queue`` (default ``teacher``) after commit; ``run.job`` is the Job. Raises InvalidInput
-    naming the field, InvalidState when there is no teacher or no query, NotAllowed for viewers."""
+    ``queue`` (default ``teacher``) after commit; ``run.job`` is the Job. Double submits (see
+    ``projects.services.idempotency``): the run created with ``idempotency_key`` (a UUID from the
+    Generate form) is returned when there is one, else a run with the same teachers, split,
+    limit, samples, concurrency, budget, queue and chunk size whose job is still queued or
+    running; the returned run's ``reused`` says which happened.
+
+    Raises InvalidInput naming the field, InvalidState when there is no teacher or no query,
+    NotAllowed for viewers."""
     ensure_can_write(user=user, team=project.team)
     if split not in SPLITS:
         raise InvalidInput(f"split: {split!r} is not one of {', '.join(SPLITS)}")
@@ -227,14 +234,28 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
         raise InvalidState(f"project {project.slug} is a classification project without labels: set its label set first")
     options = {"split": split, "queue": queue or DEFAULT_QUEUE, "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
                "queries": min(n_queries, int(limit)) if limit else n_queries}
+    key = idempotency_key_parse(key=idempotency_key)
+    budget = Decimal(str(budget_usd)) if budget_usd is not None else None
+    params = (int(samples_per_query), int(concurrency), int(limit) if limit else None, budget, options)
+    teacher_ids = {t.pk for t in rows}
+
+    def same(r: GenerationRun) -> bool:
+        return ((r.samples_per_query, r.concurrency, r.limit, r.budget_usd, r.options) == params
+                and set(r.teachers.values_list("id", flat=True)) == teacher_ids)
+
     with transaction.atomic():
+        earlier = start_find_earlier(model=GenerationRun, project=project, key=key, same=same)
+        if earlier is not None:
+            earlier.reused = True
+            return earlier
         run = GenerationRun.objects.create(
             project=project, samples_per_query=int(samples_per_query), concurrency=int(concurrency),
-            limit=int(limit) if limit else None, budget_usd=Decimal(str(budget_usd)) if budget_usd is not None else None,
+            limit=int(limit) if limit else None, budget_usd=budget, idempotency_key=key,
             options=options, created_by=user if (user is not None and user.is_authenticated) else None,
         )
         run.teachers.set(rows)
         _attach_job(run, user)
+    run.reused = False
     return run
 
 

@@ -6,6 +6,7 @@ from django.utils.text import slugify
 
 from projects.models import Project, TaskType, Team
 from projects.services import InvalidInput
+from projects.services.idempotency import idempotency_key_parse, team_lock
 from projects.services.permissions import ensure_can_write
 
 
@@ -80,21 +81,35 @@ def project_create(
     split_train: float = 0.8,
     split_validation: float = 0.1,
     split_test: float = 0.1,
+    idempotency_key=None,
 ) -> Project:
-    """Create a project in ``team``. Raises NotAllowed for viewers, InvalidInput for a bad
-    definition (see ``project_validate``)."""
+    """Create a project in ``team``. ``idempotency_key`` (a UUID from the New project form):
+    when ``team`` already has the project created with it, that project is returned (with
+    ``reused`` True; see ``projects.services.idempotency``), so the form posted twice makes one.
+
+    Raises NotAllowed for viewers, InvalidInput for a bad definition (see ``project_validate``)
+    or a malformed key."""
     ensure_can_write(user=user, team=team)
     name, labels = _clean_definition(name=name, task_type=task_type, labels=labels, output_schema=output_schema,
                                      splits=(split_train, split_validation, split_test))
+    key = idempotency_key_parse(key=idempotency_key)
     try:
         with transaction.atomic():
-            return Project.objects.create(
+            if key is not None:
+                team_lock(team=team)
+                earlier = Project.objects.filter(team=team, idempotency_key=key).first()
+                if earlier is not None:
+                    earlier.reused = True
+                    return earlier
+            project = Project.objects.create(
                 team=team, name=name, slug=_unique_slug(name), task_type=task_type,
                 instructions=instructions or "", labels=labels, output_schema=output_schema,
                 few_shot=few_shot or [], checks=checks or {},
                 split_train=split_train, split_validation=split_validation, split_test=split_test,
-                created_by=user,
+                created_by=user, idempotency_key=key,
             )
+            project.reused = False
+            return project
     except IntegrityError:
         raise InvalidInput(f"name: a project with a slug like {slugify(name)!r} was created at the same moment; try again") from None
 

@@ -10,6 +10,7 @@ and the run's preflight says ``"validation_source": "holdout"``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from projects import selectors
 from projects.models import (JOB_ENDED, Job, JobStatus, ModelArtifact, Project, Sample, Split, Teacher,
                              TrainingMethod, TrainingMetric, TrainingRun)
 from projects.services import InvalidInput, InvalidState
+from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
 from workers.pipeline import prompts
@@ -79,11 +81,16 @@ def _local_teacher(project: Project, name: str) -> Teacher:
 
 
 def training_start(*, project: Project, method: str, student_model: str = "", user=None, preset: str = "fast",
-                   overrides: dict | None = None) -> TrainingRun:
+                   overrides: dict | None = None, idempotency_key=None) -> TrainingRun:
     """Create a TrainingRun and its Job, and queue ``training_run_task`` on the ``gpu`` queue
     after commit. ``overrides``: hyperparameters that replace the preset's (see
     ``workers.pipeline.training.PRESETS``). The curated dataset's sha256 and row count, every
     hyperparameter used and both prompt templates are stored on the run.
+
+    Double submits (see ``projects.services.idempotency``): the run created with
+    ``idempotency_key`` (a UUID from the Train form) is returned when there is one, else a run
+    with the same method, student, preset, hyperparameters and curated dataset whose job is
+    still queued or running; the returned run's ``reused`` says which happened.
 
     Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, classifier-kd on a
     non-classification project, logit-kd without a local teacher), InvalidState (no curated rows).
@@ -105,20 +112,32 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     if n == 0:
         raise InvalidState("the curated dataset is empty: generate teacher data (and review it) before training")
     spec = selectors.project_task_spec(project)
+    key = idempotency_key_parse(key=idempotency_key)
+    hp_stored = json.loads(json.dumps(hp))  # as the jsonb column gives it back (tuples -> lists)
+
+    def same(r: TrainingRun) -> bool:
+        return (r.method, r.student_model, r.preset, r.dataset_sha256, r.hyperparams) == (
+            method, student_model, preset, sha, hp_stored)
+
     with transaction.atomic():
+        earlier = start_find_earlier(model=TrainingRun, project=project, key=key, same=same)
+        if earlier is not None:
+            earlier.reused = True
+            return earlier
         job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user)
         run = TrainingRun.objects.create(
             project=project, job=job, method=method, student_model=student_model, preset=preset,
             hyperparams=hp, dataset_sha256=sha, dataset_rows=n,
             student_prompt_template=prompts.student_template(spec) if method != "classifier-kd" else "{query}",
             teacher_prompt_template=prompts.teacher_template(spec),
-            created_by=user if (user is not None and user.is_authenticated) else None,
+            created_by=user if (user is not None and user.is_authenticated) else None, idempotency_key=key,
         )
         run.output_dir = str(run_output_dir(run=run))
         run.save(update_fields=["output_dir"])
         job.payload = {"run_id": run.pk, "resume_from_checkpoint": None}
         job.save(update_fields=["payload"])
         _enqueue(job)
+    run.reused = False
     return run
 
 

@@ -35,11 +35,16 @@ def evaluation_start_view(request, slug: str):
         return redirect("evaluation_page", slug=project.slug)
     options = {k: form.cleaned_data[k] for k in ("limit", "price_per_hour_usd") if form.cleaned_data.get(k) is not None}
     try:
-        ev = evaluation_start(project=project, user=request.user, split=form.cleaned_data["split"], options=options)
+        ev = evaluation_start(project=project, user=request.user, split=form.cleaned_data["split"], options=options,
+                              idempotency_key=form.cleaned_data.get("idempotency_key"))
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("evaluation_page", slug=project.slug)
-    messages.success(request, f"Evaluation {ev.pk} queued on the {ev.split} split.")
+    if ev.reused:
+        messages.info(request, f"Evaluation {ev.pk} is already queued or running with these settings; "
+                               "showing it instead of starting another.")
+    else:
+        messages.success(request, f"Evaluation {ev.pk} queued on the {ev.split} split.")
     return redirect("evaluation_detail", slug=project.slug, evaluation_id=ev.pk)
 
 

@@ -80,11 +80,16 @@ def generation_start_view(request, slug: str):
         messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
         return redirect("generation_page", slug=project.slug)
     try:
-        run = generation_start(project=project, user=request.user, **form.service_kwargs())
+        run = generation_start(project=project, user=request.user, **form.service_kwargs(),
+                               idempotency_key=form.cleaned_data.get("idempotency_key"))
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("generation_page", slug=project.slug)
-    messages.success(request, f"Generation run {run.pk} queued.")
+    if run.reused:
+        messages.info(request, f"Generation run {run.pk} is already queued or running with these settings; "
+                               "showing it instead of starting another.")
+    else:
+        messages.success(request, f"Generation run {run.pk} queued.")
     return redirect("generation_run", slug=project.slug, run_id=run.pk)
 
 

@@ -31,11 +31,13 @@ def project_new(request):
     form = ProjectForm(request.POST or None, teams=teams)
     if request.method == "POST" and form.is_valid():
         try:
-            project = project_create(user=request.user, **form.service_kwargs())
+            project = project_create(user=request.user, **form.service_kwargs(),
+                                     idempotency_key=form.cleaned_data.get("idempotency_key"))
         except ServiceError as exc:
             _add_service_error(form, exc)
         else:
-            messages.success(request, f"Project “{project.name}” created. Next: upload its queries.")
+            if not project.reused:
+                messages.success(request, f"Project “{project.name}” created. Next: upload its queries.")
             return redirect("project_overview", slug=project.slug)
     return render(request, "projects/form.html", {"form": form})
 
