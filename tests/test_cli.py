@@ -83,3 +83,48 @@ def test_usage_errors_exit_2():
     assert r.returncode == 2
     r = distill("frobnicate")
     assert r.returncode == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_user_create_refuses_an_existing_name_unless_update():
+    from django.contrib.auth import get_user_model
+
+    from projects.models import Membership
+
+    assert distill("team", "create", "T1").returncode == 0
+    r = distill("user", "create", "alice", "--team", "t1", "--role", "owner", "--password-env", "PW",
+                env={"PW": "first-password"})
+    assert r.returncode == 0, r.stderr
+    r = distill("user", "create", "alice", "--team", "t1", "--role", "viewer", "--password-env", "PW",
+                env={"PW": "second-password"})
+    assert (r.returncode, r.stderr) == (
+        1, "error: username: user 'alice' already exists; pass --update to set their password and role\n")
+    alice = get_user_model().objects.get(username="alice")
+    assert alice.check_password("first-password") and Membership.objects.get(user=alice).role == "owner"
+    r = distill("user", "create", "alice", "--team", "t1", "--role", "viewer", "--password-env", "PW", "--update", "--json",
+                env={"PW": "second-password"})
+    assert r.returncode == 0 and last_json(r) == {"user": "alice", "team": "t1", "role": "viewer"}
+    alice.refresh_from_db()
+    assert alice.check_password("second-password") and Membership.objects.get(user=alice).role == "viewer"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_non_finite_or_huge_numbers_exit_1_with_one_line():
+    distill("team", "create", "T1")
+    assert distill("project", "create", "--team", "t1", "--name", "P", "--task-type", "generation").returncode == 0
+    cases = {
+        ("generate", "--project", "p", "--budget-usd", "nan"): "error: budget_usd: nan is not a finite number\n",
+        ("generate", "--project", "p", "--budget-usd", "1e999999"): "error: budget_usd: inf is not a finite number\n",
+        ("generate", "--project", "p", "--budget-usd", "1e12"): "error: budget_usd: 1000000000000.0 is too large "
+                                                                "(the limit is below 100,000,000)\n",
+        ("generate", "--project", "p", "--limit", "3000000000"): "error: limit: 3000000000 is outside 1-2147483647\n",
+        ("teacher", "add", "--project", "p", "--name", "t", "--provider", "openai", "--model", "m", "--price-in", "inf"):
+            "error: price_in_per_1m: inf is not a finite number\n",
+        ("teacher", "add", "--project", "p", "--name", "t", "--provider", "openai", "--model", "m", "--price-out", "nan"):
+            "error: price_out_per_1m: nan is not a finite number\n",
+        ("evaluate", "--project", "p", "--price-per-hour", "inf"):
+            "error: price_per_hour_usd: must be between 0 and 1000000, got inf\n",
+    }
+    for args, message in cases.items():
+        r = distill(*args)
+        assert (r.returncode, r.stderr) == (1, message), args

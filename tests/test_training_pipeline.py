@@ -176,6 +176,45 @@ def test_hyperparameters_overrides_and_errors():
     assert va == [9, 19] and len(tr) == 23
 
 
+def test_every_hyperparameter_has_a_range_and_out_of_range_values_are_refused():
+    from workers.pipeline.training import HYPERPARAMS, PRESETS, convert_hyperparam
+
+    for method, presets in PRESETS.items():
+        for preset, hp in presets.items():
+            assert set(hp) <= set(HYPERPARAMS), (method, preset)
+            assert {k: convert_hyperparam(k, v) for k, v in hp.items()} == hp  # the presets are in range
+    cases = {
+        ("num_train_epochs", 1e9): "hyperparameter 'num_train_epochs' must be in [0.01, 100], got 1e+09 "
+                                   "(passes over the training set)",
+        ("num_train_epochs", "1e9"): "hyperparameter 'num_train_epochs' must be in [0.01, 100], got 1e+09 "
+                                     "(passes over the training set)",
+        ("learning_rate", "inf"): "hyperparameter 'learning_rate': 'inf' is not a finite number (valid: [1e-08, 1])",
+        ("learning_rate", float("nan")): "hyperparameter 'learning_rate': nan is not a finite number (valid: [1e-08, 1])",
+        ("weight_decay", "NaN"): "hyperparameter 'weight_decay': 'NaN' is not a finite number (valid: [0, 1])",
+        ("lora_r", "1e999999"): "hyperparameter 'lora_r': '1e999999' is not a finite number (valid: [1, 1024])",
+        ("lora_r", 1.5): "hyperparameter 'lora_r': 1.5 is not a valid int (valid: [1, 1024])",
+        ("lora_r", True): "hyperparameter 'lora_r': True is not a valid int (valid: [1, 1024])",
+        ("max_steps", -2): "hyperparameter 'max_steps' must be in [-1, 1000000], got -2 "
+                           "(stop after this many optimizer steps; -1: run the epochs)",
+        ("activation_checkpointing", "maybe"): "hyperparameter 'activation_checkpointing': 'maybe' is not a valid bool "
+                                               "(valid: true or false)",
+        ("lr_scheduler_type", "bogus"): "hyperparameter 'lr_scheduler_type' must be one of linear, cosine, "
+                                        "cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+                                        "inverse_sqrt, got 'bogus'",
+        ("target_modules", ",".join(f"m{i}" for i in range(65))): "hyperparameter 'target_modules': give 1-64 "
+                                                                   "comma-separated names, got 65 (LoRA's target "
+                                                                   "linear layers, e.g. q_proj,v_proj)",
+    }
+    for (key, value), message in cases.items():
+        method = "classifier-kd" if key not in ("lora_r", "target_modules") else "sft-lora"
+        with pytest.raises(TrainingRefused) as info:
+            resolve_hyperparams(method, "fast", {key: value})
+        assert str(info.value) == message
+    hp = resolve_hyperparams("sft-lora", "fast", {"lora_r": "8.0", "max_steps": "1e3", "activation_checkpointing": "on",
+                                                  "num_train_epochs": 100})
+    assert (hp["lora_r"], hp["max_steps"], hp["activation_checkpointing"], hp["num_train_epochs"]) == (8, 1000, True, 100.0)
+
+
 def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
     from workers.pipeline.training import TrainingStopped
 

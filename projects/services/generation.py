@@ -19,7 +19,7 @@ import queue
 import re
 import threading
 import time
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
@@ -42,6 +42,26 @@ DEFAULT_QUEUE = "teacher"
 CANCEL_GRACE_S = 2.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SPLITS = ("train", "validation", "test", "golden")
+#: Largest ``limit`` of a run (the column is a PostgreSQL integer).
+MAX_LIMIT = 2**31 - 1
+
+
+def _decimal(field: str, value, *, max_digits: int, decimal_places: int, positive: bool = False) -> Decimal:
+    """``value`` as a Decimal that fits a ``DecimalField(max_digits, decimal_places)``: finite,
+    not negative (above 0 with ``positive``) and below 10 ** (max_digits - decimal_places).
+    Raises InvalidInput naming ``field`` (NaN, Infinity and 1e999999 included)."""
+    try:
+        d = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError, TypeError):
+        raise InvalidInput(f"{field}: {value!r} is not a number") from None
+    if not d.is_finite():
+        raise InvalidInput(f"{field}: {value!r} is not a finite number")
+    cap = Decimal(10) ** (max_digits - decimal_places)
+    if d >= cap:
+        raise InvalidInput(f"{field}: {value} is too large (the limit is below {cap:,})")
+    if d < 0 or (positive and d <= 0):
+        raise InvalidInput(f"{field}: must be {'more than' if positive else 'at least'} 0, got {value}")
+    return d
 
 
 class GenerationStopped(InvalidState):
@@ -72,8 +92,7 @@ def _validate_teacher_fields(*, provider: str, model: str, base_url: str, api_ke
     if top_logprobs is not None and not (0 <= int(top_logprobs) <= 20):
         raise InvalidInput(f"top_logprobs: {top_logprobs} is outside 0-20")
     for name, v in (("price_in_per_1m", price_in_per_1m), ("price_out_per_1m", price_out_per_1m)):
-        if Decimal(str(v)) < 0:
-            raise InvalidInput(f"{name}: a price cannot be negative")
+        _decimal(name, v, max_digits=12, decimal_places=6)
     if not (0.1 <= float(timeout_s) <= 3600):
         raise InvalidInput(f"timeout_s: {timeout_s} is outside 0.1-3600 seconds")
 
@@ -206,14 +225,14 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
     ensure_can_write(user=user, team=project.team)
     if split not in SPLITS:
         raise InvalidInput(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if limit is not None and int(limit) < 1:
-        raise InvalidInput("limit: must be at least 1")
+    if limit is not None and not (1 <= int(limit) <= MAX_LIMIT):
+        raise InvalidInput(f"limit: {limit} is outside 1-{MAX_LIMIT}")
     if not (1 <= int(samples_per_query) <= 20):
         raise InvalidInput(f"samples_per_query: {samples_per_query} is outside 1-20")
     if not (1 <= int(concurrency) <= 512):
         raise InvalidInput(f"concurrency: {concurrency} is outside 1-512")
-    if budget_usd is not None and Decimal(str(budget_usd)) <= 0:
-        raise InvalidInput("budget_usd: must be more than 0 (leave it empty for no cap)")
+    if budget_usd is not None:
+        budget_usd = _decimal("budget_usd", budget_usd, max_digits=12, decimal_places=4, positive=True)
     if chunk_size is not None and not (1 <= int(chunk_size) <= 10000):
         raise InvalidInput(f"chunk_size: {chunk_size} is outside 1-10000")
     rows = _resolve_teachers(project, teachers) if teachers else _default_teachers(project)
@@ -273,9 +292,8 @@ def generation_resume(*, run: GenerationRun, user=None, budget_usd=None) -> Gene
     if run.job is not None and not run.job.ended:
         raise InvalidState(f"generation run {run.pk} is still {run.job.status}; cancel it before resuming")
     if budget_usd is not None:
-        if Decimal(str(budget_usd)) <= 0:
-            raise InvalidInput("budget_usd: must be more than 0")
-        run.budget_usd = Decimal(str(budget_usd))
+        budget_usd = _decimal("budget_usd", budget_usd, max_digits=12, decimal_places=4, positive=True)
+        run.budget_usd = budget_usd
     with transaction.atomic():
         Sample.objects.filter(run=run, status="failed").delete()
         _refresh_counters(run)

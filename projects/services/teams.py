@@ -25,10 +25,14 @@ def team_create(*, name: str) -> Team:
         raise InvalidInput(f"team name: a team with slug {slug!r} already exists") from None
 
 
-def user_create(*, username: str, team: Team, role: str, password: str, email: str = "") -> AbstractBaseUser:
-    """Create a user (or reuse an existing one by ``username``) and make them a ``role`` of ``team``.
+def user_create(*, username: str, team: Team, role: str, password: str, email: str = "",
+                update: bool = False) -> AbstractBaseUser:
+    """Create a user and make them a ``role`` of ``team``. With ``update``, an existing user of
+    that ``username`` is reused instead: their password is set to ``password`` and their role
+    in ``team`` to ``role``.
 
-    Raises InvalidInput for an unknown role, an empty username or a password under 8 characters."""
+    Raises InvalidInput for an unknown role, an empty username, a password under 8 characters,
+    or a ``username`` that exists already without ``update`` (``distill user create --update``)."""
     if role not in Role.values:
         raise InvalidInput(f"role: {role!r} is not one of {', '.join(Role.values)}")
     username = (username or "").strip()
@@ -39,6 +43,9 @@ def user_create(*, username: str, team: Team, role: str, password: str, email: s
     User = get_user_model()
     with transaction.atomic():
         user, created = User.objects.get_or_create(username=username, defaults={"email": email})
+        if not created and not update:
+            raise InvalidInput(f"username: user {username!r} already exists; "
+                               "pass --update to set their password and role")
         user.set_password(password)
         user.save()
         Membership.objects.update_or_create(team=team, user=user, defaults={"role": role})
