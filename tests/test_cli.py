@@ -128,3 +128,36 @@ def test_non_finite_or_huge_numbers_exit_1_with_one_line():
     for args, message in cases.items():
         r = distill(*args)
         assert (r.returncode, r.stderr) == (1, message), args
+
+
+@pytest.mark.django_db
+def test_overlong_texts_and_huge_ids_exit_1_with_one_line(tmp_path, capsys):
+    from django.core.management import call_command
+
+    def run(*args, env=None):
+        with pytest.raises(SystemExit) as exc:
+            call_command("distill", *args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and len(err.splitlines()) == 1, (args, err)
+        return err
+
+    assert run("team", "create", "T" * 300) == "error: team name: at most 200 characters, got 300\n"
+    call_command("distill", "team", "create", "T1")
+    assert run("project", "create", "--team", "t1", "--name", "P" * 300, "--task-type", "generation") == (
+        "error: name: at most 200 characters, got 300\n")
+    call_command("distill", "project", "create", "--team", "t1", "--name", "P", "--task-type", "generation")
+    os.environ["DH_TEST_PW"] = "a-long-password"
+    assert run("user", "create", "u" * 200, "--team", "t1", "--password-env", "DH_TEST_PW") == (
+        "error: username: at most 150 characters, got 200\n")
+    assert run("teacher", "add", "--project", "p", "--name", "n" * 200, "--provider", "transformers") == (
+        "error: name: at most 100 characters, got 200\n")
+    queries = tmp_path / "q.txt"
+    queries.write_text("hello\n")
+    assert run("import", "--project", "p", str(queries), "--text-column", "c" * 300) == (
+        "error: text_column: at most 200 characters, got 300\n")
+    assert run("train", "--project", "p", "--method", "sft-lora", "--student", "s" * 400) == (
+        "error: student_model: at most 300 characters, got 400\n")
+    huge = "9" * 25  # past PostgreSQL's bigint
+    assert run("job", huge) == f"error: job: no job with id {huge}\n"
+    assert run("train-resume", huge) == f"error: train-resume: no training run with id {huge}\n"
+    assert run("generate", "--project", "p", "--resume", huge) == f"error: --resume: no generation run {huge} in project p\n"

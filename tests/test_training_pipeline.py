@@ -210,6 +210,9 @@ def test_every_hyperparameter_has_a_range_and_out_of_range_values_are_refused():
         with pytest.raises(TrainingRefused) as info:
             resolve_hyperparams(method, "fast", {key: value})
         assert str(info.value) == message
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    training = readme[readme.index("### Training students"):readme.index("### Evaluating student vs teacher")]
+    assert [k for k in HYPERPARAMS if f"`{k}`" not in training] == []  # the README lists every range
     hp = resolve_hyperparams("sft-lora", "fast", {"lora_r": "8.0", "max_steps": "1e3", "activation_checkpointing": "on",
                                                   "num_train_epochs": 100})
     assert (hp["lora_r"], hp["max_steps"], hp["activation_checkpointing"], hp["num_train_epochs"]) == (8, 1000, True, 100.0)
@@ -221,10 +224,13 @@ def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
     task = TaskSpec(task_type="classification", labels=("a", "b"))
     rows = [TrainRow(query=f"message number {i}", label="ab"[i % 2], teacher_label="ab"[i % 2]) for i in range(24)]
     events = []
+    spec = _spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], max_grad_norm=0.0,
+                 per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3)
+    # A learning rate far past HYPERPARAMS' range (resolve_hyperparams refuses it) makes the
+    # loss blow up: the NaN guard is the safety net behind the ranges.
+    spec.hyperparams["learning_rate"] = 1e38
     with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step \d+"):
-        train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], learning_rate=1e38, max_grad_norm=0.0,
-                    per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3),
-              report=lambda e, d: events.append((e, d)))
+        train(spec, report=lambda e, d: events.append((e, d)))
     losses = [d["loss"] for e, d in events if e == "metric"]
     assert losses and not math.isfinite(losses[-1])  # the last logged loss is NaN (or inf)
     assert len(losses) < 18  # stopped early, not after all 18 steps

@@ -97,6 +97,14 @@ def _validate_teacher_fields(*, provider: str, model: str, base_url: str, api_ke
         raise InvalidInput(f"timeout_s: {timeout_s} is outside 0.1-3600 seconds")
 
 
+def _check_lengths(**values) -> None:
+    """Raise InvalidInput naming the first text that is longer than its Teacher column."""
+    for field, value in values.items():
+        limit = Teacher._meta.get_field(field).max_length
+        if value is not None and len(str(value)) > limit:
+            raise InvalidInput(f"{field}: at most {limit} characters, got {len(str(value))}")
+
+
 def _resolve_teachers(project: Project, items) -> list[Teacher]:
     out = []
     for t in items or []:
@@ -128,6 +136,7 @@ def teacher_create(*, project: Project, name: str, provider: str, model: str = "
     name = (name or "").strip()
     if not name:
         raise InvalidInput("name: a teacher needs a name")
+    _check_lengths(name=name, model=model, base_url=base_url, api_key_env=api_key_env)
     if provider == Teacher.Provider.TRANSFORMERS and not model:
         from workers.pipeline.registry import SMOLLM2
 
@@ -176,6 +185,7 @@ def teacher_update(*, teacher: Teacher, user=None, **fields) -> Teacher:
     name = (values["name"] or "").strip()
     if not name:
         raise InvalidInput("name: a teacher needs a name")
+    _check_lengths(name=name, model=values["model"], base_url=values["base_url"], api_key_env=values["api_key_env"])
     if Teacher.objects.filter(project=teacher.project, name=name).exclude(pk=teacher.pk).exists():
         raise InvalidInput(f"name: project {teacher.project.slug} already has a teacher named {name!r}")
     values["name"] = name

@@ -155,6 +155,8 @@ def _clean_definition(*, name: str, task_type: str, labels: list[str] | None, ou
     name = (name or "").strip()
     if not name:
         raise InvalidInput("name: must not be empty")
+    if len(name) > 200:
+        raise InvalidInput(f"name: at most 200 characters, got {len(name)}")
     labels = [l.strip() for l in (labels or []) if l and l.strip()]
     project_validate(task_type=task_type, labels=labels, output_schema=output_schema,
                      split_train=splits[0], split_validation=splits[1], split_test=splits[2], few_shot=few_shot)

@@ -18,6 +18,8 @@ def team_create(*, name: str) -> Team:
     slug = slugify(name)
     if not slug:
         raise InvalidInput("team name: must contain at least one letter or digit")
+    if len(name) > 200:
+        raise InvalidInput(f"team name: at most 200 characters, got {len(name)}")
     try:
         with transaction.atomic():
             return Team.objects.create(name=name, slug=slug)
@@ -38,6 +40,9 @@ def user_create(*, username: str, team: Team, role: str, password: str, email: s
     username = (username or "").strip()
     if not username:
         raise InvalidInput("username: must not be empty")
+    limit = get_user_model()._meta.get_field("username").max_length
+    if len(username) > limit:
+        raise InvalidInput(f"username: at most {limit} characters, got {len(username)}")
     if password is None or len(password) < 8:
         raise InvalidInput("password: must be at least 8 characters")
     User = get_user_model()
