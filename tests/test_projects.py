@@ -121,6 +121,11 @@ def test_cli_project_create_refuses_deep_or_large_files_with_one_line(tmp_path):
     r = distill("project", "create", "--team", "t1", "--name", "X", "--task-type", "generation",
                 "--few-shot-file", str(deep_few))
     assert (r.returncode, r.stderr) == (1, "error: --few-shot-file: line 1: nested more than 32 levels deep\n")
+    big = tmp_path / "big.json"
+    big.write_text('{"description": "' + "x" * 70_000 + '"}')
+    for path in (big, "/dev/zero"):  # a device is never read to its (missing) end
+        r = distill("project", "create", "--team", "t1", "--name", "X", "--task-type", "extraction", "--schema-file", str(path))
+        assert (r.returncode, r.stderr) == (1, f"error: --schema-file: {str(path)!r} is over the limit of 64 KB\n")
     latin = tmp_path / "latin.json"
     latin.write_bytes('{"description": "caf\xe9"}'.encode("latin-1"))
     r = distill("project", "create", "--team", "t1", "--name", "X", "--task-type", "extraction", "--schema-file", str(latin))

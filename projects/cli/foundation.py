@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from projects.cli import CliError, finish_job
 from projects.models import Job, Project, Team
 from projects.services import InvalidState
 from projects.services.jobs import job_cancel
-from projects.services.projects import project_create, project_parse_few_shot, project_parse_schema
+from projects.services.projects import (MAX_FEW_SHOT_BYTES, MAX_SCHEMA_BYTES, project_create, project_parse_few_shot,
+                                        project_parse_schema)
 from projects.services.teams import team_create, user_create
 
 
@@ -27,9 +27,15 @@ def get_project(slug: str) -> Project:
         raise CliError(f"--project: no project with slug {slug!r}") from None
 
 
-def _read_file(path: str, option: str) -> str:
+def _read_file(path: str, option: str, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of ``path``; with ``max_bytes``, no more than that is read (a file that is
+    longer, or endless like a device, is refused). Raises CliError naming ``option``."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise CliError(f"{option}: {path!r} is over the limit of {max_bytes // 1024} KB")
+        return data.decode("utf-8")
     except OSError as exc:
         raise CliError(f"{option}: cannot read {path!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -98,11 +104,13 @@ def cmd_project_create(o: dict) -> dict:
         labels = [x.strip() for x in _read_file(o["labels_file"], "--labels-file").splitlines() if x.strip()]
     schema = None
     if o.get("schema_file"):
-        schema = project_parse_schema(text=_read_file(o["schema_file"], "--schema-file"), field="--schema-file")
+        schema = project_parse_schema(text=_read_file(o["schema_file"], "--schema-file", MAX_SCHEMA_BYTES),
+                                      field="--schema-file")
     instructions = _read_file(o["instructions_file"], "--instructions-file") if o.get("instructions_file") else ""
     few_shot = []
     if o.get("few_shot_file"):
-        few_shot = project_parse_few_shot(text=_read_file(o["few_shot_file"], "--few-shot-file"), field="--few-shot-file")
+        few_shot = project_parse_few_shot(text=_read_file(o["few_shot_file"], "--few-shot-file", MAX_FEW_SHOT_BYTES),
+                                          field="--few-shot-file")
     project = project_create(team=team, name=o["name"], task_type=o["task_type"], labels=labels,
                              output_schema=schema, instructions=instructions, few_shot=few_shot)
     return {"project": project.slug, "id": project.pk, "task_type": project.task_type, "labels": project.labels}
