@@ -115,6 +115,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: refuses an oversized body (413) from its Content-Length, before anything reads it.
+    "distillhub.request_limits.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -201,6 +203,8 @@ STORAGES = {
 MAX_UPLOAD_MB = _env_int("DISTILLHUB_MAX_UPLOAD_MB", 1024, minimum=1)
 # Uploads larger than this stream to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# The largest request body of every URL but the upload view (which takes MAX_UPLOAD_MB):
+# enforced from Content-Length before the body is read (distillhub/request_limits.py).
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_TEMP_DIR = None
 STALE_JOB_SECONDS = _env_int("DISTILLHUB_STALE_JOB_SECONDS", 600, minimum=10)

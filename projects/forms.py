@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 
 from django import forms
 
@@ -14,6 +15,18 @@ def idempotency_key_field() -> forms.UUIDField:
     double click), the form's service returns what the first POST made (see
     ``projects.services.idempotency``). Templates render it with the form's hidden fields."""
     return forms.UUIDField(required=False, widget=forms.HiddenInput, initial=uuid.uuid4)
+
+
+def _parsed(parse, text: str, field: str):
+    """``parse(text=text)`` (a service's parser), its InvalidInput turned into this field's
+    error (without the leading ``field:``, which the form shows by placement)."""
+    from projects.services import InvalidInput
+
+    try:
+        return parse(text=text, field=field)
+    except InvalidInput as exc:
+        message = str(exc).removeprefix(f"{field}: ")
+        raise forms.ValidationError(message[:1].upper() + message[1:]) from None
 
 
 class ProjectForm(forms.Form):
@@ -60,20 +73,9 @@ class ProjectForm(forms.Form):
         }
 
     def clean_few_shot(self) -> list[dict]:
-        raw = self.cleaned_data.get("few_shot") or ""
-        examples = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise forms.ValidationError(f"Line {i}: not valid JSON: {exc.msg}.")
-            if not isinstance(row, dict) or "query" not in row or "answer" not in row:
-                raise forms.ValidationError(f'Line {i}: needs the keys "query" and "answer".')
-            answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"], ensure_ascii=False)
-            examples.append({"query": str(row["query"]), "answer": answer})
-        return examples
+        from projects.services.projects import project_parse_few_shot
+
+        return _parsed(project_parse_few_shot, self.cleaned_data.get("few_shot") or "", "few_shot")
 
     def clean_labels(self) -> list[str]:
         raw = self.cleaned_data.get("labels") or ""
@@ -81,16 +83,9 @@ class ProjectForm(forms.Form):
         return [p.strip() for p in parts if p.strip()]
 
     def clean_output_schema(self):
-        raw = (self.cleaned_data.get("output_schema") or "").strip()
-        if not raw:
-            return None
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise forms.ValidationError(f"Not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.")
-        if not isinstance(value, dict):
-            raise forms.ValidationError("A JSON Schema must be a JSON object.")
-        return value
+        from projects.services.projects import project_parse_schema
+
+        return _parsed(project_parse_schema, self.cleaned_data.get("output_schema") or "", "output_schema")
 
     def service_kwargs(self) -> dict:
         d = self.cleaned_data
@@ -190,7 +185,8 @@ class GenerateForm(forms.Form):
 
     teachers = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
                                               help_text="None ticked: every teacher except ensemble members and the judge.")
-    limit = forms.IntegerField(required=False, min_value=1, help_text="Only the first N train queries (empty: all).")
+    limit = forms.IntegerField(required=False, min_value=1, max_value=2**31 - 1,
+                               help_text="Only the first N train queries (empty: all).")
     samples_per_query = forms.IntegerField(initial=1, min_value=1, max_value=20,
                                            help_text="Rejection sampling: draw up to N answers per query, keep the first "
                                                      "that passes the checks (the best by the judge when one is set).")
@@ -208,10 +204,16 @@ class GenerateForm(forms.Form):
         d = self.cleaned_data
         return {"teachers": list(d["teachers"]) or None, "limit": d["limit"], "samples_per_query": d["samples_per_query"],
                 "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None}
-        return {"team": d["team"], "name": d["name"], "task_type": d["task_type"], "instructions": d["instructions"],
-                "labels": d["labels"], "output_schema": d["output_schema"]}
 
     idempotency_key = idempotency_key_field()
+
+
+class ResumeForm(forms.Form):
+    """Resume a stopped generation run, optionally with a new budget (Django's DecimalField
+    refuses NaN, Infinity and numbers over its digits)."""
+
+    budget_usd = forms.DecimalField(required=False, min_value=Decimal("0.0001"), decimal_places=4, max_digits=12,
+                                    label="Budget (USD)", help_text="Empty: keep the run's cap.")
 
 
 # --- Evaluation -------------------------------------------------------------------------------
@@ -222,14 +224,25 @@ class EvaluationForm(forms.Form):
     machine price used for local models' cost per 1K queries."""
 
     split = forms.ChoiceField(choices=[("test", "Held-out test split"), ("golden", "Golden set")], initial="test")
-    limit = forms.IntegerField(min_value=1, required=False, help_text="Only the first N queries (blank: all).")
-    price_per_hour_usd = forms.FloatField(min_value=0, required=False, label="Price per hour (USD)",
+    limit = forms.IntegerField(min_value=1, max_value=2**31 - 1, required=False, help_text="Only the first N queries (blank: all).")
+    price_per_hour_usd = forms.FloatField(min_value=0, max_value=1e6, required=False, label="Price per hour (USD)",
                                           help_text="Machine price for local models' cost per 1K queries "
                                                     "(blank: the project's setting, else $0.10/h CPU, $2.00/h GPU).")
     idempotency_key = idempotency_key_field()
 
 
 # --- Training -------------------------------------------------------------------------------
+
+
+def _hp_field(name: str, label: str) -> forms.Field:
+    """An optional form field for hyperparameter ``name``, bounded by its range in
+    ``workers.pipeline.training.HYPERPARAMS`` (Django's number fields also refuse inf/nan)."""
+    from workers.pipeline.training import HYPERPARAMS, describe_range
+
+    spec = HYPERPARAMS[name]
+    cls = forms.IntegerField if spec.type is int else forms.FloatField
+    return cls(required=False, min_value=spec.min, max_value=spec.max, label=label,
+               help_text=f"{spec.help}; {describe_range(name)}")
 
 
 class TrainForm(forms.Form):
@@ -247,19 +260,20 @@ class TrainForm(forms.Form):
                                     help_text="Bundled name (smollm2-135m-instruct, minilm-l6), HF id or folder; "
                                               "blank: the method's default.")
     preset = forms.ChoiceField(choices=[("fast", "fast (minutes on a CPU)"), ("seed", "seed (the seed recipe)")])
-    num_train_epochs = forms.FloatField(required=False, min_value=0.01, label="Epochs")
-    learning_rate = forms.FloatField(required=False, min_value=0, label="Learning rate")
-    per_device_train_batch_size = forms.IntegerField(required=False, min_value=1, label="Batch size")
-    max_length = forms.IntegerField(required=False, min_value=8, label="Max length (tokens)")
-    lora_r = forms.IntegerField(required=False, min_value=1, label="LoRA rank r")
-    lora_alpha = forms.IntegerField(required=False, min_value=1, label="LoRA alpha")
+    num_train_epochs = _hp_field("num_train_epochs", "Epochs")
+    learning_rate = _hp_field("learning_rate", "Learning rate")
+    per_device_train_batch_size = _hp_field("per_device_train_batch_size", "Batch size")
+    max_length = _hp_field("max_length", "Max length (tokens)")
+    lora_r = _hp_field("lora_r", "LoRA rank r")
+    lora_alpha = _hp_field("lora_alpha", "LoRA alpha")
     target_modules = forms.CharField(required=False, label="LoRA target modules", help_text="comma-separated")
-    temperature = forms.FloatField(required=False, min_value=0.01, label="KD temperature T")
-    alpha = forms.FloatField(required=False, min_value=0, max_value=1, label="KD alpha")
-    early_stopping_patience = forms.IntegerField(required=False, min_value=0, label="Early-stopping patience")
-    eval_steps = forms.IntegerField(required=False, min_value=0, label="Validate every N steps (0: each epoch)")
+    temperature = _hp_field("temperature", "KD temperature T")
+    alpha = _hp_field("alpha", "KD alpha")
+    early_stopping_patience = _hp_field("early_stopping_patience", "Early-stopping patience")
+    eval_steps = _hp_field("eval_steps", "Validate every N steps (0: each epoch)")
     extra = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
-                            help_text="Other settings, one key=value per line (e.g. warmup_ratio=0.1).")
+                            help_text="Other settings, one key=value per line (e.g. warmup_ratio=0.1); "
+                                      "the valid settings and ranges are in the table below.")
 
     def clean_extra(self) -> dict:
         out = {}
@@ -271,6 +285,25 @@ class TrainForm(forms.Form):
             k, v = line.split("=", 1)
             out[k.strip()] = v.strip()
         return out
+
+    def clean(self):
+        """Check every setting against the chosen method's settings and the ranges of
+        ``workers.pipeline.training.HYPERPARAMS``; an error goes to the field that set it."""
+        data = super().clean()
+        method, preset = data.get("method"), data.get("preset")
+        if not method or not preset:
+            return data
+        from workers.pipeline.training import TrainingRefused, resolve_hyperparams
+
+        extra = data.get("extra") or {}
+        for key, value in self.overrides().items():
+            try:
+                resolve_hyperparams(method, preset, {key: value})
+            except TrainingRefused as exc:
+                field = key if key in self.HP_FIELDS and key not in extra else "extra"
+                if field in self.fields and field not in self.errors:
+                    self.add_error(field, str(exc))
+        return data
 
     def overrides(self) -> dict:
         """The hyperparameters the user set (blank fields left out)."""

@@ -115,3 +115,57 @@ def test_generation_start_validates_its_input(project, queries, owner):
         teacher_create(project=project, name="ens", provider="ensemble", members=["local"])
     with pytest.raises(InvalidInput, match="already has a teacher named"):
         teacher_create(project=project, name="local", provider="transformers")
+
+
+def test_resume_with_a_non_finite_or_huge_budget_is_a_message_not_a_500(owner_client, project, queries, owner):
+    from projects.models import GenerationRun
+    from projects.services.generation import generation_cancel, generation_start, teacher_create
+
+    teacher_create(project=project, name="local", provider="transformers")
+    run = generation_start(project=project, user=owner, budget_usd="2")
+    generation_cancel(run=run, user=owner)
+    run.refresh_from_db()
+    old_job = run.job_id
+    url = reverse("generation_run_resume", kwargs={"slug": project.slug, "run_id": run.pk})
+    for budget, message in (("NaN", "budget_usd: Enter a number."), ("Infinity", "budget_usd: Enter a number."),
+                            ("-Infinity", "budget_usd: Enter a number."), ("1e999999", "budget_usd: Ensure that there are no more than 12 digits in total."),
+                            ("123456789012", "budget_usd: Ensure that there are no more than 8 digits before the decimal point."),
+                            ("0", "budget_usd: Ensure this value is greater than or equal to 0.0001.")):
+        r = owner_client.post(url, {"budget_usd": budget}, follow=True)
+        assert r.redirect_chain == [(reverse("generation_run", kwargs={"slug": project.slug, "run_id": run.pk}), 302)]
+        assert [str(m) for m in r.context["messages"]] == [message], budget
+    run.refresh_from_db()
+    assert run.job_id == old_job and float(run.budget_usd) == 2.0 and run.status == "cancelled"
+    assert GenerationRun.objects.count() == 1
+
+
+def test_services_refuse_non_finite_and_out_of_range_numbers(project, queries, owner):
+    from projects.services import InvalidInput
+    from projects.services.evaluation import evaluation_start
+    from projects.services.generation import generation_resume, generation_start, teacher_create
+
+    with pytest.raises(InvalidInput, match=r"^price_in_per_1m: Decimal\('Infinity'\) is not a finite number$"):
+        teacher_create(project=project, name="x", provider="transformers", price_in_per_1m=__import__("decimal").Decimal("Infinity"))
+    with pytest.raises(InvalidInput, match=r"^price_out_per_1m: 1e\+20 is too large"):
+        teacher_create(project=project, name="x", provider="transformers", price_out_per_1m=1e20)
+    teacher_create(project=project, name="local", provider="transformers")
+    for budget in (float("nan"), float("inf"), "NaN", "-Infinity"):
+        with pytest.raises(InvalidInput, match=r"^budget_usd: .* is not a finite number$"):
+            generation_start(project=project, user=owner, budget_usd=budget)
+    with pytest.raises(InvalidInput, match=r"^budget_usd: 1e999999 is too large \(the limit is below 100,000,000\)$"):
+        generation_start(project=project, user=owner, budget_usd="1e999999")
+    with pytest.raises(InvalidInput, match=r"^budget_usd: must be more than 0, got 0$"):
+        generation_start(project=project, user=owner, budget_usd=0)
+    with pytest.raises(InvalidInput, match=r"^limit: 2147483648 is outside 1-2147483647$"):
+        generation_start(project=project, user=owner, limit=2**31)
+    run = generation_start(project=project, user=owner)
+    from projects.services.generation import generation_cancel
+
+    generation_cancel(run=run, user=owner)
+    with pytest.raises(InvalidInput, match=r"^budget_usd: 'NaN' is not a finite number$"):
+        generation_resume(run=run, user=owner, budget_usd="NaN")
+    for price in (float("inf"), float("nan"), 1e7):
+        with pytest.raises(InvalidInput, match=r"^price_per_hour_usd: must be between 0 and 1000000"):
+            evaluation_start(project=project, user=owner, options={"price_per_hour_usd": price})
+    with pytest.raises(InvalidInput, match=r"^limit: 10000000000 is outside 1-2147483647$"):
+        evaluation_start(project=project, user=owner, options={"limit": 10**10})

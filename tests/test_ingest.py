@@ -269,6 +269,21 @@ def test_cli_import_prints_the_report(project, tmp_path, capsys):
     assert exc.value.code == 1 and "e.txt: the file is empty" in capsys.readouterr().err
 
 
+@pytest.mark.django_db
+def test_cli_import_of_deeply_nested_jsonl_exits_1_with_one_line(project, tmp_path, capsys):
+    path = write(tmp_path, "deep.jsonl", "[" * 100_000 + "\n")
+    with pytest.raises(SystemExit) as exc:
+        call_command("distill", "import", "--project", project.slug, str(path))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err == (
+        "error: deep.jsonl: no query could be read from the file (1 row skipped: line 1: "
+        "malformed JSON: nested more than 32 levels deep)\n")
+    path = write(tmp_path, "mixed.jsonl", '{"query": "a"}\n{"query": {"a": ' + "[" * 900 + "]" * 900 + "}}\n")
+    call_command("distill", "import", "--project", project.slug, str(path), "--json")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["imported"] == 1 and out["skipped"] == [{"line": 2, "reason": "malformed JSON: nested more than 32 levels deep"}]
+
+
 # --- pages ----------------------------------------------------------------------------------
 
 
@@ -332,6 +347,29 @@ def test_browser_upload_runs_on_the_worker(celery_worker, team, owner, client):
     assert Job.objects.get(pk=first.job_id).result["imported"] in (0, 500)
     card = client.get(reverse("dataset_card", kwargs={"slug": project.slug, "dataset_id": first.pk})).content.decode()
     assert "queries imported" in card and "hx-trigger" not in card
+
+
+def test_a_deeply_nested_upload_ends_with_a_clear_message(celery_worker, team, owner, client):
+    project = project_create(team=team, user=owner, name="Deep", task_type="generation")
+    client.force_login(owner)
+    url = reverse("queries_page", kwargs={"slug": project.slug})
+    for name, data in (("deep.jsonl", "[" * 100_000 + "\n"), ("deep.json", "[" * 100_000),
+                       ("mixed.jsonl", '{"query": "a"}\n{"query": 1, "x": ' + "[" * 900 + "]" * 900 + "}\n")):
+        assert client.post(url, {"file": SimpleUploadedFile(name, data.encode())}).status_code == 302
+    deep, deep_doc, mixed = Dataset.objects.filter(project=project).order_by("id")
+    job = wait_job(deep.job_id, timeout=120)
+    deep.refresh_from_db()
+    assert job.status == "failed" and deep.status == "failed"
+    assert deep.error == ("no query could be read from the file (1 row skipped: line 1: "
+                          "malformed JSON: nested more than 32 levels deep)")
+    assert job.message == "Failed: deep.jsonl: " + deep.error
+    job = wait_job(deep_doc.job_id, timeout=120)
+    deep_doc.refresh_from_db()
+    assert job.status == "failed" and deep_doc.error == "malformed JSON: nested too deeply (rows may nest at most 32 levels)"
+    job = wait_job(mixed.job_id, timeout=120)
+    mixed.refresh_from_db()
+    assert job.status == "succeeded", job.error
+    assert mixed.imported == 1 and mixed.skipped == [{"line": 2, "reason": "malformed JSON: nested more than 32 levels deep"}]
 
 
 def test_a_large_upload_reports_progress_from_inside_its_copy(celery_worker, team, owner, client):

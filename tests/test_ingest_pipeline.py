@@ -119,6 +119,25 @@ def test_jsonl_variants_and_bad_lines(tmp_path):
     assert skipped[2:] == [(5, "missing column: no 'query', 'text' or 'messages' key"), (7, "empty")]
 
 
+def test_deeply_nested_json_rows_are_skipped_with_a_reason(tmp_path):
+    too_deep = "malformed JSON: nested more than 32 levels deep"
+    lines = [
+        '{"query": "fine"}',
+        "[" * 100_000,  # past the interpreter's recursion limit: json.loads itself gives up
+        '{"query": {"a": ' + "[" * 900 + "]" * 900 + "}}",  # parses, but no recursive walk could follow
+        '{"query": "ok", "meta": ' + "[" * 40 + "]" * 40 + "}",
+        '{"query": "shallow", "meta": [[[1]]]}',
+    ]
+    fmt, ok, skipped, _ = parse(tmp_path, "deep.jsonl", "\n".join(lines).encode())
+    assert [(r.line, r.text, r.metadata) for r in ok] == [(1, "fine", {}), (5, "shallow", {"meta": [[[1]]]})]
+    assert skipped == [(2, too_deep), (3, too_deep), (4, too_deep)]
+    doc = '[{"query": "a"},\n {"query": ' + "[" * 50 + "]" * 50 + '},\n {"query": "b"}]'
+    fmt, ok, skipped, _ = parse(tmp_path, "deep.json", doc.encode())
+    assert fmt.kind == "json" and [r.text for r in ok] == ["a", "b"] and skipped == [(2, too_deep)]
+    with pytest.raises(IngestError, match=r"^malformed JSON: nested too deeply \(rows may nest at most 32 levels\)$"):
+        parse(tmp_path, "deeper.json", b"[" * 100_000)
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "the file is empty"),
     (b"\n\n  \n", "only blank lines"),

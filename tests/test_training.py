@@ -148,6 +148,62 @@ def test_train_form_starts_a_run_and_refuses_bad_input(owner_client, client, vie
     assert TrainingRun.objects.filter(project=project).count() == 1
 
 
+def test_out_of_range_and_non_finite_hyperparameters_are_form_errors(owner_client, team, owner, shared_data):
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    url = reverse("training_start", kwargs={"slug": project.slug})
+
+    def errors(**data):
+        r = owner_client.post(url, {"method": "classifier-kd", "preset": "fast", **data})
+        assert r.status_code == 400
+        return {k: list(v) for k, v in r.context["form"].errors.items()}
+
+    assert errors(extra="learning_rate=inf") == {
+        "extra": ["hyperparameter 'learning_rate': 'inf' is not a finite number (valid: [1e-08, 1])"]}
+    assert errors(extra="warmup_ratio=nan\nnum_train_epochs=1e9") == {
+        "extra": ["hyperparameter 'warmup_ratio': 'nan' is not a finite number (valid: [0, 1])"]}
+    assert errors(extra="per_device_train_batch_size=1e999999") == {
+        "extra": ["hyperparameter 'per_device_train_batch_size': '1e999999' is not a finite number (valid: [1, 1024])"]}
+    assert errors(extra="bogus=1") == {
+        "extra": ["hyperparameter 'bogus' is not a setting of classifier-kd; settings: activation_checkpointing, "
+                  "alpha, early_stopping_patience, eval_steps, gradient_accumulation_steps, learning_rate, "
+                  "logging_steps, lr_scheduler_type, max_grad_norm, max_length, max_steps, num_train_epochs, "
+                  "per_device_train_batch_size, seed, temperature, warmup_ratio, weight_decay"]}
+    assert errors(num_train_epochs="1e9") == {"num_train_epochs": ["Ensure this value is less than or equal to 100."]}
+    assert errors(learning_rate="inf") == {"learning_rate": ["Enter a number."]}
+    assert errors(lora_r="8") == {"lora_r": ["hyperparameter 'lora_r' is not a setting of classifier-kd; settings: "
+                                             "activation_checkpointing, alpha, early_stopping_patience, eval_steps, "
+                                             "gradient_accumulation_steps, learning_rate, logging_steps, "
+                                             "lr_scheduler_type, max_grad_norm, max_length, max_steps, "
+                                             "num_train_epochs, per_device_train_batch_size, seed, temperature, "
+                                             "warmup_ratio, weight_decay"]}
+    from projects.services import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"^hyperparameter 'num_train_epochs' must be in \[0.01, 100\], got 1e\+09"):
+        training_start(project=project, method="classifier-kd", user=owner, overrides={"num_train_epochs": 1e9})
+    assert not TrainingRun.objects.filter(project=project).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_train_cli_refuses_bad_settings_with_one_line(team, owner, shared_data):
+    from tests.test_cli import distill
+
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    base = ("train", "--project", project.slug, "--method", "classifier-kd")
+    cases = {
+        ("--set", "learning_rate=inf"): "hyperparameter 'learning_rate': 'inf' is not a finite number (valid: [1e-08, 1])",
+        ("--set", "lora_r=1e999999"): "hyperparameter 'lora_r' is not a setting of classifier-kd",
+        ("--set", "max_length=1e999999"): "hyperparameter 'max_length': inf is not a finite number (valid: [8, 32768])",
+        ("--set", "alpha=NaN"): "hyperparameter 'alpha': nan is not a finite number (valid: [0, 1])",
+        ("--set", "seed=" + "[" * 5000): "hyperparameter 'seed': '" + "[" * 5000 + "' is not a valid int",
+        ("--epochs", "1e9"): "hyperparameter 'num_train_epochs' must be in [0.01, 100], got 1e+09",
+    }
+    for args, message in cases.items():
+        r = distill(*base, *args)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+        assert r.stderr.startswith("error: " + message), (args, r.stderr)
+    assert not TrainingRun.objects.filter(project=project).exists()
+
+
 def test_empty_curated_dataset_is_refused(project, owner):
     from projects.services import InvalidState
 

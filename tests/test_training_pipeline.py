@@ -176,16 +176,61 @@ def test_hyperparameters_overrides_and_errors():
     assert va == [9, 19] and len(tr) == 23
 
 
+def test_every_hyperparameter_has_a_range_and_out_of_range_values_are_refused():
+    from workers.pipeline.training import HYPERPARAMS, PRESETS, convert_hyperparam
+
+    for method, presets in PRESETS.items():
+        for preset, hp in presets.items():
+            assert set(hp) <= set(HYPERPARAMS), (method, preset)
+            assert {k: convert_hyperparam(k, v) for k, v in hp.items()} == hp  # the presets are in range
+    cases = {
+        ("num_train_epochs", 1e9): "hyperparameter 'num_train_epochs' must be in [0.01, 100], got 1e+09 "
+                                   "(passes over the training set)",
+        ("num_train_epochs", "1e9"): "hyperparameter 'num_train_epochs' must be in [0.01, 100], got 1e+09 "
+                                     "(passes over the training set)",
+        ("learning_rate", "inf"): "hyperparameter 'learning_rate': 'inf' is not a finite number (valid: [1e-08, 1])",
+        ("learning_rate", float("nan")): "hyperparameter 'learning_rate': nan is not a finite number (valid: [1e-08, 1])",
+        ("weight_decay", "NaN"): "hyperparameter 'weight_decay': 'NaN' is not a finite number (valid: [0, 1])",
+        ("lora_r", "1e999999"): "hyperparameter 'lora_r': '1e999999' is not a finite number (valid: [1, 1024])",
+        ("lora_r", 1.5): "hyperparameter 'lora_r': 1.5 is not a valid int (valid: [1, 1024])",
+        ("lora_r", True): "hyperparameter 'lora_r': True is not a valid int (valid: [1, 1024])",
+        ("max_steps", -2): "hyperparameter 'max_steps' must be in [-1, 1000000], got -2 "
+                           "(stop after this many optimizer steps; -1: run the epochs)",
+        ("activation_checkpointing", "maybe"): "hyperparameter 'activation_checkpointing': 'maybe' is not a valid bool "
+                                               "(valid: true or false)",
+        ("lr_scheduler_type", "bogus"): "hyperparameter 'lr_scheduler_type' must be one of linear, cosine, "
+                                        "cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+                                        "inverse_sqrt, got 'bogus'",
+        ("target_modules", ",".join(f"m{i}" for i in range(65))): "hyperparameter 'target_modules': give 1-64 "
+                                                                   "comma-separated names, got 65 (LoRA's target "
+                                                                   "linear layers, e.g. q_proj,v_proj)",
+    }
+    for (key, value), message in cases.items():
+        method = "classifier-kd" if key not in ("lora_r", "target_modules") else "sft-lora"
+        with pytest.raises(TrainingRefused) as info:
+            resolve_hyperparams(method, "fast", {key: value})
+        assert str(info.value) == message
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    training = readme[readme.index("### Training students"):readme.index("### Evaluating student vs teacher")]
+    assert [k for k in HYPERPARAMS if f"`{k}`" not in training] == []  # the README lists every range
+    hp = resolve_hyperparams("sft-lora", "fast", {"lora_r": "8.0", "max_steps": "1e3", "activation_checkpointing": "on",
+                                                  "num_train_epochs": 100})
+    assert (hp["lora_r"], hp["max_steps"], hp["activation_checkpointing"], hp["num_train_epochs"]) == (8, 1000, True, 100.0)
+
+
 def test_nan_loss_stops_the_run_with_that_reason(tmp_path):
     from workers.pipeline.training import TrainingStopped
 
     task = TaskSpec(task_type="classification", labels=("a", "b"))
     rows = [TrainRow(query=f"message number {i}", label="ab"[i % 2], teacher_label="ab"[i % 2]) for i in range(24)]
     events = []
+    spec = _spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], max_grad_norm=0.0,
+                 per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3)
+    # A learning rate far past HYPERPARAMS' range (resolve_hyperparams refuses it) makes the
+    # loss blow up: the NaN guard is the safety net behind the ranges.
+    spec.hyperparams["learning_rate"] = 1e38
     with pytest.raises(TrainingStopped, match=r"loss became (nan|inf) at step \d+"):
-        train(_spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], learning_rate=1e38, max_grad_norm=0.0,
-                    per_device_train_batch_size=4, logging_steps=1, num_train_epochs=3),
-              report=lambda e, d: events.append((e, d)))
+        train(spec, report=lambda e, d: events.append((e, d)))
     losses = [d["loss"] for e, d in events if e == "metric"]
     assert losses and not math.isfinite(losses[-1])  # the last logged loss is NaN (or inf)
     assert len(losses) < 18  # stopped early, not after all 18 steps

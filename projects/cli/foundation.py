@@ -1,15 +1,14 @@
 """Verbs: ``team create``, ``user create``, ``project create``, ``job``."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from projects.cli import CliError, finish_job
 from projects.models import Job, Project, Team
 from projects.services import InvalidState
 from projects.services.jobs import job_cancel
-from projects.services.projects import project_create
+from projects.services.projects import (MAX_FEW_SHOT_BYTES, MAX_SCHEMA_BYTES, project_create, project_parse_few_shot,
+                                        project_parse_schema)
 from projects.services.teams import team_create, user_create
 
 
@@ -28,11 +27,19 @@ def get_project(slug: str) -> Project:
         raise CliError(f"--project: no project with slug {slug!r}") from None
 
 
-def _read_file(path: str, option: str) -> str:
+def _read_file(path: str, option: str, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of ``path``; with ``max_bytes``, no more than that is read (a file that is
+    longer, or endless like a device, is refused). Raises CliError naming ``option``."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise CliError(f"{option}: {path!r} is over the limit of {max_bytes // 1024} KB")
+        return data.decode("utf-8")
     except OSError as exc:
         raise CliError(f"{option}: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{option}: {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def register(sub) -> None:
@@ -48,6 +55,8 @@ def register(sub) -> None:
     p.add_argument("--role", choices=["owner", "member", "viewer"], default="member")
     p.add_argument("--password-env", required=True, help="environment variable that holds the password")
     p.add_argument("--email", default="")
+    p.add_argument("--update", action="store_true",
+                   help="the user may exist already: set their password and their role in the team")
     p.set_defaults(handler=cmd_user_create)
 
     project = sub.add_parser("project", help="projects").add_subparsers(dest="action", required=True)
@@ -81,7 +90,8 @@ def cmd_user_create(o: dict) -> dict:
     if not password:
         raise CliError(f"--password-env: environment variable {var} is not set or empty")
     team = get_team(o["team"])
-    user = user_create(username=o["name"], team=team, role=o["role"], password=password, email=o["email"])
+    user = user_create(username=o["name"], team=team, role=o["role"], password=password, email=o["email"],
+                       update=o["update"])
     return {"user": user.username, "team": team.slug, "role": o["role"]}
 
 
@@ -94,23 +104,13 @@ def cmd_project_create(o: dict) -> dict:
         labels = [x.strip() for x in _read_file(o["labels_file"], "--labels-file").splitlines() if x.strip()]
     schema = None
     if o.get("schema_file"):
-        try:
-            schema = json.loads(_read_file(o["schema_file"], "--schema-file"))
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--schema-file: not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        schema = project_parse_schema(text=_read_file(o["schema_file"], "--schema-file", MAX_SCHEMA_BYTES),
+                                      field="--schema-file")
     instructions = _read_file(o["instructions_file"], "--instructions-file") if o.get("instructions_file") else ""
     few_shot = []
     if o.get("few_shot_file"):
-        for i, line in enumerate(_read_file(o["few_shot_file"], "--few-shot-file").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CliError(f"--few-shot-file line {i}: not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or "query" not in row or "answer" not in row:
-                raise CliError(f"--few-shot-file line {i}: needs the keys 'query' and 'answer'")
-            few_shot.append({"query": str(row["query"]), "answer": str(row["answer"])})
+        few_shot = project_parse_few_shot(text=_read_file(o["few_shot_file"], "--few-shot-file", MAX_FEW_SHOT_BYTES),
+                                          field="--few-shot-file")
     project = project_create(team=team, name=o["name"], task_type=o["task_type"], labels=labels,
                              output_schema=schema, instructions=instructions, few_shot=few_shot)
     return {"project": project.slug, "id": project.pk, "task_type": project.task_type, "labels": project.labels}

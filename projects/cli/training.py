@@ -1,12 +1,11 @@
 """Verb: ``train`` (a student from the curated dataset), plus ``train-resume``."""
 from __future__ import annotations
 
-import json
-
 from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import ModelArtifact, TrainingRun
 from projects.services.training import training_resume, training_start
+from workers.pipeline.json_limits import loads_bounded
 from workers.pipeline.training import METHODS
 
 
@@ -52,9 +51,9 @@ def cmd_train(o: dict) -> dict:
         if "=" not in item:
             raise CliError(f"--set: {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
-        try:
-            overrides[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
+        try:  # JSON where it parses (numbers, true/false, ["q_proj", "v_proj"]), else the text
+            overrides[k.strip()] = loads_bounded(v)
+        except ValueError:
             overrides[k.strip()] = v
     if o.get("epochs") is not None:
         overrides["num_train_epochs"] = o["epochs"]

@@ -105,7 +105,7 @@ def _setup(*, report: Callable[[str], None]) -> tuple[Team, object, str, Project
 
     team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first() or team_create(name=DEMO_TEAM)
     password = demo_password()
-    user = user_create(username=DEMO_USER, team=team, role="owner", password=password)
+    user = user_create(username=DEMO_USER, team=team, role="owner", password=password, update=True)
     # Found by team and name: the slug is derived from the name (support-intents-demo) but gets a
     # suffix when another team already uses it.
     project = Project.objects.filter(team=team, name=DEMO_PROJECT).order_by("created_at").first()

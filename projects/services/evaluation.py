@@ -81,15 +81,15 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
             options["limit"] = int(options["limit"])
         except (TypeError, ValueError):
             raise InvalidInput(f"limit: {options['limit']!r} is not a whole number") from None
-        if options["limit"] < 1:
-            raise InvalidInput("limit: must be at least 1")
+        if not 1 <= options["limit"] <= 2**31 - 1:
+            raise InvalidInput(f"limit: {options['limit']} is outside 1-{2**31 - 1}")
     if "price_per_hour_usd" in options and options["price_per_hour_usd"] is not None:
         try:
             options["price_per_hour_usd"] = float(options["price_per_hour_usd"])
         except (TypeError, ValueError):
             raise InvalidInput(f"price_per_hour_usd: {options['price_per_hour_usd']!r} is not a number") from None
-        if options["price_per_hour_usd"] < 0:
-            raise InvalidInput("price_per_hour_usd: must not be negative")
+        if not 0 <= options["price_per_hour_usd"] <= 1e6:  # also refuses inf and nan
+            raise InvalidInput(f"price_per_hour_usd: must be between 0 and 1000000, got {options['price_per_hour_usd']}")
     if not evaluation_queries(project=project, split=split).exists():
         where = "golden set" if split == "golden" else "held-out test split"
         raise InvalidState(f"the {where} of project {project.slug!r} has no queries; import queries first")

@@ -19,7 +19,7 @@ import queue
 import re
 import threading
 import time
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
@@ -43,6 +43,26 @@ DEFAULT_QUEUE = "teacher"
 CANCEL_GRACE_S = 2.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SPLITS = ("train", "validation", "test", "golden")
+#: Largest ``limit`` of a run (the column is a PostgreSQL integer).
+MAX_LIMIT = 2**31 - 1
+
+
+def _decimal(field: str, value, *, max_digits: int, decimal_places: int, positive: bool = False) -> Decimal:
+    """``value`` as a Decimal that fits a ``DecimalField(max_digits, decimal_places)``: finite,
+    not negative (above 0 with ``positive``) and below 10 ** (max_digits - decimal_places).
+    Raises InvalidInput naming ``field`` (NaN, Infinity and 1e999999 included)."""
+    try:
+        d = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError, TypeError):
+        raise InvalidInput(f"{field}: {value!r} is not a number") from None
+    if not d.is_finite():
+        raise InvalidInput(f"{field}: {value!r} is not a finite number")
+    cap = Decimal(10) ** (max_digits - decimal_places)
+    if d >= cap:
+        raise InvalidInput(f"{field}: {value} is too large (the limit is below {cap:,})")
+    if d < 0 or (positive and d <= 0):
+        raise InvalidInput(f"{field}: must be {'more than' if positive else 'at least'} 0, got {value}")
+    return d
 
 
 class GenerationStopped(InvalidState):
@@ -73,10 +93,17 @@ def _validate_teacher_fields(*, provider: str, model: str, base_url: str, api_ke
     if top_logprobs is not None and not (0 <= int(top_logprobs) <= 20):
         raise InvalidInput(f"top_logprobs: {top_logprobs} is outside 0-20")
     for name, v in (("price_in_per_1m", price_in_per_1m), ("price_out_per_1m", price_out_per_1m)):
-        if Decimal(str(v)) < 0:
-            raise InvalidInput(f"{name}: a price cannot be negative")
+        _decimal(name, v, max_digits=12, decimal_places=6)
     if not (0.1 <= float(timeout_s) <= 3600):
         raise InvalidInput(f"timeout_s: {timeout_s} is outside 0.1-3600 seconds")
+
+
+def _check_lengths(**values) -> None:
+    """Raise InvalidInput naming the first text that is longer than its Teacher column."""
+    for field, value in values.items():
+        limit = Teacher._meta.get_field(field).max_length
+        if value is not None and len(str(value)) > limit:
+            raise InvalidInput(f"{field}: at most {limit} characters, got {len(str(value))}")
 
 
 def _resolve_teachers(project: Project, items) -> list[Teacher]:
@@ -110,6 +137,7 @@ def teacher_create(*, project: Project, name: str, provider: str, model: str = "
     name = (name or "").strip()
     if not name:
         raise InvalidInput("name: a teacher needs a name")
+    _check_lengths(name=name, model=model, base_url=base_url, api_key_env=api_key_env)
     if provider == Teacher.Provider.TRANSFORMERS and not model:
         from workers.pipeline.registry import SMOLLM2
 
@@ -158,6 +186,7 @@ def teacher_update(*, teacher: Teacher, user=None, **fields) -> Teacher:
     name = (values["name"] or "").strip()
     if not name:
         raise InvalidInput("name: a teacher needs a name")
+    _check_lengths(name=name, model=values["model"], base_url=values["base_url"], api_key_env=values["api_key_env"])
     if Teacher.objects.filter(project=teacher.project, name=name).exclude(pk=teacher.pk).exists():
         raise InvalidInput(f"name: project {teacher.project.slug} already has a teacher named {name!r}")
     values["name"] = name
@@ -213,14 +242,14 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
     ensure_can_write(user=user, team=project.team)
     if split not in SPLITS:
         raise InvalidInput(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if limit is not None and int(limit) < 1:
-        raise InvalidInput("limit: must be at least 1")
+    if limit is not None and not (1 <= int(limit) <= MAX_LIMIT):
+        raise InvalidInput(f"limit: {limit} is outside 1-{MAX_LIMIT}")
     if not (1 <= int(samples_per_query) <= 20):
         raise InvalidInput(f"samples_per_query: {samples_per_query} is outside 1-20")
     if not (1 <= int(concurrency) <= 512):
         raise InvalidInput(f"concurrency: {concurrency} is outside 1-512")
-    if budget_usd is not None and Decimal(str(budget_usd)) <= 0:
-        raise InvalidInput("budget_usd: must be more than 0 (leave it empty for no cap)")
+    if budget_usd is not None:
+        budget_usd = _decimal("budget_usd", budget_usd, max_digits=12, decimal_places=4, positive=True)
     if chunk_size is not None and not (1 <= int(chunk_size) <= 10000):
         raise InvalidInput(f"chunk_size: {chunk_size} is outside 1-10000")
     rows = _resolve_teachers(project, teachers) if teachers else _default_teachers(project)
@@ -294,9 +323,8 @@ def generation_resume(*, run: GenerationRun, user=None, budget_usd=None) -> Gene
     if run.job is not None and not run.job.ended:
         raise InvalidState(f"generation run {run.pk} is still {run.job.status}; cancel it before resuming")
     if budget_usd is not None:
-        if Decimal(str(budget_usd)) <= 0:
-            raise InvalidInput("budget_usd: must be more than 0")
-        run.budget_usd = Decimal(str(budget_usd))
+        budget_usd = _decimal("budget_usd", budget_usd, max_digits=12, decimal_places=4, positive=True)
+        run.budget_usd = budget_usd
     with transaction.atomic():
         Sample.objects.filter(run=run, status="failed").delete()
         _refresh_counters(run)

@@ -59,11 +59,18 @@ def dataset_import(
     Raises NotAllowed for viewers; InvalidInput (naming the file and the problem) when the
     file cannot be read at all: nothing is imported and the Dataset is left ``failed``."""
     ensure_can_write(user=user, team=project.team)
+    _check_columns(text_column, reference_column)
     dataset = Dataset.objects.create(
         project=project, name=filename[:255], golden=golden, text_column=text_column or "",
         reference_column=reference_column or "", created_by=user if (user is not None and user.is_authenticated) else None,
     )
     return dataset_import_run(dataset=dataset, file_path=file_path, header=header, progress=progress)
+
+
+def _check_columns(text_column: str | None, reference_column: str | None) -> None:
+    for field, value in (("text_column", text_column), ("reference_column", reference_column)):
+        if value and len(value) > 200:
+            raise InvalidInput(f"{field}: at most 200 characters, got {len(value)}")
 
 
 def dataset_upload(
@@ -84,6 +91,7 @@ def dataset_upload(
     Raises NotAllowed for viewers, InvalidInput for an empty file or one over
     ``settings.MAX_UPLOAD_MB`` megabytes."""
     ensure_can_write(user=user, team=project.team)
+    _check_columns(text_column, reference_column)
     limit = settings.MAX_UPLOAD_MB * 1024 * 1024
     if upload.size is not None and upload.size > limit:
         raise InvalidInput(f"file: {upload.name} is {upload.size / 1e6:.1f} MB; the limit is {settings.MAX_UPLOAD_MB} MB")

@@ -103,6 +103,8 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     except TrainingRefused as exc:
         raise InvalidInput(str(exc)) from None
     student_model = (student_model or "").strip() or DEFAULT_STUDENT[method]
+    if len(student_model) > 300:
+        raise InvalidInput(f"student_model: at most 300 characters, got {len(student_model)}")
     if method == TrainingMethod.CLASSIFIER_KD and (project.task_type != "classification" or len(project.labels) < 2):
         raise InvalidInput("method: classifier-kd needs a classification project with at least two labels; "
                            "use sft-lora for this task")

@@ -2,8 +2,6 @@
 samples; Cancel and Resume."""
 from __future__ import annotations
 
-from decimal import Decimal
-
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
@@ -11,7 +9,7 @@ from django.urls import path
 from django.views.decorators.http import require_POST
 
 from projects import selectors
-from projects.forms import GenerateForm, TeacherForm
+from projects.forms import GenerateForm, ResumeForm, TeacherForm
 from projects.models import Sample
 from projects.services import ServiceError
 from projects.views import call_service, refresh_when_ended
@@ -129,12 +127,11 @@ def generation_run_cancel(request, slug: str, run_id: int):
 @require_POST
 def generation_run_resume(request, slug: str, run_id: int):
     run = selectors.generation_run_for_user(request.user, slug, run_id)
-    budget = (request.POST.get("budget_usd") or "").strip() or None
-    try:
-        budget = None if budget is None else Decimal(budget)
-    except ArithmeticError:
-        messages.error(request, "budget_usd: not a number")
+    form = ResumeForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"budget_usd: {' '.join(form.errors['budget_usd'])}")
     else:
+        budget = form.cleaned_data["budget_usd"]
         call_service(request, lambda: generation_resume(run=run, user=request.user, budget_usd=budget),
                      f"Run {run.pk} resumed: only its unfinished slots are asked.")
     return redirect("generation_run", slug=run.project.slug, run_id=run.pk)

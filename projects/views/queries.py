@@ -8,36 +8,23 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import path
 
+from distillhub.request_limits import upload_view
 from projects import selectors
 from projects.forms import QuerySearchForm, UploadForm
 from projects.models import Dataset
 from projects.services import ServiceError
 from projects.services.ingest import dataset_upload
 
-# Room for the multipart boundaries and the other form fields around the file.
-_MULTIPART_SLACK_BYTES = 64 * 1024
 
-
-def _too_large(request, project):
-    limit = settings.MAX_UPLOAD_MB
-    return render(request, "queries/too_large.html", {"project": project, "section": "queries", "limit_mb": limit},
-                  status=413)
-
-
+# The upload's size limit (DISTILLHUB_MAX_UPLOAD_MB) is enforced before the body is read, by
+# distillhub.request_limits (413); the file's own size is checked again by dataset_upload.
+@upload_view
 def queries_page(request, slug: str):
     project = selectors.project_for_user(request.user, slug)
     can_write = selectors.user_can_write(request.user, project.team)
     status = 200
     upload_form = UploadForm()
     if request.method == "POST":
-        # Check the declared size before Django reads the body, so an oversized upload is
-        # refused at once with 413 instead of being streamed to disk first.
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > settings.MAX_UPLOAD_MB * 1024 * 1024 + _MULTIPART_SLACK_BYTES:
-            return _too_large(request, project)
         if not can_write:
             messages.error(request, "Your role in this team is read-only (viewer); ask an owner for member access.")
             status = 403
@@ -45,8 +32,6 @@ def queries_page(request, slug: str):
             upload_form = UploadForm(request.POST, request.FILES)
             if upload_form.is_valid():
                 d = upload_form.cleaned_data
-                if d["file"].size > settings.MAX_UPLOAD_MB * 1024 * 1024:
-                    return _too_large(request, project)
                 try:
                     dataset = dataset_upload(project=project, upload=d["file"], user=request.user,
                                              text_column=d["text_column"].strip() or None,

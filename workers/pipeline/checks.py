@@ -16,11 +16,11 @@ Each check is a small pure function ``check_x(answer, task, settings) -> CheckRe
 """
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
+from workers.pipeline.json_limits import loads_bounded
 from workers.pipeline.prompts import match_label
 from workers.pipeline.specs import TaskSpec
 
@@ -144,9 +144,11 @@ def check_confidence(a: Answer, task: TaskSpec, s: dict) -> CheckResult | None:
 
 
 def parse_json_answer(text: str) -> object:
-    """Parse a JSON answer, tolerating one surrounding Markdown code fence. Raises ValueError."""
+    """Parse a JSON answer, tolerating one surrounding Markdown code fence. Raises ValueError,
+    also for an answer nested deeper than ``json_limits.MAX_DEPTH`` levels (which
+    ``jsonschema`` could not validate without overflowing the stack)."""
     m = _FENCE.match(text)
-    return json.loads(m.group(1) if m else text)
+    return loads_bounded(m.group(1) if m else text)
 
 
 def check_json(a: Answer, task: TaskSpec, s: dict) -> tuple[CheckResult, object] | None:

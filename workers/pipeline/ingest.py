@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.pipeline.json_limits import MAX_DEPTH, json_depth, openers_at_most
+
 #: Longest query kept, in characters; longer rows are skipped as "too long".
 MAX_QUERY_CHARS = 20_000
 #: Names picked as the text column when none is given (first match wins, case-insensitive).
@@ -29,6 +31,10 @@ TEXT_COLUMN_NAMES = ("text", "query", "question", "message", "sentence", "prompt
 REFERENCE_COLUMN_NAMES = ("reference", "answer", "label", "category", "intent", "target", "output", "expected")
 #: At most this many skipped rows / warnings are listed (the totals are always exact).
 MAX_LISTED = 10_000
+
+# A JSON row nested deeper than MAX_DEPTH (json.loads itself gives up near 1,000 levels) is
+# skipped: its metadata could not be cleaned, encoded or stored (jsonb) without recursing.
+_TOO_DEEP = f"malformed JSON: nested more than {MAX_DEPTH} levels deep"
 
 _SAMPLE_BYTES = 256 * 1024
 _CHUNK = 1 << 20
@@ -531,6 +537,12 @@ def _jsonl_rows(fmt, path, *, text_column, reference_column, progress) -> Iterat
             except json.JSONDecodeError as exc:
                 yield SkippedRow(n, f"malformed JSON: {exc.msg} at column {exc.colno}")
                 continue
+            except RecursionError:
+                yield SkippedRow(n, _TOO_DEEP)
+                continue
+            if not openers_at_most(raw) and json_depth(obj, stop_after=MAX_DEPTH) > MAX_DEPTH:
+                yield SkippedRow(n, _TOO_DEEP)
+                continue
             yield _json_row(n, obj, text_column=text_column, reference_column=reference_column)
             if progress is not None and n % 2000 == 0:
                 progress(_pos(f) / size)
@@ -545,6 +557,8 @@ def _json_rows(fmt, path, *, text_column, reference_column) -> Iterator:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise IngestError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise IngestError(f"malformed JSON: nested too deeply (rows may nest at most {MAX_DEPTH} levels)") from None
     groups: list[tuple[str | None, list]] = []
     if isinstance(doc, list):
         groups.append((None, doc))
@@ -560,6 +574,9 @@ def _json_rows(fmt, path, *, text_column, reference_column) -> Iterator:
         for obj in rows:
             line = line_starts[k] if k < len(line_starts) else 0
             k += 1
+            if json_depth(obj, stop_after=MAX_DEPTH) > MAX_DEPTH:
+                yield SkippedRow(line, _TOO_DEEP)
+                continue
             row = _json_row(line, obj, text_column=text_column, reference_column=reference_column)
             if isinstance(row, ParsedRow) and group is not None:
                 row.metadata.setdefault("group", group)

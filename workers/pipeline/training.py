@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from workers.pipeline import prompts
 from workers.pipeline.kd import IGNORE_INDEX, soft_label_kd_loss, token_kd_loss
@@ -73,6 +74,49 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 PRESET_NAMES = ("seed", "fast")
+
+
+class HyperParam(NamedTuple):
+    """A hyperparameter's type, valid range (inclusive; for a list: how many items; for text:
+    its longest length) and meaning. ``choices``: the valid texts, where there is such a list."""
+
+    type: type
+    min: float | None
+    max: float | None
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+#: Every hyperparameter a preset holds, with its valid range: ``resolve_hyperparams``, the Train
+#: form (its fields' bounds and its ``extra`` lines) and ``distill train --set`` all check
+#: against this table, and the README's training section lists it. Bounds are generous; they
+#: exist so that a typo (``epochs=1e9``) is an error instead of a run that never ends.
+HYPERPARAMS: dict[str, HyperParam] = {
+    "num_train_epochs": HyperParam(float, 0.01, 100, "passes over the training set"),
+    "max_steps": HyperParam(int, -1, 1_000_000, "stop after this many optimizer steps; -1: run the epochs"),
+    "learning_rate": HyperParam(float, 1e-8, 1.0, "peak learning rate"),
+    "lr_scheduler_type": HyperParam(str, None, 40, "learning-rate schedule",
+                                    ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                     "constant_with_warmup", "inverse_sqrt")),
+    "warmup_ratio": HyperParam(float, 0.0, 1.0, "share of the steps spent warming the learning rate up"),
+    "weight_decay": HyperParam(float, 0.0, 1.0, "AdamW weight decay"),
+    "max_grad_norm": HyperParam(float, 0.0, 1000.0, "gradient clipping norm; 0: no clipping"),
+    "per_device_train_batch_size": HyperParam(int, 1, 1024, "examples per step on each device"),
+    "gradient_accumulation_steps": HyperParam(int, 1, 1024, "steps whose gradients add up to one update"),
+    "max_length": HyperParam(int, 8, 32768, "tokens per example; longer ones are truncated"),
+    "logging_steps": HyperParam(int, 1, 100_000, "record the training loss every N steps"),
+    "eval_steps": HyperParam(int, 0, 1_000_000, "validate and checkpoint every N steps; 0: once per epoch"),
+    "early_stopping_patience": HyperParam(int, 0, 1000, "stop after N validations without improvement; 0: off"),
+    "seed": HyperParam(int, 0, 2**32 - 1, "random seed"),
+    "activation_checkpointing": HyperParam(bool, None, None, "recompute activations in the backward pass"),
+    "lora_r": HyperParam(int, 1, 1024, "LoRA rank"),
+    "lora_alpha": HyperParam(int, 1, 4096, "LoRA scaling (alpha / r multiplies the update)"),
+    "lora_dropout": HyperParam(float, 0.0, 0.9, "dropout on the LoRA layers"),
+    "target_modules": HyperParam(list, 1, 64, "LoRA's target linear layers, e.g. q_proj,v_proj"),
+    "temperature": HyperParam(float, 0.01, 100.0, "KD softmax temperature T"),
+    "alpha": HyperParam(float, 0.0, 1.0, "weight of the KD loss against the cross-entropy"),
+    "teacher": HyperParam(str, None, 300, "logit-kd: the project's local teacher to learn from (default: the first)"),
+}
 DEFAULT_STUDENT = {"sft-lora": "smollm2-135m-instruct", "sft-full": "smollm2-135m-instruct",
                    "classifier-kd": "minilm-l6", "logit-kd": "smollm2-135m-instruct"}
 
@@ -134,10 +178,89 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+def _fmt(x) -> str:
+    return str(x) if isinstance(x, int) else format(x, "g")
+
+
+def describe_range(name: str) -> str:
+    """The valid values of hyperparameter ``name`` as text, e.g. ``[0.01, 100]``,
+    ``one of linear, cosine`` or ``1-64 names``."""
+    spec = HYPERPARAMS[name]
+    if spec.choices:
+        return "one of " + ", ".join(spec.choices)
+    if spec.type is bool:
+        return "true or false"
+    if spec.type is list:
+        return f"{spec.min}-{spec.max} comma-separated names"
+    if spec.type is str:
+        return f"text of at most {spec.max} characters"
+    return f"[{_fmt(spec.min)}, {_fmt(spec.max)}]"
+
+
+def convert_hyperparam(name: str, value):
+    """``value`` (a number, bool, list, or the text a user typed) converted to hyperparameter
+    ``name``'s type (see ``HYPERPARAMS``) and checked against its range. Integers accept
+    ``8``, ``8.0`` or ``"1e3"``; booleans ``true/false``, ``yes/no``, ``on/off``, ``1/0``; lists a
+    comma-separated string. Raises TrainingRefused naming the setting and its valid range for an
+    unknown name, a value of the wrong type, a non-finite number (inf, nan) or one out of range."""
+    spec = HYPERPARAMS.get(name)
+    if spec is None:
+        raise TrainingRefused(f"hyperparameter {name!r} is not a setting; settings: {', '.join(sorted(HYPERPARAMS))}")
+    bad = TrainingRefused(f"hyperparameter {name!r}: {value!r} is not a valid {spec.type.__name__} "
+                          f"(valid: {describe_range(name)})")
+    if spec.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number):
+            raise TrainingRefused(f"hyperparameter {name!r}: {value!r} is not a finite number "
+                                  f"(valid: {describe_range(name)})")
+        if spec.type is int:
+            if number != int(number):
+                raise bad
+            number = int(number)
+        if not spec.min <= number <= spec.max:
+            raise TrainingRefused(f"hyperparameter {name!r} must be in {describe_range(name)}, got {_fmt(number)} "
+                                  f"({spec.help})")
+        return number
+    if spec.type is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise bad
+    if spec.type is list:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value if v.strip()]
+        else:
+            raise bad
+        if not spec.min <= len(items) <= spec.max or any(len(v) > 200 for v in items):
+            raise TrainingRefused(f"hyperparameter {name!r}: give {describe_range(name)}, got {len(items)} "
+                                  f"({spec.help})")
+        return items
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise bad
+    text = str(value).strip()
+    if spec.choices and text not in spec.choices:
+        raise TrainingRefused(f"hyperparameter {name!r} must be {describe_range(name)}, got {text!r}")
+    if len(text) > spec.max:
+        raise TrainingRefused(f"hyperparameter {name!r}: longer than {spec.max} characters")
+    return text
+
+
 def resolve_hyperparams(method: str, preset: str = "fast", overrides: dict | None = None) -> dict:
-    """The preset's hyperparameters with ``overrides`` applied; each override is converted to
-    the preset value's type (``target_modules`` also accepts a comma-separated string). Raises
-    TrainingRefused naming an unknown method, preset or setting, or a value of the wrong type."""
+    """The preset's hyperparameters with ``overrides`` applied, each converted and checked by
+    ``convert_hyperparam`` (type and range from ``HYPERPARAMS``). A blank (None or "")
+    override keeps the preset's value. Raises TrainingRefused naming an unknown method, preset
+    or setting (listing the method's settings), a value of the wrong type or out of range."""
     if method not in PRESETS:
         raise TrainingRefused(f"method: {method!r} is not one of {', '.join(METHODS)}")
     if preset not in PRESETS[method]:
@@ -149,42 +272,8 @@ def resolve_hyperparams(method: str, preset: str = "fast", overrides: dict | Non
                                   f"settings: {', '.join(sorted(hp))}")
         if value is None or value == "":
             continue
-        base = hp[key]
-        try:
-            if isinstance(base, list):
-                value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-            elif isinstance(base, bool):
-                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-            elif isinstance(base, int):
-                if float(value) != int(float(value)):
-                    raise ValueError
-                value = int(float(value))
-            elif isinstance(base, float):
-                value = float(value)
-            else:
-                value = str(value)
-        except (TypeError, ValueError):
-            raise TrainingRefused(f"hyperparameter {key!r}: {value!r} is not a valid "
-                                  f"{type(base).__name__}") from None
-        hp[key] = value
-    _check_ranges(hp)
+        hp[key] = convert_hyperparam(key, value)
     return hp
-
-
-def _check_ranges(hp: dict) -> None:
-    positive = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "max_length", "logging_steps", "lora_r", "lora_alpha", "temperature")
-    for k in positive:
-        if k in hp and not (hp[k] > 0):
-            raise TrainingRefused(f"hyperparameter {k!r} must be > 0, got {hp[k]}")
-    if "alpha" in hp and not 0.0 <= hp["alpha"] <= 1.0:
-        raise TrainingRefused(f"hyperparameter 'alpha' must be in [0, 1], got {hp['alpha']}")
-    if hp.get("eval_steps", 0) < 0:
-        raise TrainingRefused("hyperparameter 'eval_steps' must be >= 0 (0: once per epoch)")
-    if hp.get("early_stopping_patience", 0) < 0:
-        raise TrainingRefused("hyperparameter 'early_stopping_patience' must be >= 0 (0: off)")
-    if "target_modules" in hp and not hp["target_modules"]:
-        raise TrainingRefused("hyperparameter 'target_modules' must name at least one linear layer")
 
 
 def linear_module_names(model) -> list[str]:
