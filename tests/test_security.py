@@ -228,11 +228,25 @@ def test_the_openai_client_checks_key_and_url_before_any_request(monkeypatch):
 # --- saved settings: services, forms, CLI ---------------------------------------------------------
 
 
-def _minilm_folder(dst: Path) -> Path:
-    """A real model folder (the bundled MiniLM encoder, hard-linked): what a classifier-kd
-    student starts from."""
+def _minilm_source() -> Path:
+    """A private copy (not links) of the bundled MiniLM encoder under MEDIA_ROOT, made once:
+    the test artifacts below hard-link to it, never to the installed package, whose files a
+    writer into a linked folder would change."""
     from workers.pipeline.registry import MINILM, resolve_model
 
+    src = Path(django_settings.MEDIA_ROOT) / "test-security" / "minilm-source"
+    if not (src / "model.safetensors").exists():
+        tmp = src.with_name(src.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(resolve_model(MINILM), tmp, ignore=shutil.ignore_patterns("1_Pooling", "README.md"))
+        shutil.rmtree(src, ignore_errors=True)
+        os.replace(tmp, src)
+    return src
+
+
+def _minilm_folder(dst: Path) -> Path:
+    """A real model folder (the MiniLM encoder, hard-linked from the private copy): what a
+    classifier-kd student starts from. Nothing writes into it."""
     if not (dst / "config.json").exists():
         shutil.rmtree(dst, ignore_errors=True)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -243,17 +257,18 @@ def _minilm_folder(dst: Path) -> Path:
             except OSError:
                 shutil.copy2(s, d)
 
-        shutil.copytree(resolve_model(MINILM), dst, copy_function=link)
+        shutil.copytree(_minilm_source(), dst, copy_function=link)
     return dst
 
 
 def _artifact(project, kind="classifier"):
-    """A finished training run of ``project`` with a ``kind`` artifact folder under MEDIA_ROOT."""
+    """A finished training run of ``project`` with a ``kind`` artifact folder under MEDIA_ROOT
+    (apart from the folders real runs write to)."""
     from projects.models import ModelArtifact, TrainingRun
 
     run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6",
                                      status="succeeded")
-    rel = f"artifacts/{project.slug}/run-{run.pk}/{kind}"
+    rel = f"test-security/{project.slug}/run-{run.pk}-{kind}"
     _minilm_folder(Path(django_settings.MEDIA_ROOT) / rel)
     return ModelArtifact.objects.create(project=project, training_run=run, kind=kind, path=rel, size_bytes=1)
 
