@@ -218,7 +218,8 @@ class TeacherForm(forms.Form):
                 d["model"] = f"{security.ARTIFACT_PREFIX}{art.pk}"
         elif d.get("provider") == "transformers" and (d.get("model") or "").strip() and self.project is not None:
             try:
-                d["model"] = security.model_ref_check(project=self.project, ref=d["model"], field="model")
+                d["model"] = security.model_ref_check(project=self.project, ref=d["model"], field="model",
+                                                     kinds=("merged",))
             except ServiceError as exc:
                 self.add_error("model", str(exc))
         return d

@@ -358,6 +358,9 @@ def test_teacher_settings_are_checked_when_saved(project, owner, other_team, out
     settings.TEACHER_KEY_ENVS = ["OPENAI_API_KEY"]
     with pytest.raises(InvalidInput, match="api_key_env: GROQ_API_KEY is not one of"):
         teacher_update(teacher=t, user=owner, temperature=0.5)
+    clf = _artifact(project, kind="classifier")
+    with pytest.raises(InvalidInput, match=f"^model: artifact {clf.pk} is a classifier artifact; use a merged artifact"):
+        teacher_create(project=project, name="clf", provider="transformers", model=f"artifact:{clf.pk}", user=owner)
     mine = _artifact(project, kind="merged")
     local = teacher_create(project=project, name="mine", provider="transformers", model=f"artifact:{mine.pk}", user=owner)
     assert local.model == f"artifact:{mine.pk}"

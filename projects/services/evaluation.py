@@ -250,7 +250,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             try:
                 from workers.pipeline.registry import resolve_model
 
-                name, policy = model_ref_resolve(project=project, ref=t.model, field="model")
+                name, policy = model_ref_resolve(project=project, ref=t.model, field="model", kinds=("merged",))
                 src = resolve_model(name, policy=policy)
                 size = P.folder_size(src) if Path(src).exists() else None
             except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
@@ -347,7 +347,8 @@ def evaluation_run(*, job: Job, reporter) -> dict:
         reporter.report(0.92, "Measuring speculative decoding", force=True)
         res, student_lm = causal_loaded[0]
         try:
-            tname, tpolicy = model_ref_resolve(project=project, ref=primary_teacher.model, field="model")
+            tname, tpolicy = model_ref_resolve(project=project, ref=primary_teacher.model, field="model",
+                                               kinds=("merged",))
             teacher_lm = LocalCausalLM.load(tname, kind="base", policy=tpolicy,
                                             device="cpu" if student_lm.device == "cpu" else None)
             n_prompts = int(ev.options.get("speculative_prompts", 3))
@@ -411,7 +412,7 @@ def _judge(ev: Evaluation, task):
         from workers.pipeline.local_lm import load_cached
 
         try:
-            model, policy = model_ref_resolve(project=ev.project, ref=t.model, field="model")
+            model, policy = model_ref_resolve(project=ev.project, ref=t.model, field="model", kinds=("merged",))
         except InvalidInput as exc:
             raise InvalidInput(f"judge_teacher {name!r}: {exc}") from None
         lm = load_cached(model, kind="base", policy=policy)

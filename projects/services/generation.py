@@ -41,6 +41,8 @@ DEFAULT_QUEUE = "teacher"
 # are kept; then they are dropped. Cancel therefore takes at most ~1 s (the check) + this.
 CANCEL_GRACE_S = 2.0
 SPLITS = ("train", "validation", "test", "golden")
+#: Artifact kinds a local (transformers) teacher can run: a causal LM folder.
+LOCAL_TEACHER_KINDS = ("merged",)
 
 
 class GenerationStopped(InvalidState):
@@ -111,7 +113,7 @@ def teacher_create(*, project: Project, name: str, provider: str, model: str = "
 
         model = SMOLLM2
     if provider == Teacher.Provider.TRANSFORMERS:
-        model = model_ref_check(project=project, ref=model, field="model")
+        model = model_ref_check(project=project, ref=model, field="model", kinds=LOCAL_TEACHER_KINDS)
     _validate_teacher_fields(provider=provider, model=model, base_url=base_url, api_key_env=api_key_env,
                              temperature=temperature, max_tokens=max_tokens, top_logprobs=top_logprobs,
                              price_in_per_1m=price_in_per_1m, price_out_per_1m=price_out_per_1m, timeout_s=timeout_s)
@@ -153,7 +155,8 @@ def teacher_update(*, teacher: Teacher, user=None, **fields) -> Teacher:
 
         values["model"] = SMOLLM2
     if teacher.provider == Teacher.Provider.TRANSFORMERS:
-        values["model"] = model_ref_check(project=teacher.project, ref=values["model"], field="model")
+        values["model"] = model_ref_check(project=teacher.project, ref=values["model"], field="model",
+                                          kinds=LOCAL_TEACHER_KINDS)
     _validate_teacher_fields(provider=teacher.provider, **{k: v for k, v in values.items() if k != "name"})
     name = (values["name"] or "").strip()
     if not name:
@@ -326,7 +329,7 @@ def _teacher_config(t: Teacher, *, resolve: bool = False):
     model, policy = t.model, security_policy()
     if resolve and t.provider == Teacher.Provider.TRANSFORMERS and model:
         try:
-            model, policy = model_ref_resolve(project=t.project, ref=model, field="model")
+            model, policy = model_ref_resolve(project=t.project, ref=model, field="model", kinds=LOCAL_TEACHER_KINDS)
         except (InvalidInput, InvalidState) as exc:
             raise RunStopped("refused", f"teacher {t.name}: {exc}") from None
     return TeacherConfig(id=t.pk, name=t.name, provider=t.provider, model=model, base_url=t.base_url, policy=policy,
