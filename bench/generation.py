@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from tests.openai_stub import serve_in_subprocess  # noqa: E402
 from workers.pipeline.generation import Generator, Group  # noqa: E402
 from workers.pipeline.specs import QueryItem, TaskSpec  # noqa: E402
+from workers.pipeline.security import SecurityPolicy  # noqa: E402
 from workers.pipeline.teachers import OpenAITeacher, TeacherConfig  # noqa: E402
 
 DELAY_S = 0.100
@@ -63,8 +64,10 @@ def main() -> None:
     task = TaskSpec(task_type="classification", labels=labels, instructions="Classify the customer's message.")
     # The endpoint runs in its own process, as a real server would (no shared GIL).
     proc, base_url = serve_in_subprocess(answer=_first_label(labels), delay_s=DELAY_S, max_in_flight=MAX_IN_FLIGHT)
+    # The stub listens on loopback: allowed here as DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS=1 would.
     cfg = TeacherConfig(id=1, name="stub", provider="openai", model="stub", base_url=base_url, timeout_s=30,
-                        price_in_per_1m=0.15, price_out_per_1m=0.6)
+                        price_in_per_1m=0.15, price_out_per_1m=0.6,
+                        policy=SecurityPolicy(allow_private_teacher_urls=True))
     try:
         # Sequential loop: one request after another.
         async def sequential(k: int) -> float:

@@ -132,7 +132,10 @@ def inference(merged: str, pairs, labels) -> dict:
     from workers.pipeline.specs import TaskSpec
 
     task = TaskSpec(task_type="classification", labels=tuple(labels))
-    lm = LocalCausalLM.load(merged, kind="merged")
+    from workers.pipeline.security import SecurityPolicy
+
+    # The benchmark's own output folder, allowed as DISTILLHUB_MODEL_DIRS would allow it.
+    lm = LocalCausalLM.load(merged, kind="merged", policy=SecurityPolicy.from_env().with_model_dirs(merged))
     msgs = [prompts.student_messages(task, q) for q, _ in pairs[:256]]
     lm.generate_batch(msgs[:8], max_new_tokens=8)  # warm-up
     if torch.cuda.is_available():

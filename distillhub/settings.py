@@ -21,6 +21,22 @@ Variables (all optional; defaults suit one machine with local PostgreSQL and Red
   for everyone); the client address is ``REMOTE_ADDR``, so a reverse proxy in front must pass
   the real one through (see django-axes' ``AXES_IPWARE_*`` settings).
 
+What a team's settings may point at (checked when saved and again on the worker; see
+workers/pipeline/security.py):
+
+- ``DISTILLHUB_MODEL_DIRS``  comma-separated absolute directories whose model folders may be
+  named by path as a student or local teacher; default empty: only bundled names
+  (``smollm2-135m-instruct``, ``minilm-l6``), Hugging Face ids (``org/name``) and the project's
+  own artifacts (``artifact:<id>``).
+- ``DISTILLHUB_TEACHER_KEY_ENVS``  comma-separated names of the workers' environment variables
+  a teacher's ``api_key_env`` may name; default ``OPENAI_API_KEY``.
+- ``DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS``  boolean, default off: teacher ``base_url``s may
+  reach loopback, private (10/8, 172.16/12, 192.168/16) and unique-local (fc00::/7) addresses,
+  e.g. a local vLLM, Ollama or llama.cpp server at 127.0.0.1. Link-local (169.254/16, fe80::/10:
+  cloud metadata), multicast, unspecified and reserved addresses stay refused.
+- ``DISTILLHUB_TEACHER_URL_ALLOW``  comma-separated host names and CIDRs a teacher ``base_url``
+  may reach whatever their addresses (e.g. ``vllm,10.0.5.0/24``); default empty.
+
 A malformed value raises ``ImproperlyConfigured`` naming the variable.
 """
 from __future__ import annotations
@@ -208,6 +224,22 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_TEMP_DIR = None
 STALE_JOB_SECONDS = _env_int("DISTILLHUB_STALE_JOB_SECONDS", 600, minimum=10)
+
+
+def _security_policy():
+    from workers.pipeline.security import SecurityPolicy  # stdlib only: no app imports at settings time
+
+    try:
+        return SecurityPolicy.from_env(os.environ)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+
+
+_policy = _security_policy()
+MODEL_DIRS = list(_policy.model_dirs)
+TEACHER_KEY_ENVS = list(_policy.teacher_key_envs)
+ALLOW_PRIVATE_TEACHER_URLS = _policy.allow_private_teacher_urls
+TEACHER_URL_ALLOW = list(_policy.teacher_url_allow)
 
 # --- Celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = REDIS_URL

@@ -8,6 +8,27 @@ from decimal import Decimal
 from django import forms
 
 from projects.models import TaskType
+from projects.services import ServiceError
+from projects.services import security
+
+
+def _artifact_choices(field, project, kinds) -> None:
+    """Limit an artifact select to ``project``'s model artifacts of ``kinds`` (another
+    project's id is an invalid choice)."""
+    from projects.models import ModelArtifact
+
+    field.queryset = (ModelArtifact.objects.filter(project=project, kind__in=kinds).order_by("-id")
+                      if project is not None else ModelArtifact.objects.none())
+    field.label_from_instance = lambda a: f"artifact:{a.pk} ({a.kind} of training run {a.training_run_id})"
+
+
+def _checked(check, value: str) -> str:
+    """``value`` when ``check(value)`` passes; its ServiceError as the field's error."""
+    try:
+        check(value)
+    except ServiceError as exc:
+        raise forms.ValidationError(str(exc)) from None
+    return value
 
 
 def idempotency_key_field() -> forms.UUIDField:
@@ -146,12 +167,19 @@ class TeacherForm(forms.Form):
                                           ("ensemble", "Ensemble of teachers")])
     model = forms.CharField(max_length=300, required=False,
                             help_text="API: the model name (gpt-4o-mini, llama3.1:8b, ...). Local: a bundled name "
-                                      "(smollm2-135m-instruct, the default), a Hugging Face id or a folder.")
+                                      "(smollm2-135m-instruct, the default), a Hugging Face id (org/name) or "
+                                      "artifact:<id> of this project.")
+    model_artifact = forms.ModelChoiceField(
+        queryset=None, required=False, label="Or a model trained here",
+        help_text="Local teachers: a merged model trained in this project.",
+        error_messages={"invalid_choice": "That is not a model artifact of this project."})
     base_url = forms.CharField(max_length=500, required=False, label="Base URL",
-                               help_text="e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama). "
-                                         "Empty: OpenAI.")
+                               help_text="e.g. https://api.openai.com/v1. Empty: OpenAI. A local server "
+                                         "(vLLM, Ollama, llama.cpp at 127.0.0.1) needs the operator's "
+                                         "DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS.")
     api_key_env = forms.CharField(max_length=100, required=False, label="API key environment variable",
-                                  help_text="The NAME of the variable that holds the key on the workers, e.g. OPENAI_API_KEY.")
+                                  help_text="The NAME of the variable that holds the key on the workers, e.g. "
+                                            "OPENAI_API_KEY (one the operator allows).")
     temperature = forms.FloatField(initial=0.3, min_value=0, max_value=2)
     max_tokens = forms.IntegerField(initial=256, min_value=1, max_value=131072)
     top_logprobs = forms.IntegerField(required=False, min_value=0, max_value=20,
@@ -168,14 +196,43 @@ class TeacherForm(forms.Form):
         super().__init__(*args, **kwargs)
         from projects.models import Teacher
 
+        self.project = project
         qs = Teacher.objects.filter(project=project).exclude(provider="ensemble")
         if editing is not None:
             qs = qs.exclude(pk=editing.pk)
             self.fields["provider"].disabled = True
         self.fields["members"].queryset = qs
+        _artifact_choices(self.fields["model_artifact"], project, ("merged",))
+
+    def clean_api_key_env(self) -> str:
+        return _checked(lambda v: security.teacher_endpoint_check(base_url="", api_key_env=v),
+                        self.cleaned_data.get("api_key_env") or "")
+
+    def clean_base_url(self) -> str:
+        return _checked(lambda v: security.teacher_endpoint_check(base_url=v, api_key_env=""),
+                        (self.cleaned_data.get("base_url") or "").strip())
+
+    def clean(self):
+        d = super().clean()
+        art = d.get("model_artifact")
+        if art is not None:
+            if d.get("provider") != "transformers":
+                self.add_error("model_artifact", "Only a local (transformers) teacher runs a model trained here.")
+            elif (d.get("model") or "").strip():
+                self.add_error("model_artifact", "Give a model name or choose a model trained here, not both.")
+            else:
+                d["model"] = f"{security.ARTIFACT_PREFIX}{art.pk}"
+        elif d.get("provider") == "transformers" and (d.get("model") or "").strip() and self.project is not None:
+            try:
+                d["model"] = security.model_ref_check(project=self.project, ref=d["model"], field="model",
+                                                     kinds=("merged",))
+            except ServiceError as exc:
+                self.add_error("model", str(exc))
+        return d
 
     def service_kwargs(self) -> dict:
         d = dict(self.cleaned_data)
+        d.pop("model_artifact", None)
         d["members"] = list(d.get("members") or [])
         return d
 
@@ -257,8 +314,12 @@ class TrainForm(forms.Form):
 
     method = forms.ChoiceField(choices=METHOD_CHOICES)
     student_model = forms.CharField(max_length=300, required=False,
-                                    help_text="Bundled name (smollm2-135m-instruct, minilm-l6), HF id or folder; "
-                                              "blank: the method's default.")
+                                    help_text="Bundled name (smollm2-135m-instruct, minilm-l6) or Hugging Face id "
+                                              "(org/name); blank: the method's default.")
+    student_artifact = forms.ModelChoiceField(
+        queryset=None, required=False, label="Or start from a model trained here",
+        help_text="A merged model (sft-lora, sft-full, logit-kd) or a classifier (classifier-kd) of this project.",
+        error_messages={"invalid_choice": "That is not a model artifact of this project."})
     preset = forms.ChoiceField(choices=[("fast", "fast (minutes on a CPU)"), ("seed", "seed (the seed recipe)")])
     num_train_epochs = _hp_field("num_train_epochs", "Epochs")
     learning_rate = _hp_field("learning_rate", "Learning rate")
@@ -275,6 +336,25 @@ class TrainForm(forms.Form):
                             help_text="Other settings, one key=value per line (e.g. warmup_ratio=0.1); "
                                       "the valid settings and ranges are in the table below.")
 
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.project = project
+        _artifact_choices(self.fields["student_artifact"], project, security.MODEL_ARTIFACT_KINDS)
+
+    def _clean_student(self, d: dict) -> None:
+        """The student as the service takes it: ``artifact:<id>`` for a chosen artifact, else the
+        name, checked (bundled name or hub id; never a free path)."""
+        art, name = d.get("student_artifact"), (d.get("student_model") or "").strip()
+        if art is not None and name:
+            self.add_error("student_artifact", "Give a model name or choose a model trained here, not both.")
+        elif art is not None:
+            d["student_model"] = f"{security.ARTIFACT_PREFIX}{art.pk}"
+        elif name and self.project is not None:
+            try:
+                d["student_model"] = security.model_ref_check(project=self.project, ref=name, field="student_model")
+            except ServiceError as exc:
+                self.add_error("student_model", str(exc))
+
     def clean_extra(self) -> dict:
         out = {}
         for i, line in enumerate(self.cleaned_data.get("extra", "").splitlines(), 1):
@@ -288,8 +368,10 @@ class TrainForm(forms.Form):
 
     def clean(self):
         """Check every setting against the chosen method's settings and the ranges of
-        ``workers.pipeline.training.HYPERPARAMS``; an error goes to the field that set it."""
+        ``workers.pipeline.training.HYPERPARAMS``; an error goes to the field that set it. The
+        student is checked too (``_clean_student``)."""
         data = super().clean()
+        self._clean_student(data)
         method, preset = data.get("method"), data.get("preset")
         if not method or not preset:
             return data

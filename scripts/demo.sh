@@ -56,6 +56,19 @@ start_worker() {  # name queues pidfile logfile extra-args...
     --detach --pidfile "$pidfile" --logfile "$logfile" "$@"
 }
 
+# A teacher server on this machine named by OPENAI_BASE_URL (llama.cpp, Ollama, vLLM at 127.0.0.1
+# or localhost) is the operator's own choice: allow exactly that host for teacher URLs, unless
+# DISTILLHUB_TEACHER_URL_ALLOW is set already. Other loopback and private addresses stay refused.
+if [[ -n "${OPENAI_BASE_URL:-}" && -z "${DISTILLHUB_TEACHER_URL_ALLOW:-}" ]]; then
+  local_host=$("$PY" -c 'import sys, urllib.parse as u
+h = (u.urlsplit(sys.argv[1]).hostname or "").lower()
+print(h if h in ("localhost", "::1") or h.startswith("127.") else "")' "$OPENAI_BASE_URL" 2>/dev/null || true)
+  if [[ -n "$local_host" ]]; then
+    export DISTILLHUB_TEACHER_URL_ALLOW=$local_host
+    echo "OPENAI_BASE_URL is on this machine: teachers may reach $local_host (DISTILLHUB_TEACHER_URL_ALLOW)."
+  fi
+fi
+
 # Ingest and generation on one worker; training and evaluation on the `gpu` queue with a fresh
 # process per job (so memory is given back), as on a real GPU machine.
 # Two processes with one torch thread each use both cores of a small machine without

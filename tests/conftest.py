@@ -15,6 +15,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The tests' OpenAI-compatible servers listen on loopback (tests/openai_stub.py, llama.cpp's
+# server), which teachers may reach only where the operator allows private addresses. Django's
+# settings are loaded before this file, so the setting is turned on both here (the test process)
+# and in the environment (the pipeline's default policy, `distill` subprocesses, the worker).
+# tests/test_security.py turns it off where it checks the refusal.
+os.environ["DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS"] = "1"
+from django.conf import settings as _settings  # noqa: E402
+
+_settings.ALLOW_PRIVATE_TEACHER_URLS = True
 SHARED_DATA = Path(os.environ.get("DISTILLHUB_SHARED_DATA", REPO.parent / "shared" / "data"))
 PASSWORD = "correct-horse-42"
 
@@ -106,6 +116,7 @@ def celery_worker_proc(django_db_setup, django_db_blocker):
     env["REDIS_URL"] = _redis_url_for_tests()
     env["DISTILLHUB_DATA_DIR"] = str(settings.DATA_DIR)
     env["DISTILLHUB_MODEL_CACHE"] = str(settings.MODEL_CACHE_DIR)
+    env["DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS"] = "1"  # the loopback test servers (see the top)
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = Path(settings.DATA_DIR) / "test-celery-worker.log"
     log = open(log_path, "w")

@@ -41,6 +41,10 @@ def test_env_values_are_used(tmp_path):
     ({"DATABASE_URL": "mysql://root@localhost/x"}, "must be a postgres:// URL"),
     ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL='http://localhost:6379' must be a redis://"),
     ({"DISTILLHUB_MAX_UPLOAD_MB": "lots"}, "DISTILLHUB_MAX_UPLOAD_MB='lots' is not an integer"),
+    ({"DISTILLHUB_MODEL_DIRS": "models"}, "DISTILLHUB_MODEL_DIRS: 'models' is not an absolute directory"),
+    ({"DISTILLHUB_TEACHER_KEY_ENVS": "sk-abc123"}, "DISTILLHUB_TEACHER_KEY_ENVS: list variable NAMES"),
+    ({"DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS": "maybe"}, "DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS='maybe' is not a boolean"),
+    ({"DISTILLHUB_TEACHER_URL_ALLOW": "http://x/"}, "DISTILLHUB_TEACHER_URL_ALLOW: 'http://x/' is neither"),
 ])
 def test_bad_values_raise_improperly_configured(tmp_path, env, needle):
     r = _load_settings(tmp_path, **env)

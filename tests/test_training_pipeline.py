@@ -14,6 +14,7 @@ os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
 
 from workers.pipeline.local_lm import LocalCausalLM
 from workers.pipeline.registry import resolve_model
+from workers.pipeline.security import SecurityPolicy
 from workers.pipeline.specs import TaskSpec
 from workers.pipeline.training import (TrainingRefused, TrainRow, TrainSpec, ensure_chat_template,
                                        resolve_hyperparams, split_validation, train)
@@ -36,10 +37,15 @@ def soft(labels, gold, p_gold=0.7):
     return {l: (p_gold if l == gold else rest) for l in labels}
 
 
+def _local(tmp_path) -> SecurityPolicy:
+    """The operator's policy with the test's folder allowed, as DISTILLHUB_MODEL_DIRS would."""
+    return SecurityPolicy().with_model_dirs(str(tmp_path))
+
+
 def _spec(tmp_path, method, student, task, train_rows, val_rows, **over):
     return TrainSpec(method=method, student_model=student, task=task, train_rows=train_rows, val_rows=val_rows,
                      hyperparams=resolve_hyperparams(method, "fast", over), output_dir=str(tmp_path / "out"),
-                     checkpoint_dir=str(tmp_path / "ckpt"))
+                     checkpoint_dir=str(tmp_path / "ckpt"), policy=_local(tmp_path))
 
 
 def test_sft_lora_lowers_loss_and_artifacts_reload_the_same(tmp_path, shared_data):
@@ -73,12 +79,12 @@ def test_sft_lora_lowers_loss_and_artifacts_reload_the_same(tmp_path, shared_dat
         assert "<|im_start|>" in (json.dumps(json.loads((k / "tokenizer_config.json").read_text()))
                                   + ((k / "chat_template.jinja").read_text() if (k / "chat_template.jinja").exists() else ""))
     msgs = [{"role": "user", "content": "Label: " + pairs[0][0]}]
-    adapter = LocalCausalLM.load(str(kinds["adapter"]), kind="adapter", device="cpu")
-    merged = LocalCausalLM.load(str(kinds["merged"]), kind="merged", device="cpu")
+    adapter = LocalCausalLM.load(str(kinds["adapter"]), kind="adapter", device="cpu", policy=_local(tmp_path))
+    merged = LocalCausalLM.load(str(kinds["merged"]), kind="merged", device="cpu", policy=_local(tmp_path))
     a = adapter.generate(msgs, max_new_tokens=8)
     m = merged.generate(msgs, max_new_tokens=8)
     assert a.text == m.text and a.output_tokens == m.output_tokens
-    int8 = LocalCausalLM.load(str(kinds["int8"]), kind="int8")
+    int8 = LocalCausalLM.load(str(kinds["int8"]), kind="int8", policy=_local(tmp_path))
     assert int8.generate(msgs, max_new_tokens=8).output_tokens >= 1
 
 

@@ -12,9 +12,12 @@ def register(sub) -> None:
     p.add_argument("--project", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--provider", required=True, choices=["openai", "transformers", "ensemble"])
-    p.add_argument("--model", default="", help="API model name, or a local model (bundled name, HF id, folder)")
-    p.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    p.add_argument("--model", default="", help="API model name, or a local model (bundled name, Hugging Face id "
+                   "org/name, artifact:ID of this project)")
+    p.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
+                   "(loopback/private addresses need the operator's DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS)")
+    p.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key "
+                   "(one of the operator's DISTILLHUB_TEACHER_KEY_ENVS)")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--top-logprobs", type=int, default=None)

@@ -13,7 +13,9 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a student on the curated dataset (gpu queue)")
     p.add_argument("--project", required=True)
     p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--student", default="", help="bundled name, HF id or folder (default: the method's)")
+    p.add_argument("--student", default="", help="bundled name (smollm2-135m-instruct, minilm-l6), Hugging Face id "
+                   "org/name, or artifact:ID of this project (default: the method's); a folder only under the "
+                   "operator's DISTILLHUB_MODEL_DIRS")
     p.add_argument("--preset", default="fast", choices=["seed", "fast"])
     p.add_argument("--epochs", type=float, help="num_train_epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

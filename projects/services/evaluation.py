@@ -43,6 +43,8 @@ from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
+from projects.services.security import (artifact_folder, model_ref_resolve, project_model_policy,
+                                        teacher_endpoint_check)
 
 EVAL_SPLITS = ("test", "golden")
 CAUSAL_KINDS = ("merged", "adapter", "int8")
@@ -326,9 +328,10 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             try:
                 from workers.pipeline.registry import resolve_model
 
-                src = resolve_model(t.model)
+                name, policy = model_ref_resolve(project=project, ref=t.model, field="model", kinds=("merged",))
+                src = resolve_model(name, policy=policy)
                 size = P.folder_size(src) if Path(src).exists() else None
-            except Exception:  # noqa: BLE001 - size is informative only
+            except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
                 size = None
         if task.task_type == "classification":
             m["agreement"] = M.agreement(labs, p_labs)
@@ -349,6 +352,9 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     # -- students ---------------------------------------------------------------------------
     judge = _judge(ev, task) if task.task_type in ("summarization", "generation") else None
     students = _students(project)
+    # This project's artifact folders (an adapter's base may be one of them) and its students'
+    # base models, nothing else.
+    student_policy = project_model_policy(project=project)
     total = max(1, len(students))
     causal_loaded: list[tuple[EvalResult, object]] = []
     for k, (name, role, kind, path, artifact, run_) in enumerate(students):
@@ -364,12 +370,12 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             preds = P.predict_classifier(path, items, labels=labels, report=report, check_cancel=reporter.check_cancel)
             size = P.folder_size(path)
         else:
-            lm = LocalCausalLM.load(path, kind=kind)
+            lm = LocalCausalLM.load(path, kind=kind, policy=student_policy)
             preds = P.predict_causal(lm, task, items, report=report, check_cancel=reporter.check_cancel)
             if kind == "base":
                 from workers.pipeline.registry import resolve_model
 
-                size = P.folder_size(resolve_model(path))
+                size = P.folder_size(resolve_model(path, policy=student_policy))
             else:
                 size = P.folder_size(path)
         wall = time.perf_counter() - t0
@@ -420,7 +426,9 @@ def evaluation_run(*, job: Job, reporter) -> dict:
         reporter.report(0.92, "Measuring speculative decoding", force=True)
         res, student_lm = causal_loaded[0]
         try:
-            teacher_lm = LocalCausalLM.load(primary_teacher.model, kind="base",
+            tname, tpolicy = model_ref_resolve(project=project, ref=primary_teacher.model, field="model",
+                                               kinds=("merged",))
+            teacher_lm = LocalCausalLM.load(tname, kind="base", policy=tpolicy,
                                             device="cpu" if student_lm.device == "cpu" else None)
             n_prompts = int(ev.options.get("speculative_prompts", 3))
             msgs = [P.prompts.teacher_messages(task, it.text) for it in items[:n_prompts]]
@@ -455,7 +463,8 @@ def evaluation_run(*, job: Job, reporter) -> dict:
 def _judge(ev: Evaluation, task):
     """The optional LLM judge: the teacher named by ``Evaluation.options["judge_teacher"]`` or
     ``project.checks["judge_teacher"]``, as ``judge(query, a, b) -> "A"|"B"|"tie"``; None when
-    none is set. Raises InvalidInput when the named teacher does not exist or lacks its key."""
+    none is set. Raises InvalidInput when the named teacher does not exist, lacks its key, or
+    names a key variable, URL or model the operator's policy refuses now."""
     import os
 
     from workers.pipeline import evaluation as P
@@ -469,6 +478,10 @@ def _judge(ev: Evaluation, task):
     if t.provider == Teacher.Provider.OPENAI:
         import openai
 
+        try:
+            teacher_endpoint_check(base_url=t.base_url, api_key_env=t.api_key_env, on_worker=True)
+        except InvalidInput as exc:
+            raise InvalidInput(f"judge_teacher {name!r}: {exc}") from None
         key = os.environ.get(t.api_key_env, "") if t.api_key_env else "none"
         if t.api_key_env and not key:
             raise InvalidInput(f"judge_teacher {name!r}: environment variable {t.api_key_env} is not set")
@@ -480,7 +493,11 @@ def _judge(ev: Evaluation, task):
     elif t.provider == Teacher.Provider.TRANSFORMERS:
         from workers.pipeline.local_lm import load_cached
 
-        lm = load_cached(t.model, kind="base")
+        try:
+            model, policy = model_ref_resolve(project=ev.project, ref=t.model, field="model", kinds=("merged",))
+        except InvalidInput as exc:
+            raise InvalidInput(f"judge_teacher {name!r}: {exc}") from None
+        lm = load_cached(model, kind="base", policy=policy)
 
         def chat(msgs):
             return lm.generate(msgs, max_new_tokens=4).text
@@ -510,7 +527,7 @@ def _students(project: Project) -> list[tuple]:
     arts = (ModelArtifact.objects.filter(project=project, kind__in=STUDENT_KINDS)
             .select_related("training_run").order_by("training_run_id", "id"))
     for a in arts:
-        path = Path(settings.MEDIA_ROOT) / a.path
+        path = Path(artifact_folder(artifact=a))
         if not path.exists():
             raise InvalidState(f"artifact {a.pk} ({a.kind}): {a.path} is missing under the media folder")
         run = a.training_run
@@ -519,7 +536,10 @@ def _students(project: Project) -> list[tuple]:
         if run and a.kind in CAUSAL_KINDS and run.student_model:
             bases.setdefault(run.student_model, run)
     for name, run in bases.items():
-        out.append((f"{name} (base)", "base", "base", name, None, None))
+        # A base student is loaded from what its reference resolves to now (an artifact of this
+        # project, a bundled name, a hub id); a refused one fails the evaluation with the reason.
+        path, _ = model_ref_resolve(project=project, ref=name, field="student_model", kinds=("merged",))
+        out.append((f"{name} (base)", "base", "base", path, None, None))
     return out
 
 

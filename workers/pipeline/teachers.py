@@ -8,6 +8,10 @@ server's ``Retry-After``; after ``max_retries`` they end as a failed reply with 
 ``timeout``/``rate_limited``/``server_error``/``connection``. ``insufficient_quota`` (a 429 whose
 error code says the account is out of credit) and authentication errors raise ``RunStopped``:
 no retry can succeed, so the whole run stops at once with that reason.
+
+Before a client reads a key, sends a request or loads a model, it checks its settings against
+the operator's ``workers.pipeline.security.SecurityPolicy`` (``TeacherConfig.policy``, default
+read from the environment): a refused key variable, URL or model raises ``RunStopped("refused")``.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from workers.pipeline.prompts import _norm_label
 
 class RunStopped(Exception):
     """The run must stop now (``reason``: ``insufficient_quota``, ``authentication``,
-    ``budget``, ``cancelled``); the message says why."""
+    ``budget``, ``cancelled``, ``refused``); the message says why."""
 
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(message or reason)
@@ -33,7 +37,8 @@ class RunStopped(Exception):
 @dataclass(frozen=True)
 class TeacherConfig:
     """A teacher's settings as plain data. Prices in USD per 1M tokens; ``timeout_s`` per
-    request; ``members`` for an ensemble."""
+    request; ``members`` for an ensemble; ``policy``: the operator's ``SecurityPolicy`` the
+    client checks its settings against (None: read from the environment)."""
 
     id: int
     name: str
@@ -49,6 +54,7 @@ class TeacherConfig:
     price_out_per_1m: float = 0.0
     max_retries: int = 4
     members: tuple["TeacherConfig", ...] = ()
+    policy: object | None = None
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """USD = tokens_in * price_in / 1e6 + tokens_out * price_out / 1e6."""
@@ -137,13 +143,24 @@ def label_probs_from_top_logprobs(top: list[tuple[str, float]], labels: tuple[st
 class OpenAITeacher:
     """Any OpenAI-compatible Chat Completions endpoint via ``openai.AsyncOpenAI`` (OpenAI, Azure,
     vLLM, Ollama, llama.cpp's server, gateways). The key is read from the environment variable
-    ``api_key_env`` at call time and never stored; servers without auth get a placeholder."""
+    ``api_key_env`` at call time and never stored; servers without auth get a placeholder.
+
+    Raises RunStopped (``refused``) when the operator's policy refuses ``api_key_env`` or
+    ``base_url`` (checked here, right before the requests: the host is resolved again)."""
 
     def __init__(self, cfg: TeacherConfig, labels: tuple[str, ...] = ()) -> None:
         import openai
 
+        from workers.pipeline.security import Refused, SecurityPolicy, check_key_env, check_teacher_url
+
         self.cfg = cfg
         self.labels = labels
+        policy = cfg.policy if cfg.policy is not None else SecurityPolicy.from_env()
+        try:
+            check_key_env(cfg.api_key_env, policy=policy)
+            check_teacher_url(cfg.base_url, policy=policy, require_resolution=True)
+        except Refused as exc:
+            raise RunStopped("refused", f"teacher {cfg.name}: {exc}") from None
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not key:
             raise RunStopped("authentication", f"teacher {cfg.name}: environment variable {cfg.api_key_env} is not set")
@@ -277,7 +294,7 @@ class LocalTeacher:
         self.cfg = cfg
         self.labels = labels
         self.task_type = task_type
-        self.lm = load_cached(cfg.model or SMOLLM2)
+        self.lm = load_cached(cfg.model or SMOLLM2, policy=cfg.policy)
 
     @property
     def deterministic(self) -> bool:
@@ -322,12 +339,17 @@ class LocalTeacher:
 
 def make_client(cfg: TeacherConfig, *, labels: tuple[str, ...], task_type: str):
     """The client for ``cfg``: OpenAITeacher, LocalTeacher or EnsembleTeacher. Raises
-    RunStopped (authentication) when the key's environment variable is missing, ValueError for
-    an unknown provider."""
+    RunStopped (authentication) when the key's environment variable is missing, RunStopped
+    (refused) when the operator's policy refuses a setting, ValueError for an unknown provider."""
+    from workers.pipeline.security import Refused
+
     if cfg.provider == "openai":
         return OpenAITeacher(cfg, labels)
     if cfg.provider == "transformers":
-        return LocalTeacher(cfg, labels, task_type)
+        try:
+            return LocalTeacher(cfg, labels, task_type)
+        except Refused as exc:
+            raise RunStopped("refused", f"teacher {cfg.name}: {exc}") from None
     if cfg.provider == "ensemble":
         return EnsembleTeacher(cfg, [make_client(m, labels=labels, task_type=task_type) for m in cfg.members], labels, task_type)
     raise ValueError(f"teacher {cfg.name}: unknown provider {cfg.provider!r}")

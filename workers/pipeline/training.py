@@ -145,7 +145,10 @@ class TrainRow:
 @dataclass
 class TrainSpec:
     """Everything a run needs. ``hyperparams`` come from ``resolve_hyperparams``. ``teacher_model``:
-    a local causal teacher (logit-kd only). Paths are absolute folders."""
+    a local causal teacher (logit-kd only). Paths are absolute folders. ``policy``: the
+    operator's ``security.SecurityPolicy`` that ``student_model`` and ``teacher_model`` must pass
+    before they are loaded (None: read from the environment); a refused one raises
+    TrainingRefused."""
 
     method: str
     student_model: str
@@ -158,6 +161,7 @@ class TrainSpec:
     resume_from_checkpoint: str | None = None
     teacher_model: str | None = None
     cache_dir: str | None = None
+    policy: object | None = None
 
 
 @dataclass
@@ -402,10 +406,20 @@ def _finish(trainer, state_box: dict, spec: TrainSpec, preflight: dict, t0: floa
 # --- SFT (LoRA / full) and logit KD ---------------------------------------------------------
 
 
+def _resolve(spec: TrainSpec, name: str, field: str) -> str:
+    """``registry.resolve_model`` under the spec's policy; a refused name is TrainingRefused."""
+    from workers.pipeline.security import Refused
+
+    try:
+        return resolve_model(name, spec.cache_dir, policy=spec.policy, field=field)
+    except Refused as exc:
+        raise TrainingRefused(str(exc)) from None
+
+
 def _load_tokenizer(spec: TrainSpec):
     from transformers import AutoTokenizer
 
-    src = resolve_model(spec.student_model, spec.cache_dir)
+    src = _resolve(spec, spec.student_model, "student_model")
     tok = AutoTokenizer.from_pretrained(src)
     return src, tok
 
@@ -575,7 +589,7 @@ def save_causal_artifacts(trainer, tok, spec: TrainSpec, *, lora: bool) -> list[
         from peft import PeftModel
 
         # Merge onto a float32 base (not the bf16 training copy) so the merged weights are exact.
-        base = _sft_model(spec, resolve_model(spec.student_model, spec.cache_dir), torch.float32)
+        base = _sft_model(spec, _resolve(spec, spec.student_model, "student_model"), torch.float32)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
         merged = trainer.model
@@ -601,7 +615,7 @@ def _load_logit_teacher(spec: TrainSpec, student_tok):
     if not spec.teacher_model:
         raise TrainingRefused("logit-kd needs a local teacher (a transformers teacher of this project); "
                               "for an API teacher use sft-lora on its answers")
-    src = resolve_model(spec.teacher_model, spec.cache_dir)
+    src = _resolve(spec, spec.teacher_model, "teacher_model")
     ttok = AutoTokenizer.from_pretrained(src)
     if ttok.get_vocab() != student_tok.get_vocab():
         raise TrainingRefused(f"logit-kd needs the teacher and the student to share a tokenizer, but teacher "
@@ -670,7 +684,7 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
     if spec.task.task_type != "classification" or len(labels) < 2:
         raise TrainingRefused("classifier-kd needs a classification project with at least two labels")
     index = {l: i for i, l in enumerate(labels)}
-    src = resolve_model(spec.student_model, spec.cache_dir)
+    src = _resolve(spec, spec.student_model, "student_model")
     tok = AutoTokenizer.from_pretrained(src)
     report("progress", {"progress": 0.01, "message": "loading the student"})
     model = AutoModelForSequenceClassification.from_pretrained(
