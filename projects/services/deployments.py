@@ -203,7 +203,7 @@ def deployment_update(*, deployment: Deployment, user=None, action: str = "updat
     ensure_can_write(user=user, team=deployment.project.team)
     clean = _clean_fields(fields, deployment.project)
     with transaction.atomic():
-        dep = Deployment.objects.select_for_update().select_related("project", "teacher", "student_artifact").get(
+        dep = Deployment.objects.select_for_update(of=("self",)).select_related("project", "teacher", "student_artifact").get(
             pk=deployment.pk)
         before = deployment_config(deployment=dep)
         for k, v in clean.items():
