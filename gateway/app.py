@@ -40,6 +40,8 @@ from gateway.state import Snapshot, load_snapshot  # noqa: E402
 from gateway.upstream import Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
 
 log = logging.getLogger("gateway")
+# httpx2 logs every request at INFO: a log line per call would cost more than the routing itself.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _env_float(name: str, default: float) -> float:

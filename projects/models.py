@@ -548,7 +548,7 @@ class Deployment(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="deployments")
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=120, unique=True)
-    teacher = models.ForeignKey(Teacher, on_delete=models.PROTECT, related_name="deployments")
+    teacher = models.ForeignKey(Teacher, on_delete=models.CASCADE, related_name="deployments")
     teacher_url = models.CharField(max_length=500, blank=True, default="")
     student_artifact = models.ForeignKey(ModelArtifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="deployments")
     student_url = models.CharField(max_length=500, blank=True, default="")

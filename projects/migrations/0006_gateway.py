@@ -44,7 +44,7 @@ class Migration(migrations.Migration):
                 ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deployments', to='projects.project')),
                 ('retrain_run', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='projects.trainingrun')),
                 ('student_artifact', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='deployments', to='projects.modelartifact')),
-                ('teacher', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='deployments', to='projects.teacher')),
+                ('teacher', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deployments', to='projects.teacher')),
             ],
             options={
                 'ordering': ['-created_at'],
