@@ -76,6 +76,11 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.set_defaults(handler=cmd_gateway)
 
+    p = sub.add_parser("demo-serve", help="serve the demo's classifier student behind a running gateway, send a few requests")
+    p.add_argument("--gateway-url", default="http://127.0.0.1:8200/v1")
+    p.add_argument("--teacher-url", default="", help="where a local demo teacher is served (serve-student --teacher)")
+    p.set_defaults(handler=cmd_demo_serve)
+
     p = sub.add_parser("serve-student", help="serve a student artifact (or a local teacher) as an OpenAI-compatible endpoint")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--artifact", type=int, help="artifact id (classifier, merged, int8, adapter)")
@@ -187,3 +192,9 @@ def cmd_serve_student(o: dict) -> None:
 
     target = serve_target(artifact_id=o.get("artifact"), teacher=o.get("teacher"))
     run_server(target, host=o["host"], port=o["port"])
+
+
+def cmd_demo_serve(o: dict) -> dict:
+    from projects.services.demo_serving import demo_serve
+
+    return demo_serve(gateway_url=o["gateway_url"], teacher_url=o["teacher_url"])
