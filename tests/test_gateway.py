@@ -207,3 +207,60 @@ def test_a_teams_key_never_reaches_another_teams_deployment(gateway, project, ow
     assert client.models.list().data == []
     assert teacher_stub.total_completed == 0
 
+
+
+@pytest.fixture(scope="session")
+def classifier_folder():
+    """A real MiniLM sequence classifier over LABELS (a random head: real inference, unsure
+    answers) under MEDIA_ROOT; built once."""
+    import os
+    from pathlib import Path
+
+    import torch
+    from django.conf import settings
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.pipeline.registry import MINILM, resolve_model
+
+    clf = Path(settings.MEDIA_ROOT) / "test-gateway-artifacts" / "classifier"
+    if not (clf / "config.json").exists():
+        torch.manual_seed(0)
+        src = resolve_model(MINILM)
+        m = AutoModelForSequenceClassification.from_pretrained(
+            src, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+        tmp = clf.with_name("classifier.tmp")
+        m.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        os.replace(tmp, clf)
+    return clf
+
+
+def test_real_classifier_student_in_the_gateway(gateway, project, owner, teacher_stub, classifier_folder):
+    from django.conf import settings
+
+    from projects.models import ModelArtifact, TrainingRun
+    from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner, student_artifact=art,
+                            student_share=1.0)
+    _, key = gateway_key_create(team=project.team, name="tests", user=owner)
+    time.sleep(REFRESH_WAIT)
+    client = _client(gateway, key)
+    route, resp = _ask(client, "My card still has not arrived after two weeks.")
+    assert route == "student" and resp.choices[0].message.content in LABELS
+    assert resp.usage.prompt_tokens > 5
+    [row] = _wait_logs(dep, 1, timeout=60)
+    assert 1 / 3 <= row.confidence <= 1.0
+    # A threshold above what the (untrained) student can reach: the teacher answers.
+    deployment_update(deployment=dep, user=owner, confidence_threshold=0.99)
+    time.sleep(REFRESH_WAIT)
+    route, resp = _ask(client, "I lost my card yesterday.")
+    assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
+    rows = _wait_logs(dep, 2)
+    assert rows[1].route == "fallback" and rows[1].confidence < 0.99
