@@ -260,6 +260,8 @@ CELERY_BEAT_SCHEDULE = {
     "jobs-mark-stale": {"task": "workers.tasks.jobs_mark_stale_task", "schedule": 60.0},
     # Catches up a search index whose run after an import was lost (broker down, worker killed).
     "search-index-catch-up": {"task": "workers.tasks.ingest_search_catch_up_task", "schedule": 300.0},
+    # Serving: harvest gateway logs, the promote rule, continuous distillation.
+    "serving-tick": {"task": "workers.tasks.serving_tick_task", "schedule": 60.0},
 }
 
 LOGGING = {

@@ -540,3 +540,128 @@ class EvalPrediction(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["result", "query"], name="evalprediction_result_query_unique")]
+
+
+# --- Serving: deployments, gateway keys, request logs -----------------------------------------
+
+
+class Deployment(models.Model):
+    """A project's student served behind the gateway (``gateway/``) with A/B routing against a
+    teacher. Clients address it by ``slug`` as the OpenAI ``model`` field.
+
+    The student is either ``student_artifact`` (a classifier folder the gateway loads in-process,
+    or any artifact served by ``distill serve-student`` at ``student_url``) or an external
+    OpenAI-compatible endpoint at ``student_url`` (vLLM, llama.cpp server, Ollama) serving
+    ``student_model``. ``student_share`` and ``shadow_share`` are fractions in [0, 1].
+    ``confidence_threshold``: a classifier's top-label probability (0-1) or a causal LM's mean
+    token log-probability (<= 0); a student answer under it is answered by the teacher
+    (fallback); None disables it. ``teacher_url``: where a local (transformers) teacher is served.
+    ``promote_delta``: the largest live quality delta (1 - agreement) allowed for promotion, over
+    the last ``promote_window`` shadow comparisons; ``alert_agreement``: the divergence alert
+    fires when agreement over the last ``alert_window`` comparisons falls below it.
+    ``retrain_every``: continuous distillation trains a new student once this many new
+    production samples were harvested (0: off). Every change writes a DeploymentVersion."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="deployments")
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=120, unique=True)
+    teacher = models.ForeignKey(Teacher, on_delete=models.CASCADE, related_name="deployments")
+    teacher_url = models.CharField(max_length=500, blank=True, default="")
+    student_artifact = models.ForeignKey(ModelArtifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="deployments")
+    student_url = models.CharField(max_length=500, blank=True, default="")
+    student_model = models.CharField(max_length=300, blank=True, default="")
+    student_price_in_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    student_price_out_per_1m = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    student_share = models.FloatField(default=0.05)
+    confidence_threshold = models.FloatField(null=True, blank=True)
+    shadow_share = models.FloatField(default=0.0)
+    active = models.BooleanField(default=True)
+    version = models.IntegerField(default=1)
+    promote_delta = models.FloatField(default=0.05)
+    promote_window = models.IntegerField(default=200)
+    auto_promote = models.BooleanField(default=False)
+    alert_agreement = models.FloatField(default=0.9)
+    alert_window = models.IntegerField(default=100)
+    retrain_every = models.IntegerField(default=0)
+    harvested_upto = models.BigIntegerField(default=0)
+    harvested_since_retrain = models.IntegerField(default=0)
+    retrain_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    candidate_artifact = models.ForeignKey(ModelArtifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class DeploymentVersion(models.Model):
+    """The audit trail of a deployment: its routing settings (``config``) after each change,
+    the ``action`` (create, update, promote, rollback, candidate), who and when."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="versions")
+    version = models.IntegerField()
+    action = models.CharField(max_length=20)
+    config = models.JSONField(default=dict)
+    note = models.CharField(max_length=300, blank=True, default="")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+        constraints = [models.UniqueConstraint(fields=["deployment", "version"], name="deploymentversion_unique")]
+
+
+class GatewayKey(models.Model):
+    """A team's API key for the gateway. Only the sha256 of the key is stored (``key_hash``,
+    hex); ``prefix`` (its first characters) identifies it on pages. Revoked keys stop working
+    within the gateway's refresh interval."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="gateway_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class RequestLog(models.Model):
+    """One gateway request (or one shadow comparison), written in batches by the gateway.
+
+    ``route``: ``student``, ``teacher``, ``fallback`` (student under the confidence threshold or
+    failing; the teacher answered) or ``shadow`` (the teacher's answer to a student-answered
+    request, compared: ``agreed``). Latency in ms (``latency_ms``: the whole request at the
+    gateway; ``upstream_ms``: the answering upstream's), cost in USD, ``confidence`` as in
+    Deployment. ``query``: the last user message; ``response``: the answer returned (or the
+    teacher's, for shadow rows); ``teacher_response`` is set whenever the teacher answered."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="requests", db_index=False)
+    key = models.ForeignKey(GatewayKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_constraint=False)
+    version = models.IntegerField(default=1)
+    route = models.CharField(max_length=10)
+    status = models.IntegerField(default=200)
+    stream = models.BooleanField(default=False)
+    latency_ms = models.FloatField(null=True, blank=True)
+    upstream_ms = models.FloatField(null=True, blank=True)
+    input_tokens = models.IntegerField(default=0)
+    output_tokens = models.IntegerField(default=0)
+    confidence = models.FloatField(null=True, blank=True)
+    cost_usd = models.FloatField(default=0.0)
+    agreed = models.BooleanField(null=True, blank=True)
+    query = models.TextField(blank=True, default="")
+    response = models.TextField(null=True, blank=True)
+    teacher_response = models.TextField(null=True, blank=True)
+    finish_reason = models.CharField(max_length=40, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "route", "id"], name="requestlog_dep_route_id"),
+                   models.Index(fields=["deployment", "created_at"], name="requestlog_dep_created")]

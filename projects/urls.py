@@ -1,5 +1,5 @@
 """Every page's URL; each page group's module under views/ exports its own ``urlpatterns``."""
-from projects.views import evaluation, generation, jobs, projects, queries, review, training
+from projects.views import deployments, evaluation, generation, jobs, projects, queries, review, training
 
 urlpatterns = [
     *projects.urlpatterns,
@@ -9,4 +9,5 @@ urlpatterns = [
     *review.urlpatterns,
     *training.urlpatterns,
     *evaluation.urlpatterns,
+    *deployments.urlpatterns,
 ]

@@ -40,6 +40,8 @@ if [[ "${1:-}" == "stop" ]]; then
   stop_one "web app" "$RUN/web.pid"
   stop_one "worker (default, teacher)" "$RUN/worker-default.pid"
   stop_one "worker (gpu)" "$RUN/worker-gpu.pid"
+  stop_one "gateway" "$RUN/gateway.pid"
+  stop_one "demo teacher server" "$RUN/teacher-server.pid"
   echo "Stopped. Data stays in PostgreSQL and $RUN/; \`make demo\` starts everything again."
   exit 0
 fi
@@ -110,9 +112,38 @@ if ! "$PY" manage.py distill demo "$@"; then
   echo "The web app and workers are still running at $DISTILLHUB_URL; \`make stop\` stops them." >&2
   exit 1
 fi
+# Ship and watch: the gateway (and, without an OpenAI key, the local teacher behind it), then a
+# deployment serving the classifier student and a few requests through it.
+GATEWAY_PORT=${GATEWAY_PORT:-8200}
+TEACHER_PORT=${TEACHER_PORT:-8100}
+start_bg() {  # name pidfile logfile command...
+  local name=$1 pidfile=$2 logfile=$3; shift 3
+  if alive "$pidfile"; then echo "$name already running (pid $(cat "$pidfile"))."; return; fi
+  echo "Starting $name (log $logfile)…"
+  nohup "$@" >"$logfile" 2>&1 &
+  echo $! >"$pidfile"
+}
+TEACHER_URL=""
+if [[ -z "${OPENAI_API_KEY:-}" ]]; then
+  start_bg "demo teacher server" "$RUN/teacher-server.pid" "$RUN/teacher-server.log" \
+    "$PY" manage.py distill serve-student --teacher support-intents-demo:smollm2-local --port "$TEACHER_PORT"
+  TEACHER_URL="http://127.0.0.1:$TEACHER_PORT/v1"
+fi
+start_bg "gateway" "$RUN/gateway.pid" "$RUN/gateway.log" "$PY" manage.py distill gateway --port "$GATEWAY_PORT"
+for _ in $(seq 240); do
+  "$PY" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "http://127.0.0.1:$GATEWAY_PORT/healthz" 2>/dev/null && break
+  sleep 0.5
+done
+if [[ -n "$TEACHER_URL" ]]; then
+  for _ in $(seq 240); do grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break; sleep 0.5; done
+fi
+"$PY" manage.py distill demo-serve --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --teacher-url "$TEACHER_URL" \
+  || echo "The gateway step failed; see $RUN/gateway.log" >&2
+
 cat <<MSG
 
+The gateway serves the demo deployment at http://127.0.0.1:$GATEWAY_PORT/v1 (OpenAI-compatible).
 The dashboard keeps running at $DISTILLHUB_URL with the demo project (login above).
 Logs: $RUN/web.log, $RUN/worker-default.log, $RUN/worker-gpu.log.
-Stop the web app and the workers with:  make stop
+Stop the web app, the workers and the gateway with:  make stop
 MSG

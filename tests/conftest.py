@@ -163,3 +163,71 @@ def wait_job(job_id: int, timeout: float = 120.0):
         time.sleep(0.25)
     job = Job.objects.get(pk=job_id)
     pytest.fail(f"job {job_id} did not end within {timeout}s: status={job.status} message={job.message!r}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    """The environment a child process needs to use the test database (and the test Redis)."""
+    from django.conf import settings
+    from django.db import connection
+
+    db = settings.DATABASES["default"]
+    auth = f"{db.get('USER') or 'postgres'}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{db.get('USER') or 'postgres'}@"
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{connection.settings_dict['NAME']}"
+    env["REDIS_URL"] = _redis_url_for_tests()
+    env["DISTILLHUB_DATA_DIR"] = str(settings.DATA_DIR)
+    env["DISTILLHUB_MODEL_CACHE"] = str(settings.MODEL_CACHE_DIR)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def gateway_proc(django_db_setup, django_db_blocker):
+    """The real gateway (uvicorn, a separate process) on the test database, refreshing its keys
+    and deployments every 0.3 s and flushing request logs every 0.2 s. ``proc.base_url`` ends in
+    ``/v1``. Tests using it need ``transactional_db`` so the gateway sees their rows."""
+    import urllib.request
+
+    from django.conf import settings
+
+    port = free_port()
+    env = child_env()
+    env.update(GATEWAY_REFRESH_S="0.3", GATEWAY_FLUSH_S="0.2", TEACHER_KEY="sk-test-teacher")
+    log_path = Path(settings.DATA_DIR) / "test-gateway.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app", "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning", "--no-access-log"], cwd=str(REPO), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"gateway did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+    proc.base_url = f"http://127.0.0.1:{port}/v1"
+    proc.log_path = log_path
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def gateway(gateway_proc, transactional_db):
+    return gateway_proc

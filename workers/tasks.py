@@ -207,3 +207,15 @@ def evaluation_task(self, job_id: int) -> None:
     from projects.services.evaluation import evaluation_run
 
     run_job(job_id, lambda job, reporter: evaluation_run(job=job, reporter=reporter), task_id=self.request.id or "")
+
+
+# --- Serving --------------------------------------------------------------------------------
+
+
+@shared_task(name="workers.tasks.serving_tick_task")
+def serving_tick_task() -> dict:
+    """Periodic (beat, every minute): harvest logged teacher answers into production-traffic
+    runs, apply the promote rule, continuous distillation (projects.services.serving_loop)."""
+    from projects.services.serving_loop import serving_tick
+
+    return serving_tick()

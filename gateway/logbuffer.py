@@ -1,0 +1,75 @@
+"""Batched request logging: the request path appends a dict to an in-memory list; a background
+task writes everything buffered in one multi-row INSERT every ``GATEWAY_FLUSH_S`` seconds (or
+sooner once ``GATEWAY_FLUSH_ROWS`` are waiting). While Postgres is down rows wait in memory up to
+``GATEWAY_BUFFER_MAX``; beyond that the oldest are dropped and counted, so memory stays bounded."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+
+log = logging.getLogger("gateway")
+
+FIELDS = ("deployment_id", "key_id", "version", "route", "status", "stream", "latency_ms", "upstream_ms",
+          "input_tokens", "output_tokens", "confidence", "cost_usd", "agreed", "query", "response",
+          "teacher_response", "finish_reason", "error", "created_at")
+
+
+class LogBuffer:
+    def __init__(self, *, flush_s: float = 1.0, flush_rows: int = 1000, max_rows: int = 100_000) -> None:
+        self.rows: list[dict] = []
+        self.flush_s = flush_s
+        self.flush_rows = flush_rows
+        self.max_rows = max_rows
+        self.dropped = 0
+        self.written = 0
+        self._wake = asyncio.Event()
+
+    def add(self, **row) -> None:
+        """Buffer one row (keys: ``FIELDS``; ``created_at`` defaults to now, UTC)."""
+        row.setdefault("created_at", datetime.now(timezone.utc))
+        self.rows.append(row)
+        if len(self.rows) > self.max_rows:
+            drop = len(self.rows) - self.max_rows
+            del self.rows[:drop]
+            self.dropped += drop
+        if len(self.rows) >= self.flush_rows:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Flush forever (cancel to stop; ``flush`` once more on shutdown)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write what is buffered; on a database error put it back (bounded). Returns rows written."""
+        if not self.rows:
+            return 0
+        batch, self.rows = self.rows, []
+        try:
+            await asyncio.to_thread(_insert, batch)
+        except Exception as exc:  # noqa: BLE001 - the database may be down; keep serving
+            log.warning("request log flush failed (%s rows kept): %s", len(batch), exc)
+            self.rows[:0] = batch
+            if len(self.rows) > self.max_rows:
+                drop = len(self.rows) - self.max_rows
+                del self.rows[:drop]
+                self.dropped += drop
+            return 0
+        self.written += len(batch)
+        return len(batch)
+
+
+def _insert(batch: list[dict]) -> None:
+    from django.db import close_old_connections
+
+    from projects.models import RequestLog
+
+    close_old_connections()
+    RequestLog.objects.bulk_create([RequestLog(**{k: r.get(k) for k in FIELDS if k in r}) for r in batch],
+                                   batch_size=2000)

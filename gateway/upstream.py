@@ -1,0 +1,169 @@
+"""Calls to the models behind a deployment: an OpenAI-compatible endpoint over a pooled async
+HTTP client (httpx2, the client the ``openai`` package itself uses), or a classifier student
+loaded in-process. Each call returns a ``Reply`` or raises ``UpstreamError``."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx2
+
+from gateway.routing import mean_token_logprob
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One model endpoint. ``base_url`` ends in ``/v1``; ``api_key`` is the resolved secret (never
+    logged); ``artifact_path``: a classifier folder answered in-process instead of over HTTP.
+    Prices in USD per 1M tokens; ``timeout_s`` per call."""
+
+    name: str
+    base_url: str = ""
+    model: str = ""
+    api_key: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout_s: float = 60.0
+    price_in_per_1m: float = 0.0
+    price_out_per_1m: float = 0.0
+    artifact_path: str = ""
+    want_logprobs: bool = False
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for one call."""
+        return (input_tokens * self.price_in_per_1m + output_tokens * self.price_out_per_1m) / 1e6
+
+
+@dataclass
+class Reply:
+    """One answer: text, finish reason, token counts, confidence (see Deployment), latency in
+    ms."""
+
+    text: str | None
+    finish_reason: str = "stop"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    confidence: float | None = None
+    latency_ms: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class UpstreamError(Exception):
+    """An upstream failed. ``status``: the HTTP status to answer with (the upstream's own for an
+    HTTP error, 502 unreachable, 504 timeout); ``code``: the upstream's error code if any."""
+
+    def __init__(self, message: str, *, status: int = 502, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers or {}
+
+
+def make_client() -> httpx2.AsyncClient:
+    """One pooled client per gateway process (keep-alive connections to every upstream)."""
+    return httpx2.AsyncClient(limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=512),
+                              timeout=httpx2.Timeout(60.0, connect=5.0))
+
+
+async def chat(client: httpx2.AsyncClient, up: Upstream, messages: list[dict], *, max_tokens: int | None = None,
+               temperature: float | None = None) -> Reply:
+    """Ask ``up`` to answer ``messages``. Raises UpstreamError naming the upstream."""
+    if up.artifact_path:
+        return await classify(up, messages)
+    body: dict = {"model": up.model, "messages": messages}
+    mt = max_tokens if max_tokens is not None else up.max_tokens
+    if mt is not None:
+        body["max_tokens"] = mt
+    t = temperature if temperature is not None else up.temperature
+    if t is not None:
+        body["temperature"] = t
+    if up.want_logprobs:
+        body["logprobs"] = True
+    headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(up.base_url + "/chat/completions", json=body, headers=headers, timeout=up.timeout_s)
+    except httpx2.TimeoutException:
+        raise UpstreamError(f"{up.name}: no answer within {up.timeout_s:g} s", status=504, code="upstream_timeout") from None
+    except httpx2.HTTPError as exc:
+        raise UpstreamError(f"{up.name}: unreachable ({type(exc).__name__}: {exc})", status=502,
+                            code="upstream_unreachable") from None
+    ms = (time.perf_counter() - t0) * 1000.0
+    if r.status_code >= 400:
+        msg, code = r.text[:500], None
+        try:
+            err = r.json().get("error") or {}
+            if isinstance(err, dict):
+                msg, code = err.get("message") or msg, err.get("code") or err.get("type")
+            elif isinstance(err, str):
+                msg = err
+        except (ValueError, AttributeError):
+            pass
+        hdrs = {"Retry-After": r.headers["Retry-After"]} if "Retry-After" in r.headers else {}
+        raise UpstreamError(f"{up.name}: HTTP {r.status_code}: {msg}", status=r.status_code, code=code, headers=hdrs)
+    try:
+        data = r.json()
+        choice = data["choices"][0]
+        msg = choice.get("message") or {}
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UpstreamError(f"{up.name}: the answer is not an OpenAI chat completion", status=502,
+                            code="upstream_bad_response") from None
+    usage = data.get("usage") or {}
+    ext = data.get("distillhub") or {}
+    conf = ext.get("confidence") if isinstance(ext, dict) else None
+    if conf is None:
+        conf = mean_token_logprob(choice.get("logprobs"))
+    return Reply(text=msg.get("content"), finish_reason=choice.get("finish_reason") or "stop",
+                 input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
+                 confidence=float(conf) if conf is not None else None, latency_ms=ms)
+
+
+# --- The in-process classifier student ---------------------------------------------------------
+
+_CLASSIFIERS: dict[str, object] = {}
+_LOAD_LOCK = threading.Lock()
+_RUN_LOCK = threading.Lock()
+
+
+def load_classifier(path: str):
+    """The classifier folder at ``path``, loaded once per process (``SequenceClassifier``)."""
+    with _LOAD_LOCK:
+        if path not in _CLASSIFIERS:
+            from workers.pipeline.evaluation import SequenceClassifier
+
+            _CLASSIFIERS[path] = SequenceClassifier(path)
+        return _CLASSIFIERS[path]
+
+
+def classify_text(path: str, text: str) -> Reply:
+    """Label ``text`` with the classifier at ``path``: the top label, its probability as the
+    confidence, the input token count."""
+    import torch
+
+    clf = load_classifier(path)
+    t0 = time.perf_counter()
+    with _RUN_LOCK, torch.inference_mode():
+        enc = clf.tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+        probs = torch.softmax(clf.model(**enc).logits[0].float(), dim=-1).tolist()
+    dist = {clf.id2label[i]: p for i, p in enumerate(probs)}
+    label = max(dist, key=dist.get)
+    return Reply(text=label, finish_reason="stop", input_tokens=int(enc["input_ids"].shape[1]), output_tokens=1,
+                 confidence=dist[label], latency_ms=(time.perf_counter() - t0) * 1000.0,
+                 extra={"label_probs": dist})
+
+
+async def classify(up: Upstream, messages: list[dict]) -> Reply:
+    from gateway.routing import last_user_text
+
+    text = last_user_text(messages) or ""
+    try:
+        return await asyncio.to_thread(classify_text, up.artifact_path, text)
+    except Exception as exc:  # noqa: BLE001 - a broken student must fall back, whatever broke
+        raise UpstreamError(f"{up.name}: {type(exc).__name__}: {exc}", status=502, code="student_error") from None
+
+
+def dumps(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,266 @@
+"""The gateway (gateway/), driven for real: uvicorn in a subprocess on the test database, the
+`openai` client against it, loopback stubs as teacher and student upstreams."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.gateway_stub import StudentStub
+from tests.openai_stub import StubServer
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+REFRESH_WAIT = 1.0  # > GATEWAY_REFRESH_S in the gateway_proc fixture
+
+
+def _teacher_answer(text: str) -> str:
+    if "[other]" in text:
+        return "refund_not_showing_up"
+    if "[nolabel]" in text:
+        return "I think it is about cards."
+    return "card_arrival"
+
+
+@pytest.fixture
+def teacher_stub():
+    s = StubServer(answer=_teacher_answer).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def student_stub():
+    s = StudentStub(answer=lambda text: "card_arrival").start()
+    yield s
+    s.stop()
+
+
+def _setup(project, owner, teacher_stub, student_stub, **settings):
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, api_key_env="TEACHER_KEY", price_in_per_1m=2,
+                             price_out_per_1m=8, user=owner)
+    dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
+                            student_url=student_stub.base_url, student_model="student-lm", **settings)
+    _, raw = gateway_key_create(team=project.team, name="tests", user=owner)
+    time.sleep(REFRESH_WAIT)
+    return dep, raw
+
+
+def _client(gateway, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=30)
+
+
+def _ask(client, text, **kw):
+    raw = client.chat.completions.with_raw_response.create(
+        model="support-intents", messages=[{"role": "user", "content": text}], **kw)
+    return raw.headers["x-distillhub-route"], raw.parse()
+
+
+def _wait_logs(dep, n, timeout=10.0, **filters):
+    from projects.models import RequestLog
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = list(RequestLog.objects.filter(deployment=dep, **filters).order_by("id"))
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.1)
+    pytest.fail(f"only {len(rows)} of {n} request logs {filters} arrived")
+
+
+def test_routing_share_within_statistical_bounds_and_sticky_users(gateway, project, owner, teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.3)
+    client = _client(gateway, key)
+    n = 400
+    with ThreadPoolExecutor(16) as pool:
+        routes = list(pool.map(lambda i: _ask(client, f"where is my card {i}")[0], range(n)))
+    k = routes.count("student")
+    # Binomial(400, 0.3): mean 120, sd 9.2; 4.5 sd either side fails once in ~150,000 runs.
+    assert 79 <= k <= 161, k
+    assert routes.count("teacher") == n - k
+    # Sticky: one user always lands on the same side.
+    for user in ("alice", "bob", "carol", "dave"):
+        seen = {_ask(client, "hello", user=user)[0] for _ in range(6)}
+        assert len(seen) == 1, (user, seen)
+    # Every request is logged (batched), with its route.
+    rows = _wait_logs(dep, n + 24)
+    assert sum(r.route == "student" for r in rows[:n]) == k
+
+
+def test_teacher_route_answers_with_project_prompt_and_logs_cost(gateway, project, owner, teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    route, resp = _ask(_client(gateway, key), "my card has not arrived")
+    assert route == "teacher"
+    assert resp.choices[0].message.content == "card_arrival"
+    assert resp.model == "support-intents"
+    assert resp.usage.prompt_tokens == 20 and resp.usage.completion_tokens == 5
+    [row] = _wait_logs(dep, 1)
+    assert row.route == "teacher" and row.status == 200 and row.query == "my card has not arrived"
+    assert row.cost_usd == pytest.approx((20 * 2 + 5 * 8) / 1e6)
+    assert row.latency_ms > 0 and row.teacher_response == "card_arrival"
+
+
+def test_low_confidence_student_answer_falls_back_to_teacher(gateway, project, owner, teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
+    client = _client(gateway, key)
+    route, resp = _ask(client, "card arrived? [other]")
+    assert route == "student" and resp.choices[0].message.content == "card_arrival"
+    route, resp = _ask(client, "card arrived? [unsure] [other]")
+    assert route == "fallback"
+    assert resp.choices[0].message.content == "refund_not_showing_up"  # the teacher's answer
+    rows = _wait_logs(dep, 2)
+    assert [r.route for r in rows] == ["student", "fallback"]
+    assert rows[0].confidence == pytest.approx(-0.05)
+    assert rows[1].confidence == pytest.approx(-2.5) and "under" in rows[1].error
+    assert student_stub.requests[-1]["logprobs"] is True
+
+
+def test_failing_student_falls_back_and_failing_teacher_returns_its_error(gateway, project, owner, teacher_stub,
+                                                                          student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0)
+    client = _client(gateway, key)
+    route, resp = _ask(client, "card [boom]")
+    assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.chat.completions.create(model="support-intents", messages=[{"role": "user", "content": "x [boom] [quota]"}])
+    assert exc.value.status_code == 429
+    assert "teacher upstream failed" in exc.value.message and "exceeded your current quota" in exc.value.message
+    rows = _wait_logs(dep, 2)
+    assert rows[0].route == "fallback" and "student failed" in rows[0].error
+    assert rows[1].status == 429
+
+
+def test_shadow_measures_live_agreement(gateway, project, owner, teacher_stub, student_stub):
+    from projects.selectors_serving import deployment_live_figures
+
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, shadow_share=1.0,
+                      promote_window=10, alert_window=10, alert_agreement=0.9)
+    client = _client(gateway, key)
+    for i in range(10):
+        route, resp = _ask(client, f"q{i}" + (" [other]" if i < 3 else ""))
+        assert route == "student" and resp.choices[0].message.content == "card_arrival"
+    rows = _wait_logs(dep, 10, route="shadow")
+    assert sum(r.agreed for r in rows) == 7
+    live = deployment_live_figures(deployment=dep)
+    assert live["agreement"] == pytest.approx(0.7) and live["agreement_n"] == 10
+    assert live["quality_delta"] == pytest.approx(0.3)
+    assert live["alert"]["firing"] is True
+    assert live["promote"]["ready"] is False
+
+
+def test_streaming_sse(gateway, project, owner, teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    client = _client(gateway, key)
+    teacher_stub.answer = lambda text: "A longer teacher answer that comes in several pieces."
+    stream = client.chat.completions.create(model="support-intents", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(parts) == "A longer teacher answer that comes in several pieces."
+    assert len([p for p in parts if p]) > 1
+    assert finish == "stop" and usage.total_tokens == 25
+    [row] = _wait_logs(dep, 1)
+    assert row.stream is True
+
+
+def test_key_revocation_and_bad_keys(gateway, project, owner, teacher_stub, student_stub):
+    from projects.models import GatewayKey
+    from projects.services.deployments import gateway_key_revoke
+
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    client = _client(gateway, key)
+    assert [m.id for m in client.models.list().data] == ["support-intents"]
+    assert _ask(client, "hi")[0] == "teacher"
+    gateway_key_revoke(key=GatewayKey.objects.get(team=project.team), user=owner)
+    time.sleep(REFRESH_WAIT)
+    with pytest.raises(openai.AuthenticationError):
+        _ask(client, "hi")
+    with pytest.raises(openai.AuthenticationError):
+        _ask(_client(gateway, "dh-not-a-key"), "hi")
+    # Only the hash is stored.
+    row = GatewayKey.objects.get(team=project.team)
+    assert key not in (row.key_hash, row.prefix) and key.startswith(row.prefix)
+
+
+def test_a_teams_key_never_reaches_another_teams_deployment(gateway, project, owner, other_team, outsider,
+                                                             teacher_stub, student_stub):
+    from projects.services.deployments import gateway_key_create
+
+    dep, _ = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    _, their_key = gateway_key_create(team=other_team, name="theirs", user=outsider)
+    time.sleep(REFRESH_WAIT)
+    client = _client(gateway, their_key)
+    with pytest.raises(openai.NotFoundError) as exc:
+        _ask(client, "hi")
+    assert exc.value.code == "model_not_found"
+    assert client.models.list().data == []
+    assert teacher_stub.total_completed == 0
+
+
+
+@pytest.fixture(scope="session")
+def classifier_folder():
+    """A real MiniLM sequence classifier over LABELS (a random head: real inference, unsure
+    answers) under MEDIA_ROOT; built once."""
+    import os
+    from pathlib import Path
+
+    import torch
+    from django.conf import settings
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.pipeline.registry import MINILM, resolve_model
+
+    clf = Path(settings.MEDIA_ROOT) / "test-gateway-artifacts" / "classifier"
+    if not (clf / "config.json").exists():
+        torch.manual_seed(0)
+        src = resolve_model(MINILM)
+        m = AutoModelForSequenceClassification.from_pretrained(
+            src, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+        tmp = clf.with_name("classifier.tmp")
+        m.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        os.replace(tmp, clf)
+    return clf
+
+
+def test_real_classifier_student_in_the_gateway(gateway, project, owner, teacher_stub, classifier_folder):
+    from django.conf import settings
+
+    from projects.models import ModelArtifact, TrainingRun
+    from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner, student_artifact=art,
+                            student_share=1.0)
+    _, key = gateway_key_create(team=project.team, name="tests", user=owner)
+    time.sleep(REFRESH_WAIT)
+    client = _client(gateway, key)
+    route, resp = _ask(client, "My card still has not arrived after two weeks.")
+    assert route == "student" and resp.choices[0].message.content in LABELS
+    assert resp.usage.prompt_tokens > 5
+    [row] = _wait_logs(dep, 1, timeout=60)
+    assert 1 / 3 <= row.confidence <= 1.0
+    # A threshold above what the (untrained) student can reach: the teacher answers.
+    deployment_update(deployment=dep, user=owner, confidence_threshold=0.99)
+    time.sleep(REFRESH_WAIT)
+    route, resp = _ask(client, "I lost my card yesterday.")
+    assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
+    rows = _wait_logs(dep, 2)
+    assert rows[1].route == "fallback" and rows[1].confidence < 0.99
