@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('projects', '0004_query_search'),
+        ('projects', '0005_idempotency'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
