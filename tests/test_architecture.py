@@ -1,4 +1,5 @@
-"""The layout rules of DESIGN.md that code can check."""
+"""The layout rules of the house design (``../shared/DESIGN.md``, outside this repository) that
+code can check."""
 import ast
 from pathlib import Path
 
