@@ -187,8 +187,7 @@ def cmd_gateway(o: dict) -> None:
 
 
 def cmd_serve_student(o: dict) -> None:
-    from projects.services.serving_loop import serve_target
-    from gateway.student import run_server
+    from gateway.student import run_server, serve_target
 
     target = serve_target(artifact_id=o.get("artifact"), teacher=o.get("teacher"))
     run_server(target, host=o["host"], port=o["port"])

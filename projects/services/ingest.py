@@ -23,7 +23,7 @@ from django.db import connection, transaction
 
 from projects.models import Dataset, Job, Project, Split
 from projects.services import InvalidInput
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue, job_subject_sync, task_send
 from projects.services.permissions import ensure_can_write
 from workers.pipeline.ingest import (
     MAX_LISTED, ColumnChoice, IngestError, SkippedRow, read_rows, sniff_file, split_for_hash, text_digest,
@@ -97,7 +97,6 @@ def dataset_upload(
         raise InvalidInput(f"file: {upload.name} is {upload.size / 1e6:.1f} MB; the limit is {settings.MAX_UPLOAD_MB} MB")
     if not upload.size:
         raise InvalidInput(f"file: {upload.name} is empty")
-    from workers.tasks import ingest_import_task
 
     with transaction.atomic():
         job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user,
@@ -111,7 +110,7 @@ def dataset_upload(
         dataset.save()
         job.payload["dataset_id"] = dataset.pk
         job.save(update_fields=["payload"])
-        job_enqueue(job=job, task=ingest_import_task)
+        job_enqueue(job=job, task="workers.tasks.ingest_import_task")
     return dataset
 
 
@@ -341,9 +340,7 @@ def _import_rows(*, dataset: Dataset, project: Project, file_path: Path, header,
 
 
 def _enqueue_search_index(project_id: int) -> None:
-    from workers.tasks import ingest_search_index_task
-
-    ingest_search_index_task.apply_async(args=[project_id])
+    task_send(name="workers.tasks.ingest_search_index_task", args=[project_id])
 
 
 def query_search_index(*, project_id: int, batch: int = 20_000) -> int:

@@ -156,9 +156,8 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
 
 
 def _enqueue(job: Job) -> None:
-    from workers.tasks import training_run_task
 
-    job_enqueue(job=job, task=training_run_task, queue="gpu")
+    job_enqueue(job=job, task="workers.tasks.training_run_task", queue="gpu")
 
 
 def training_cancel(*, run: TrainingRun, user=None) -> TrainingRun:
