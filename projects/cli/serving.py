@@ -194,6 +194,6 @@ def cmd_serve_student(o: dict) -> None:
 
 
 def cmd_demo_serve(o: dict) -> dict:
-    from projects.services.demo_serving import demo_serve
+    from projects.cli.demo_serving import demo_serve
 
     return demo_serve(gateway_url=o["gateway_url"], teacher_url=o["teacher_url"])
