@@ -182,10 +182,10 @@ def review_bulk_task(self, job_id: int) -> None:
 
 @shared_task(bind=True, name="workers.tasks.training_run_task", acks_late=False)
 def training_run_task(self, job_id: int) -> None:
-    """Train a student (gpu queue): ``projects.services.training.training_execute`` does the
+    """Train a student (gpu queue): ``workers.runs.training.training_execute`` does the
     work; the job's payload names the TrainingRun and, on resume, the checkpoint. Never retried
     automatically (a failed run is resumed by a user from its last checkpoint)."""
-    from projects.services.training import training_execute
+    from workers.runs.training import training_execute
 
     run_job(job_id, lambda job, reporter: training_execute(job=job, reporter=reporter), task_id=self.request.id or "")
 
