@@ -34,7 +34,7 @@ from projects.models import (
 )
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 
 EVAL_SPLITS = ("test", "golden")
@@ -96,7 +96,6 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
     return ev
 
 
-@job_subject_sync("evaluation")
 def _sync_evaluation(job: Job) -> None:
     Evaluation.objects.filter(job=job).exclude(status=JobStatus.SUCCEEDED).update(
         status=job.status, finished_at=job.finished_at or timezone.now())

@@ -29,7 +29,7 @@ from django.utils import timezone
 from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,6 @@ def generation_resume(*, run: GenerationRun, user=None, budget_usd=None) -> Gene
     return run
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_run_with_job(job: Job) -> None:
     """Mirror the job's final state on its run (also when cancelled while queued or failed as
     stale by the beat task)."""

@@ -22,7 +22,7 @@ from projects import selectors
 from projects.models import (JOB_ENDED, Job, JobStatus, ModelArtifact, Project, Sample, Split, Teacher,
                              TrainingMethod, TrainingMetric, TrainingRun)
 from projects.services import InvalidInput, InvalidState
-from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from workers.pipeline import prompts
 from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, TrainRow, TrainSpec,
@@ -169,7 +169,6 @@ def training_resume(*, run: TrainingRun, user=None) -> TrainingRun:
     return run
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_run(job: Job) -> None:
     run = TrainingRun.objects.filter(job=job).first()
     if run is None:
