@@ -23,7 +23,7 @@ from django.db import connection, transaction
 
 from projects.models import Dataset, Job, Project, Split
 from projects.services import InvalidInput
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from workers.pipeline.ingest import (
     MAX_LISTED, ColumnChoice, IngestError, SkippedRow, read_rows, sniff_file, split_for_hash, text_digest,
@@ -407,7 +407,6 @@ def dataset_report(*, dataset: Dataset) -> dict:
     }
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_dataset(job: Job) -> None:
     """A job that ended outside its task (cancelled while queued, worker lost) fails its
     still-pending Dataset."""

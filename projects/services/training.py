@@ -24,7 +24,7 @@ from projects.models import (JOB_ENDED, Job, JobStatus, ModelArtifact, Project, 
                              TrainingMethod, TrainingMetric, TrainingRun)
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import model_ref_check, model_ref_resolve
 from workers.pipeline import prompts
@@ -202,7 +202,6 @@ def training_resume(*, run: TrainingRun, user=None) -> TrainingRun:
     return run
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_run(job: Job) -> None:
     run = TrainingRun.objects.filter(job=job).first()
     if run is None:
