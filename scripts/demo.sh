@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: start the Celery workers and the web app in the background (leaving them running),
-# then run the whole loop on the demo project (`distill demo`) and print the summary and the login.
+# `make demo`: start the Celery workers, Celery beat and the web app in the background (leaving them
+# running), then run the whole loop on the demo project (`distill demo`) and print the summary and the login.
 # `make stop` (scripts/demo.sh stop) stops what this started. The Makefile has already set up the
 # venv, PostgreSQL, Redis and the migrations.
 #
@@ -38,6 +38,7 @@ stop_one() {  # name pidfile
 
 if [[ "${1:-}" == "stop" ]]; then
   stop_one "web app" "$RUN/web.pid"
+  stop_one "Celery beat" "$RUN/beat.pid"
   stop_one "worker (default, teacher)" "$RUN/worker-default.pid"
   stop_one "worker (gpu)" "$RUN/worker-gpu.pid"
   stop_one "gateway" "$RUN/gateway.pid"
@@ -79,6 +80,18 @@ DISTILLHUB_TORCH_THREADS=${DISTILLHUB_TORCH_THREADS:-1} \
   start_worker default "default,teacher" "$RUN/worker-default.pid" "$RUN/worker-default.log" --concurrency 2
 start_worker gpu "gpu" "$RUN/worker-gpu.pid" "$RUN/worker-gpu.log" --concurrency 1 --max-tasks-per-child 1
 
+# Beat runs the periodic tasks (distillhub/settings.py CELERY_BEAT_SCHEDULE): every 60 s it fails
+# jobs whose worker died (no heartbeat for DISTILLHUB_STALE_JOB_SECONDS) together with their run,
+# so they can be resumed; every 5 minutes it catches up a lost search indexing.
+if alive "$RUN/beat.pid"; then
+  echo "Celery beat already running (pid $(cat "$RUN/beat.pid"); log $RUN/beat.log)."
+else
+  rm -f "$RUN/beat.pid"
+  echo "Starting Celery beat: the stale-job check every 60 s (log $RUN/beat.log)…"
+  "$CELERY" --workdir "$PWD" -A distillhub beat --loglevel INFO --detach --pidfile "$RUN/beat.pid" \
+    --logfile "$RUN/beat.log" --schedule "$RUN/celerybeat-schedule"
+fi
+
 answers() {
   "$PY" - "$DISTILLHUB_URL/login/" <<'PY'
 import sys, urllib.request
@@ -109,7 +122,7 @@ echo "Running the whole loop on the demo project (generation, two students, eval
 if ! "$PY" manage.py distill demo "$@"; then
   echo >&2
   echo "The demo stopped with an error. Worker logs: $RUN/worker-default.log, $RUN/worker-gpu.log" >&2
-  echo "The web app and workers are still running at $DISTILLHUB_URL; \`make stop\` stops them." >&2
+  echo "The web app, the workers and beat are still running at $DISTILLHUB_URL; \`make stop\` stops them." >&2
   exit 1
 fi
 # Ship and watch: the gateway (and, without an OpenAI key, the local teacher behind it), then a
@@ -144,6 +157,6 @@ cat <<MSG
 
 The gateway serves the demo deployment at http://127.0.0.1:$GATEWAY_PORT/v1 (OpenAI-compatible).
 The dashboard keeps running at $DISTILLHUB_URL with the demo project (login above).
-Logs: $RUN/web.log, $RUN/worker-default.log, $RUN/worker-gpu.log.
-Stop the web app, the workers and the gateway with:  make stop
+Logs: $RUN/web.log, $RUN/worker-default.log, $RUN/worker-gpu.log, $RUN/beat.log.
+Stop the web app, the workers, beat and the gateway with:  make stop
 MSG

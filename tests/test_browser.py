@@ -1,6 +1,8 @@
 """The real pages in headless Chromium (Playwright for Python driving Debian's ``/usr/bin/chromium``;
 Playwright's own browser download does not work offline). `make test` installs Chromium first
-(scripts/browser.sh); without it these tests are skipped with the command to run.
+(scripts/browser.sh); without it these tests FAIL with the command to run (see
+``tests.conftest.chromium_executable``; ``DISTILLHUB_SKIP_BROWSER_TESTS=1`` skips them, loudly, on
+a developer's machine only).
 
 Each step saves a full-page screenshot under ``test-artifacts/screenshots/`` (the README's
 walkthrough images come from there). The server is pytest-django's ``live_server`` (a thread on
@@ -31,7 +33,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-artifacts" / "screenshots"
-CHROMIUM = os.environ.get("DISTILLHUB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
@@ -39,17 +40,14 @@ TIMEOUT_MS = 15_000
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(chromium):
     """One headless Chromium for this module. Module-scoped, not session-scoped: Playwright's
     sync API keeps an asyncio loop running in the main thread until it stops, which would break
     later tests that call ``asyncio.run`` or start their own Playwright."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: install it with `sudo apt-get install chromium` "
-                    "(or run `make test`, which does as root)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        b = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
@@ -348,3 +346,65 @@ def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
     page.wait_for_selector("div.chart[id^=chart-] svg.main-svg")
     assert page.locator("div.chart[id^=chart-]:has(svg.main-svg)").count() >= 2
     shot(page, "15-evaluation")
+
+
+# --- the browser tests never vanish silently ----------------------------------------------------
+
+
+def test_a_missing_chromium_fails_the_browser_tests_with_how_to_install_it(monkeypatch, tmp_path):
+    from tests.conftest import chromium_executable
+
+    monkeypatch.delenv("DISTILLHUB_SKIP_BROWSER_TESTS", raising=False)
+    monkeypatch.delenv("DISTILLHUB_CHROMIUM", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium on PATH
+    with pytest.raises(pytest.fail.Exception, match=r"Chromium is missing .*`sudo apt-get install chromium`"):
+        chromium_executable()
+    monkeypatch.setenv("DISTILLHUB_CHROMIUM", str(tmp_path / "chromium"))  # named, but not there
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium"):
+        chromium_executable()
+    (tmp_path / "chromium").write_text("#!/bin/sh\n")
+    (tmp_path / "chromium").chmod(0o755)
+    assert chromium_executable() == str(tmp_path / "chromium")
+    monkeypatch.setenv("DISTILLHUB_SKIP_BROWSER_TESTS", "1")  # the visible opt-out: a skip that says so
+    with pytest.raises(pytest.skip.Exception, match="DISTILLHUB_SKIP_BROWSER_TESTS=1: the browser tests .* are SKIPPED"):
+        chromium_executable()
+
+
+def _bin_without_chromium(tmp_path: Path) -> Path:
+    """A PATH folder with what scripts/browser.sh needs but no chromium, and an apt-get that
+    cannot install it (offline)."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    for tool in ("bash", "id", "cat", "env"):
+        (d / tool).symlink_to(shutil.which(tool))
+    (d / "apt-get").write_text("#!/bin/sh\necho 'E: Unable to locate package chromium' >&2\nexit 100\n")
+    (d / "apt-get").chmod(0o755)
+    return d
+
+
+def test_browser_sh_fails_with_a_message_when_chromium_cannot_be_installed(tmp_path):
+    import subprocess
+
+    env = {"PATH": str(_bin_without_chromium(tmp_path)), "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "browser.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "chromium" in r.stderr and "apt-get install chromium" in r.stderr.splitlines()[-1]
+
+    r = subprocess.run(["bash", str(REPO / "scripts" / "browser.sh")], env={**env, "DISTILLHUB_SKIP_BROWSER_TESTS": "1"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "the browser tests" in r.stderr and "SKIPPED" in r.stderr
+
+
+def test_make_test_stops_when_browser_sh_fails():
+    """`make test` runs scripts/browser.sh before pytest and no longer ignores its failure;
+    CI never opts out."""
+    import subprocess
+
+    r = subprocess.run([shutil.which("make"), "-n", "test"], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    pytest_line = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert "bash scripts/browser.sh" in lines[:pytest_line]
+    assert not any("browser.sh" in line and "||" in line for line in lines)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "unset DISTILLHUB_SKIP_BROWSER_TESTS" in ci and "DISTILLHUB_SKIP_BROWSER_TESTS=1" not in ci

@@ -11,14 +11,15 @@ from django.db import connection
 REPO = Path(__file__).resolve().parent.parent
 
 
-def distill(*args, env=None):
+def distill(*args, env=None, timeout: float = 120):
+    """Run ``manage.py distill ARGS`` on the test database; ``timeout`` in seconds."""
     from django.conf import settings
 
     db = settings.DATABASES["default"]
     e = dict(os.environ)
     e["DATABASE_URL"] = f"postgres://{db.get('USER') or 'postgres'}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{connection.settings_dict['NAME']}"
     e.update(env or {})
-    r = subprocess.run([sys.executable, "manage.py", "distill", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "manage.py", "distill", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     return r
 
 

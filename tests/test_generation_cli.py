@@ -58,23 +58,30 @@ def test_teacher_add_and_generate_against_llama_cpp_server(celery_worker, team, 
     project = banking_project(team, owner)
     add_queries(project, [("I lost my card yesterday", "lost_or_stolen_card"), ("When will my card arrive?", "card_arrival"),
                           ("What exchange rate do you use?", "exchange_rate")])
+    # llama.cpp's server answers one request at a time, so with --concurrency 2 each request also
+    # waits for the one ahead of it. On a loaded 2-core machine a request took up to 41 s (1-3 s
+    # idle; a token up to 30x slower), close to the default 60 s timeout, and a timed-out request
+    # keeps the server busy while its retry queues behind it: a slot could end failed
+    # ("no answer within 60 s"). The timeout, and the CLI's wait, are sized for such a machine.
     r = distill("teacher", "add", "--project", project.slug, "--name", "llama", "--provider", "openai", "--model", "smollm2",
                 "--base-url", llama_server, "--temperature", "0.3", "--max-tokens", "12", "--top-logprobs", "3",
-                "--price-in", "0.5", "--price-out", "1.5", "--json")
+                "--price-in", "0.5", "--price-out", "1.5", "--timeout", "300", "--json")
     assert r.returncode == 0, r.stderr
     assert last_json(r)["teacher"] == "llama"
 
     r = distill("generate", "--project", project.slug, "--teacher", "nope", "--json")
     assert r.returncode == 1 and "teacher: no teacher named 'nope'" in r.stderr
 
-    r = distill("generate", "--project", project.slug, "--samples-per-query", "2", "--concurrency", "2", "--wait", "--json")
+    r = distill("generate", "--project", project.slug, "--samples-per-query", "2", "--concurrency", "2", "--wait", "--json",
+                timeout=480)
     assert r.returncode == 0, r.stderr + r.stdout
     out = last_json(r)
     run = GenerationRun.objects.get(pk=out["run"])
     samples = list(Sample.objects.filter(run=run))
     assert out["status"] == "succeeded" and set(out) >= {"run", "job", "status", "accepted", "rejected", "failed",
                                                           "input_tokens", "output_tokens", "cost_usd"}
-    assert out["accepted"] + out["rejected"] + out["failed"] == len(samples) and out["failed"] == 0
+    assert out["accepted"] + out["rejected"] + out["failed"] == len(samples)
+    assert out["failed"] == 0, [(s.sample_index, s.error, s.latency_ms) for s in samples if s.status == "failed"]
     # rejection sampling: a query gets a second sample only when its first was rejected
     for q in {s.query_id for s in samples}:
         mine = sorted((s for s in samples if s.query_id == q), key=lambda s: s.sample_index)

@@ -1,20 +1,17 @@
 """The review queue in a real browser (headless Chromium via Playwright): keyboard shortcuts,
 the next item swapped in without a page reload, edit with re-check, help, undo, and a teacher's
 <script> shown as text and never run."""
-import shutil
-
 import pytest
 from django.db import connection
 
 from projects.models import Sample
 from tests.review_data import make_samples
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(not CHROMIUM, reason="chromium is not installed (scripts/browser.sh installs it)")
+pytestmark = pytest.mark.browser
 
 
 @pytest.mark.django_db(transaction=True)
-def test_keyboard_review_flow(live_server, client, owner, project, monkeypatch):
+def test_keyboard_review_flow(chromium, live_server, client, owner, project, monkeypatch):
     from playwright.sync_api import sync_playwright
 
     # Playwright's sync API runs an event loop in this thread; the ORM reads below are plain
@@ -29,7 +26,7 @@ def test_keyboard_review_flow(live_server, client, owner, project, monkeypatch):
     client.force_login(owner)
     session = client.cookies["sessionid"].value
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             ctx = browser.new_context()
             ctx.add_cookies([{"name": "sessionid", "value": session, "url": live_server.url}])

@@ -14,7 +14,6 @@ from django.db.models import F
 
 from projects.models import Job, JobStatus
 from projects.services.jobs import jobs_mark_stale
-import projects.services.generation  # noqa: F401,E402 - registers the run's job_subject_sync
 from workers.progress import JobCancelled, JobReporter, job_claim, job_finish
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,8 @@ def selftest_task(self, job_id: int) -> None:
 
 @shared_task(name="workers.tasks.jobs_mark_stale_task")
 def jobs_mark_stale_task() -> list[int]:
-    """Periodic (beat, every 60 s): fail running jobs whose heartbeat is stale."""
+    """Periodic (beat, every 60 s): fail running jobs whose heartbeat is stale, and their subject
+    rows (every kind's sync is registered by ``ProjectsConfig.ready()``, whatever ran here)."""
     return jobs_mark_stale()
 
 
@@ -188,15 +188,6 @@ def training_run_task(self, job_id: int) -> None:
     from workers.runs.training import training_execute
 
     run_job(job_id, lambda job, reporter: training_execute(job=job, reporter=reporter), task_id=self.request.id or "")
-
-
-def _register_training_sync() -> None:
-    # Importing the service registers how a training job's end updates its TrainingRun
-    # (also when beat fails a stale job in this process).
-    import projects.services.training  # noqa: F401
-
-
-_register_training_sync()
 
 
 # --- Evaluation -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from projects.models import (
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import (artifact_folder, model_ref_resolve, project_model_policy,
                                         teacher_endpoint_check)
@@ -116,7 +116,6 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
     return ev
 
 
-@job_subject_sync("evaluation")
 def _sync_evaluation(job: Job) -> None:
     Evaluation.objects.filter(job=job).exclude(status=JobStatus.SUCCEEDED).update(
         status=job.status, finished_at=job.finished_at or timezone.now())

@@ -29,7 +29,7 @@ from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Q
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync, task_send
+from projects.services.jobs import job_create, job_enqueue, task_send
 from projects.services.permissions import ensure_can_write
 from projects.services.security import model_ref_check, model_ref_resolve, security_policy, teacher_endpoint_check
 
@@ -343,7 +343,6 @@ def generation_resume(*, run: GenerationRun, user=None, budget_usd=None) -> Gene
     return run
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_run_with_job(job: Job) -> None:
     """Mirror the job's final state on its run (also when cancelled while queued or failed as
     stale by the beat task)."""

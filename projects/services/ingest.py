@@ -11,7 +11,7 @@ from django.db import transaction
 
 from projects.models import Dataset, Job, Project
 from projects.services import InvalidInput
-from projects.services.jobs import job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 
 JOB_KIND = "ingest"
@@ -81,7 +81,6 @@ def dataset_report(*, dataset: Dataset) -> dict:
     }
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_dataset(job: Job) -> None:
     """A job that ended outside its task (cancelled while queued, worker lost) fails its
     still-pending Dataset."""

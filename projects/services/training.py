@@ -20,7 +20,7 @@ from projects import selectors
 from projects.models import JOB_ENDED, Job, JobStatus, Project, Teacher, TrainingMethod, TrainingRun
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_cancel, job_create, job_enqueue, job_subject_sync
+from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import model_ref_check
 from workers.pipeline import prompts
@@ -173,7 +173,6 @@ def training_resume(*, run: TrainingRun, user=None) -> TrainingRun:
     return run
 
 
-@job_subject_sync(JOB_KIND)
 def _sync_run(job: Job) -> None:
     run = TrainingRun.objects.filter(job=job).first()
     if run is None:
