@@ -64,7 +64,7 @@ def main() -> None:
     from django.db import connection, transaction
 
     from projects.models import Team
-    from projects.services.ingest import dataset_import, query_search_index
+    from workers.runs.ingest import dataset_import, query_search_index
     from projects.services.projects import project_create
     from projects.services.teams import team_create
 

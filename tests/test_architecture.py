@@ -1,5 +1,8 @@
-"""The layout rules of DESIGN.md that code can check."""
+"""The layout rules of the house design (``../shared/DESIGN.md``, outside this repository) that
+code can check."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +44,14 @@ def test_services_are_keyword_only():
 
 def test_no_utils_module():
     assert not [p for p in REPO.rglob("utils.py") if ".venv" not in p.parts]
+
+
+def test_import_contracts():
+    """The contracts in ``.importlinter``: projects.services queues tasks by name and never
+    imports workers.tasks/runs/progress or the gateway (so no import cycle between the two
+    floors), and workers.pipeline imports no Django, Celery or project code."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache", "--config", str(REPO / ".importlinter")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout

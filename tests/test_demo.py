@@ -1,4 +1,4 @@
-"""The demo (projects/services/demo.py, `distill demo`): its set-up, its summary and, once every
+"""The demo (projects/cli/demo_loop.py, `distill demo`): its set-up, its summary and, once every
 stage is merged, the whole loop on a small slice of the demo data through the real worker."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_demo_password_from_env_or_kept_in_the_data_dir(settings, tmp_path, monkeypatch):
-    from projects.services.demo import demo_password
+    from projects.cli.demo_loop import demo_password
 
     settings.DATA_DIR = tmp_path
     monkeypatch.delenv("DISTILLHUB_DEMO_PASSWORD", raising=False)
@@ -30,7 +30,7 @@ def test_demo_password_from_env_or_kept_in_the_data_dir(settings, tmp_path, monk
 
 def test_demo_setup_is_idempotent(db, settings, tmp_path, monkeypatch):
     from projects.models import Membership, Project, Team
-    from projects.services.demo import DEMO_DIR, _setup
+    from projects.cli.demo_loop import DEMO_DIR, _setup
 
     settings.DATA_DIR = tmp_path
     monkeypatch.delenv("DISTILLHUB_DEMO_PASSWORD", raising=False)
@@ -49,7 +49,7 @@ def test_demo_setup_is_idempotent(db, settings, tmp_path, monkeypatch):
 
 def test_demo_summary_speedup_and_retention(db, project):
     from projects.models import Evaluation, EvalResult
-    from projects.services.demo import demo_summary, demo_summary_text
+    from projects.cli.demo_loop import demo_summary, demo_summary_text
 
     ev = Evaluation.objects.create(project=project, status="succeeded", verdict="ready to ship")
     EvalResult.objects.create(evaluation=ev, model_name="minilm-l6 classifier-kd", role="student", quality=0.81,

@@ -1,4 +1,4 @@
-"""Importing query files into a project (projects/services/ingest.py), the Queries page, the
+"""Importing query files into a project (projects/services/ingest.py, workers/runs/ingest.py), the Queries page, the
 project settings page and ``distill import``, on real PostgreSQL and a real Celery worker."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from django.urls import reverse
 
 from projects.models import Dataset, Job, Query
 from projects.services import InvalidInput, NotAllowed
-from projects.services.ingest import dataset_import, dataset_report
+from projects.services.ingest import dataset_report
+from workers.runs.ingest import dataset_import
 from projects.services.projects import project_create
 from tests.conftest import wait_job
 from workers.progress import JobCancelled
@@ -122,7 +123,7 @@ def test_second_import_counts_queries_already_in_the_project_as_duplicates(proje
 
 @pytest.mark.django_db
 def test_a_file_past_the_in_memory_dedup_limit_imports_the_same(project, team, owner, tmp_path, monkeypatch):
-    import projects.services.ingest as ingest
+    import workers.runs.ingest as ingest
 
     lines = "".join(f"query number {i}\n" for i in range(300)) + "".join(f"QUERY  number {i}\n" for i in range(0, 300, 7))
     path = write(tmp_path, "q.txt", lines)
@@ -164,7 +165,7 @@ def test_two_imports_of_one_file_at_once_store_each_query_once(project, tmp_path
 def test_search_uses_the_index_once_it_caught_up_and_scans_before(project, tmp_path):
     from projects.models import Project, QuerySearch
     from projects.selectors import query_page
-    from projects.services.ingest import query_search_index
+    from workers.runs.ingest import query_search_index
 
     do_import(project, write(tmp_path, "q.txt", "".join(f"question number {i}\n" for i in range(300))
                              + "Ünïcode NEEDLE in a haystack\n"))
@@ -389,7 +390,7 @@ def test_a_large_upload_reports_progress_from_inside_its_copy(celery_worker, tea
 
 @pytest.mark.django_db(transaction=True)
 def test_a_broker_failure_after_commit_keeps_the_import_and_search_catches_up(project, tmp_path, monkeypatch):
-    import projects.services.ingest as ingest
+    import workers.runs.ingest as ingest
     from projects.models import Project
     from workers.tasks import ingest_search_catch_up_task
 
@@ -411,7 +412,7 @@ def test_an_import_waits_for_another_import_of_its_project_and_says_so(project, 
     import psycopg
     from django.db import connection
 
-    from projects.services.ingest import INGEST_LOCK
+    from workers.runs.ingest import INGEST_LOCK
 
     params = connection.get_connection_params()
     other = psycopg.connect(**{k: params[k] for k in ("dbname", "user", "password", "host", "port") if params.get(k)})

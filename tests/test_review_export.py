@@ -115,7 +115,8 @@ def test_generating_twice_keeps_one_row_per_query_and_teacher(project, owner, tm
     rows, the recorded sha256 and row count all see the same four rows."""
     from projects.models import TrainingRun
     from projects.selectors import curated_dataset_rows, curated_dataset_sha256, curated_samples
-    from projects.services.training import training_rows, training_start
+    from projects.services.training import training_start
+    from workers.runs.training import training_rows
 
     a, b, c = "Where is my new card?", "My refund is missing", "Someone stole my card"
     a1, b1, c1 = make_samples(project, [

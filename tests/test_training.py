@@ -16,7 +16,8 @@ from projects import selectors
 from projects.models import (GenerationRun, JobStatus, ModelArtifact, Query, Sample, Teacher, TrainingMetric,
                              TrainingRun)
 from projects.services.projects import project_create
-from projects.services.training import latest_checkpoint, path_digest, training_resume, training_start
+from projects.services.training import latest_checkpoint, training_resume, training_start
+from workers.runs.training import path_digest
 from tests.conftest import wait_job
 
 # Two shared cores: one torch thread each trains several times faster than oversubscribed

@@ -87,7 +87,8 @@ def ingest_import_task(self, job_id: int) -> None:
     """Import the uploaded file of the Dataset in ``job.payload["dataset_id"]`` (one
     transaction), reporting progress as the fraction of bytes read; the job's result is the
     import report (see ``projects.services.ingest.dataset_report``)."""
-    from projects.services.ingest import dataset_import_job, dataset_report
+    from projects.services.ingest import dataset_report
+    from workers.runs.ingest import dataset_import_job
 
     def body(job: Job, reporter: JobReporter) -> dict:
         # The import holds its connection in one transaction and a COPY: progress and the cancel
@@ -114,8 +115,8 @@ def ingest_import_task(self, job_id: int) -> None:
 @shared_task(name="workers.tasks.ingest_search_index_task")
 def ingest_search_index_task(project_id: int) -> int:
     """Index the project's newly imported queries for substring search (see
-    ``projects.services.ingest.query_search_index``); returns the number added."""
-    from projects.services.ingest import query_search_index
+    ``workers.runs.ingest.query_search_index``); returns the number added."""
+    from workers.runs.ingest import query_search_index
 
     return query_search_index(project_id=project_id)
 
@@ -125,7 +126,7 @@ def ingest_search_catch_up_task() -> list[int]:
     """Periodic (beat, every 5 minutes): index every project whose search index is behind its
     imports (its run after an import was lost); returns their ids."""
     from projects.models import Project
-    from projects.services.ingest import query_search_index
+    from workers.runs.ingest import query_search_index
 
     behind = list(Project.objects.filter(search_indexed_version__lt=F("search_version")).values_list("pk", flat=True))
     for pk in behind:
@@ -181,10 +182,10 @@ def review_bulk_task(self, job_id: int) -> None:
 
 @shared_task(bind=True, name="workers.tasks.training_run_task", acks_late=False)
 def training_run_task(self, job_id: int) -> None:
-    """Train a student (gpu queue): ``projects.services.training.training_execute`` does the
+    """Train a student (gpu queue): ``workers.runs.training.training_execute`` does the
     work; the job's payload names the TrainingRun and, on resume, the checkpoint. Never retried
     automatically (a failed run is resumed by a user from its last checkpoint)."""
-    from projects.services.training import training_execute
+    from workers.runs.training import training_execute
 
     run_job(job_id, lambda job, reporter: training_execute(job=job, reporter=reporter), task_id=self.request.id or "")
 

@@ -1,4 +1,4 @@
-"""Verb: ``demo`` — the whole loop on the bundled demo project (see projects/services/demo.py).
+"""Verb: ``demo`` — the whole loop on the bundled demo project (see projects/cli/demo_loop.py).
 
 Progress goes to stderr, the summary table to stdout and, with ``--json``, the summary as one
 JSON object on the last line of stdout."""
@@ -32,7 +32,7 @@ def _progress(line: str) -> None:
 
 def cmd_demo(o: dict) -> dict:
     from projects.models import TrainingMethod
-    from projects.services.demo import DEFAULT_GENERATION_LIMIT, STUDENTS, demo_run, demo_summary_text
+    from projects.cli.demo_loop import DEFAULT_GENERATION_LIMIT, STUDENTS, demo_run, demo_summary_text
 
     limit = o.get("limit")
     if limit is not None and limit < 0:

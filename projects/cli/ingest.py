@@ -5,7 +5,8 @@ from pathlib import Path
 
 from projects.cli import CliError
 from projects.cli.foundation import get_project
-from projects.services.ingest import dataset_import, dataset_report
+from projects.services.ingest import dataset_report
+from workers.runs.ingest import dataset_import
 
 
 def register(sub) -> None:

@@ -187,14 +187,13 @@ def cmd_gateway(o: dict) -> None:
 
 
 def cmd_serve_student(o: dict) -> None:
-    from projects.services.serving_loop import serve_target
-    from gateway.student import run_server
+    from gateway.student import run_server, serve_target
 
     target = serve_target(artifact_id=o.get("artifact"), teacher=o.get("teacher"))
     run_server(target, host=o["host"], port=o["port"])
 
 
 def cmd_demo_serve(o: dict) -> dict:
-    from projects.services.demo_serving import demo_serve
+    from projects.cli.demo_serving import demo_serve
 
     return demo_serve(gateway_url=o["gateway_url"], teacher_url=o["teacher_url"])

@@ -97,7 +97,6 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
         raise InvalidState(f"the {where} of project {project.slug!r} has no queries; import queries first")
     if not Teacher.objects.filter(project=project).exists():
         raise InvalidState(f"project {project.slug!r} has no teacher; add one on the Teachers page")
-    from workers.tasks import evaluation_task
 
     key = idempotency_key_parse(key=idempotency_key)
     with transaction.atomic():
@@ -112,7 +111,7 @@ def evaluation_start(*, project: Project, user=None, split: str = "test", option
                          payload={"evaluation_id": ev.pk, "split": split})
         ev.job = job
         ev.save(update_fields=["job"])
-        job_enqueue(job=job, task=evaluation_task, queue="gpu")
+        job_enqueue(job=job, task="workers.tasks.evaluation_task", queue="gpu")
     ev.reused = False
     return ev
 

@@ -29,7 +29,7 @@ from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Q
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_create, job_enqueue
+from projects.services.jobs import job_create, job_enqueue, task_send
 from projects.services.permissions import ensure_can_write
 from projects.services.security import model_ref_check, model_ref_resolve, security_policy, teacher_endpoint_check
 
@@ -293,14 +293,13 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
 
 
 def _attach_job(run: GenerationRun, user) -> Job:
-    from workers.tasks import generation_run_task
 
     job = job_create(kind=JOB_KIND, team=run.project.team, project=run.project, user=user, payload={"run_id": run.pk})
     run.job = job
     run.status = JobStatus.QUEUED
     run.finished_at = None
     run.save(update_fields=["job", "status", "finished_at", "stop_reason"])
-    job_enqueue(job=job, task=generation_run_task, queue=(run.options or {}).get("queue") or DEFAULT_QUEUE)
+    job_enqueue(job=job, task="workers.tasks.generation_run_task", queue=(run.options or {}).get("queue") or DEFAULT_QUEUE)
     return job
 
 
@@ -484,8 +483,6 @@ def _coordinate(*, job: Job, reporter) -> dict:
     counters and progress current. Returns the summary stored as the job's result. Raises
     GenerationStopped (quota, auth, budget, a chunk's error), JobCancelled on cancel,
     RuntimeError when the other workers stop making progress for ``STALE_JOB_SECONDS``."""
-    from workers.tasks import generation_chunk_task
-
     run = GenerationRun.objects.select_related("project").get(job=job)
     GenerationRun.objects.filter(pk=run.pk).update(status=JobStatus.RUNNING, stop_reason="", finished_at=None)
     task = project_task_spec(run.project)
@@ -505,7 +502,7 @@ def _coordinate(*, job: Job, reporter) -> dict:
     reporter.report(len(done) / total if total else 1.0, f"{len(done)}/{total} done; {len(chunks)} chunk(s) queued", force=True)
     # Later chunks go to the queue for other workers; this worker takes what is left unclaimed.
     for k, chunk in enumerate(chunks[1:], start=1):
-        generation_chunk_task.apply_async(args=[job.pk, k, chunk], queue=q)
+        task_send(name="workers.tasks.generation_chunk_task", args=[job.pk, k, chunk], queue=q)
     for k, chunk in enumerate(chunks):
         reporter.check_cancel()
         _raise_if_stopped(run)

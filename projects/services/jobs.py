@@ -5,6 +5,7 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -29,14 +30,23 @@ def job_create(*, kind: str, team: Team, project: Project | None = None, user=No
     )
 
 
+def task_send(*, name: str, args: list, queue: str | None = None) -> str:
+    """Queue the Celery task registered as ``name`` (e.g. ``"workers.tasks.evaluation_task"``)
+    with ``args`` by name, so the request side never imports the worker side. Without
+    ``queue`` the app's routes by name prefix pick it. Returns the Celery task id."""
+    options = {"queue": queue} if queue else {}
+    return current_app.send_task(name, args=args, **options).id or ""
+
+
 def job_enqueue(*, job: Job, task, queue: str | None = None) -> None:
-    """Send ``task`` with ``job.id`` once the current transaction commits, so the worker
-    always finds the row. Records the Celery task id on the row."""
+    """Send the task named ``task`` (a task name such as ``"workers.tasks.training_run_task"``;
+    a task object is taken by its name) with ``job.id`` once the current transaction commits,
+    so the worker always finds the row. Records the Celery task id on the row."""
+    name = task if isinstance(task, str) else task.name
 
     def send() -> None:
-        options = {"queue": queue} if queue else {}
-        async_result = task.apply_async(args=[job.id], **options)
-        Job.objects.filter(pk=job.pk).update(celery_task_id=async_result.id or "")
+        task_id = task_send(name=name, args=[job.id], queue=queue)
+        Job.objects.filter(pk=job.pk).update(celery_task_id=task_id)
 
     transaction.on_commit(send)
 

@@ -383,13 +383,12 @@ def review_bulk_start(*, project: Project, user, filters, decision: str, expecte
     if n != int(expected_count):
         raise ReviewConflict(f"{n} samples match now, not the {expected_count} you confirmed "
                              "(the queue changed); nothing was decided. Check the count and confirm again.")
-    from workers.tasks import review_bulk_task
 
     with transaction.atomic():
         job = job_create(kind="review_bulk", team=project.team, project=project, user=user,
                          payload={"filters": f.as_params(), "decision": decision, "expected_count": n,
                                   "user_id": user.pk if user else None})
-        job_enqueue(job=job, task=review_bulk_task)
+        job_enqueue(job=job, task="workers.tasks.review_bulk_task")
     return job
 
 

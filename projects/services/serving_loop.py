@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from projects.models import (Deployment, GenerationRun, JobStatus, ModelArtifact, Query, RequestLog, Sample, Split,
-                             Teacher, TrainingRun)
+                             TrainingRun)
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.permissions import ensure_can_write
@@ -23,33 +22,6 @@ log = logging.getLogger(__name__)
 
 HARVEST_BATCH = 5000
 SOURCE = "production traffic"
-
-
-def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
-    """What ``distill serve-student`` serves: artifact ``artifact_id`` (classifier, merged, int8
-    or adapter) or the local teacher ``"PROJECT_SLUG:NAME"``. Returns a
-    ``gateway.student.ServeTarget``; raises InvalidInput naming the option."""
-    from pathlib import Path
-
-    from gateway.student import ServeTarget
-
-    if artifact_id is not None:
-        art = ModelArtifact.objects.filter(pk=artifact_id).first()
-        if art is None:
-            raise InvalidInput(f"--artifact: no artifact with id {artifact_id}")
-        if art.kind not in ("classifier", "merged", "int8", "adapter"):
-            raise InvalidInput(f"--artifact: a {art.kind!r} artifact cannot answer")
-        path = (Path(settings.MEDIA_ROOT) / art.path).resolve()
-        if not path.exists():
-            raise InvalidInput(f"--artifact: the files of artifact {art.pk} are missing ({path})")
-        return ServeTarget(kind=art.kind, path=str(path), name=f"artifact-{art.pk}")
-    slug, _, name = (teacher or "").partition(":")
-    t = Teacher.objects.filter(project__slug=slug, name=name).first()
-    if t is None:
-        raise InvalidInput(f"--teacher: no teacher {name!r} in project {slug!r} (give PROJECT_SLUG:NAME)")
-    if t.provider != Teacher.Provider.TRANSFORMERS:
-        raise InvalidInput(f"--teacher: {t.name!r} is not a local (transformers) teacher; the gateway calls it directly")
-    return ServeTarget(kind="base", path=t.model, name=t.model or t.name)
 
 
 def deployment_harvest(*, deployment: Deployment, user=None, limit: int = HARVEST_BATCH) -> dict:

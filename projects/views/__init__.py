@@ -9,11 +9,6 @@ from django.http import HttpRequest
 from projects.services import ServiceError
 
 
-def flash_error(request: HttpRequest, exc: ServiceError) -> None:
-    """Show a service error as a message on the next page."""
-    messages.error(request, str(exc))
-
-
 def call_service(request: HttpRequest, action: Callable[[], object], success: str,
                  errors: tuple[type[Exception], ...] = (ServiceError,)) -> bool:
     """Run one service call for a POST view: a raised ``errors`` exception becomes an error

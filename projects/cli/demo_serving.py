@@ -21,7 +21,7 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
 
     import openai
 
-    from projects.services.demo import DEMO_PROJECT, DEMO_TEAM_SLUG
+    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM_SLUG
     from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
 
     team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first()

@@ -120,7 +120,7 @@ def _setup(*, report: Callable[[str], None]) -> tuple[Team, object, str, Project
 
 
 def _import(*, project: Project, user, report: Callable[[str], None]) -> dict:
-    from projects.services.ingest import dataset_import
+    from workers.runs.ingest import dataset_import
 
     out = {}
     for name, golden in (("queries.csv", False), ("golden.csv", True)):
