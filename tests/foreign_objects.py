@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def foreign_ids(*, project, team, user) -> dict:
     ids: dict = {}
-    for fn in (_ingest, _generation, _review, _training, _evaluation):
+    for fn in (_ingest, _generation, _review, _training, _evaluation, _serving):
         ids.update(fn(project=project, team=team, user=user))
     return ids
 
@@ -48,3 +48,19 @@ def _evaluation(*, project, team, user) -> dict:
 
     ev = Evaluation.objects.create(project=project, split="test")
     return {"evaluation_id": ev.pk}
+
+
+def _serving(*, project, team, user) -> dict:
+    from projects.models import ModelArtifact, TrainingRun
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="their served teacher", provider="openai", model="gpt-4o-mini",
+                             api_key_env="OPENAI_API_KEY", user=user)
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=f"artifacts/{project.slug}/run-{run.pk}/classifier")
+    deployment = deployment_create(project=project, name="their deployment", teacher=teacher, user=user,
+                                   student_artifact=art)
+    key, _raw = gateway_key_create(team=team, name="their key", user=user)
+    return {"deployment_id": deployment.pk, "key_id": key.pk}
