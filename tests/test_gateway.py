@@ -43,7 +43,7 @@ def _setup(project, owner, teacher_stub, student_stub, **settings):
     from projects.services.generation import teacher_create
 
     teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
-                             base_url=teacher_stub.base_url, api_key_env="TEACHER_KEY", price_in_per_1m=2,
+                             base_url=teacher_stub.base_url, api_key_env="OPENAI_API_KEY", price_in_per_1m=2,
                              price_out_per_1m=8, user=owner)
     dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
                             student_url=student_stub.base_url, student_model="student-lm", **settings)
