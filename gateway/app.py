@@ -37,7 +37,7 @@ from starlette.routing import Route as HttpRoute  # noqa: E402
 from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
 from gateway.state import Snapshot, load_snapshot  # noqa: E402
-from gateway.upstream import Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
+from gateway.upstream import OWN_CODES, Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
 
 log = logging.getLogger("gateway")
 # httpx2 logs every request at INFO: a log line per call would cost more than the routing itself.
@@ -194,8 +194,11 @@ async def chat_completions(request: Request) -> Response:
             GW.logs.add(deployment_id=route.id, key_id=key_id, version=route.version, route=path, status=exc.status,
                         stream=stream, latency_ms=(time.perf_counter() - t0) * 1000.0, query=query,
                         confidence=confidence, error=(f"{error}; " if error else "") + str(exc)[:2000])
-            return _error(exc.status if 400 <= exc.status < 600 else 502,
-                          f"The teacher upstream failed: {exc}", type_="upstream_error", code=exc.code,
+            # The upstream's own answer stays in the request log: echoing it would hand the
+            # client whatever an internal address behind a URL answers.
+            status = exc.status if 400 <= exc.status < 600 else 502
+            return _error(status, f"The teacher upstream failed (HTTP {status}); see the deployment's request log.",
+                          type_="upstream_error", code=exc.code if exc.code in OWN_CODES else "upstream_error",
                           headers=exc.headers)
     elif route.shadow_share > 0 and GW.rng.random() < route.shadow_share:
         GW.spawn(_shadow(route, query, answer, key_id))

@@ -181,3 +181,48 @@ def test_cli_deploy_and_keys(project, teacher):
     assert r.returncode == 0 and last_json(r)["prefix"] == key["prefix"]
     r = distill("gateway-key", "revoke", "--team", project.team.slug, key["prefix"])
     assert r.returncode == 1 and "already revoked" in r.stderr
+
+
+def test_endpoint_urls_pass_the_teacher_url_policy(project, owner, teacher, settings):
+    """The gateway POSTs to student_url and teacher_url: they may reach only what a teacher's
+    base_url may (workers/pipeline/security.py)."""
+    from projects.services.deployments import deployment_create, deployment_update
+    from projects.services.generation import teacher_create
+
+    settings.ALLOW_PRIVATE_TEACHER_URLS = False
+    local = teacher_create(project=project, name="local", provider="transformers", user=owner)
+    with pytest.raises(InvalidInput, match=r"^teacher_url: 127\.0\.0\.1 is a loopback address"):
+        deployment_create(project=project, name="a", teacher=local, user=owner, teacher_url="http://127.0.0.1:6379",
+                          student_url="https://student.example.com/v1", student_model="x")
+    with pytest.raises(InvalidInput, match=r"^student_url: 10\.0\.0\.5 is a private address"):
+        deployment_create(project=project, name="b", teacher=teacher, user=owner, student_url="http://10.0.0.5:6379",
+                          student_model="x")
+    # Cloud metadata stays refused even where private addresses are allowed.
+    settings.ALLOW_PRIVATE_TEACHER_URLS = True
+    with pytest.raises(InvalidInput, match=r"^student_url: 169\.254\.169\.254 is a link-local address"):
+        deployment_create(project=project, name="c", teacher=teacher, user=owner,
+                          student_url="http://169.254.169.254/latest/meta-data", student_model="x")
+    with pytest.raises(InvalidInput, match=r"^student_url: 'http://\[::1' is not a valid URL"):
+        deployment_create(project=project, name="d", teacher=teacher, user=owner, student_url="http://[::1",
+                          student_model="x")
+    with pytest.raises(InvalidInput, match=r"^student_url: put no user name or password"):
+        deployment_create(project=project, name="e", teacher=teacher, user=owner,
+                          student_url="https://u:p@student.example.com/v1", student_model="x")
+    dep = deployment_create(project=project, name="f", teacher=local, user=owner, teacher_url="http://127.0.0.1:8100/v1/",
+                            student_url="https://student.example.com/v1", student_model="x")
+    assert dep.teacher_url == "http://127.0.0.1:8100/v1"
+    with pytest.raises(InvalidInput, match=r"^teacher_url: 169\.254\.169\.254"):
+        deployment_update(deployment=dep, user=owner, teacher_url="http://169.254.169.254/v1")
+
+
+def test_form_refuses_internal_urls_with_a_form_error(owner_client, project, teacher, settings):
+    from projects.models import Deployment
+
+    settings.ALLOW_PRIVATE_TEACHER_URLS = False
+    r = owner_client.post(f"/p/{project.slug}/deployments/create/", {
+        "name": "viaweb", "teacher": teacher.pk, "student_url": "http://169.254.169.254/v1", "student_model": "m",
+        "student_share": "0.5", "shadow_share": "0", "promote_delta": "0.05", "promote_window": "200",
+        "alert_agreement": "0.9", "alert_window": "100", "retrain_every": "0", "active": "on"})
+    assert r.status_code == 400
+    assert "student_url: 169.254.169.254 is a link-local address" in r.content.decode()
+    assert not Deployment.objects.filter(slug="viaweb").exists()

@@ -2,6 +2,7 @@
 `openai` client against it, loopback stubs as teacher and student upstreams."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+# gateway.app calls django.setup(), which re-applies LOGGING (and so drops pytest's log capture
+# handler): import it once at collection, before any test captures logs.
+import gateway.app  # noqa: E402,F401
 from tests.gateway_stub import StudentStub
 from tests.openai_stub import StubServer
 
@@ -130,10 +134,12 @@ def test_failing_student_falls_back_and_failing_teacher_returns_its_error(gatewa
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="support-intents", messages=[{"role": "user", "content": "x [boom] [quota]"}])
     assert exc.value.status_code == 429
-    assert "teacher upstream failed" in exc.value.message and "exceeded your current quota" in exc.value.message
+    # A generic message to the client; the upstream's own words only in the request log.
+    assert "teacher upstream failed (HTTP 429)" in exc.value.message
+    assert "exceeded your current quota" not in exc.value.message
     rows = _wait_logs(dep, 2)
     assert rows[0].route == "fallback" and "student failed" in rows[0].error
-    assert rows[1].status == 429
+    assert rows[1].status == 429 and "exceeded your current quota" in rows[1].error
 
 
 def test_shadow_measures_live_agreement(gateway, project, owner, teacher_stub, student_stub):
@@ -264,3 +270,132 @@ def test_real_classifier_student_in_the_gateway(gateway, project, owner, teacher
     assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
     rows = _wait_logs(dep, 2)
     assert rows[1].route == "fallback" and rows[1].confidence < 0.99
+
+
+# --- Hostile settings and requests, against the gateway app in this process ----------------------
+# (Starlette's TestClient runs the real app, its snapshot loader and its log buffer here, so a test
+# can change the operator's settings with the `settings` fixture; the rows must be committed, as
+# the snapshot is read from another thread.)
+
+
+class _Internal:
+    """A loopback 'internal service' that answers every POST with 403 and a secret body, and
+    records the path and Authorization header it was sent."""
+
+    SECRET = b'{"secret":"INTERNAL-ONLY-DATA"}'
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.seen.append((self.path, self.headers.get("authorization")))
+                self.send_response(403)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(outer.SECRET)))
+                self.end_headers()
+                self.wfile.write(outer.SECRET)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def internal():
+    s = _Internal()
+    yield s
+    s.stop()
+
+
+@contextlib.contextmanager
+def _in_process(**kw):
+    import gc
+
+    from starlette.testclient import TestClient
+
+    import gateway.app as G
+
+    with TestClient(G.app, raise_server_exceptions=False, **kw) as c:
+        yield c
+    # The app's worker threads have ended; collect their database connections now so the test
+    # database can be dropped at the end of the session.
+    gc.collect()
+
+
+def _post(c, key, body, **kw):
+    return c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, **kw)
+
+
+def _hi(model):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upstream_error_bodies_are_never_echoed_to_clients(project, owner, internal):
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt",
+                       base_url=f"http://127.0.0.1:{internal.port}/v1", user=owner)
+    dep = deployment_create(project=project, name="dep-a", teacher=t, user=owner,
+                            student_url=f"http://127.0.0.1:{internal.port}/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with _in_process() as c:
+        r = _post(c, key, _hi("dep-a"))
+    assert r.status_code == 403
+    assert "INTERNAL-ONLY-DATA" not in r.text
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error" and err["code"] == "upstream_error"
+    assert err["message"].startswith("The teacher upstream failed (HTTP 403)")
+    [row] = RequestLog.objects.filter(deployment=dep)
+    assert row.status == 403 and "INTERNAL-ONLY-DATA" in row.error  # the detail stays in the log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_refuses_routes_to_internal_addresses_and_unlisted_key_variables(project, owner, internal, settings,
+                                                                                 monkeypatch, caplog):
+    """Rows that bypassed the save-time checks (admin edits, older rows, a changed policy) are
+    checked again when the gateway loads them: the route is left out, with the reason logged, and
+    nothing is sent to the address or with the variable."""
+    from projects.models import Deployment, Teacher
+    from projects.services.deployments import gateway_key_create
+
+    settings.ALLOW_PRIVATE_TEACHER_URLS = False
+    url = f"http://127.0.0.1:{internal.port}"
+    monkeypatch.setenv("DATABASE_PASSWORD_FOR_TEST", "s3cr3t-db-password")
+    local = Teacher.objects.create(project=project, name="local", provider="transformers", model="m")
+    legacy = Teacher.objects.create(project=project, name="legacy", provider="openai", model="gpt",
+                                    base_url="http://8.8.8.8/v1", api_key_env="DATABASE_PASSWORD_FOR_TEST")
+    public = Teacher.objects.create(project=project, name="public", provider="openai", model="gpt",
+                                    base_url="http://8.8.8.8/v1")
+    Deployment.objects.create(project=project, name="ssrf", slug="ssrf", teacher=local, teacher_url=url,
+                              student_url="http://8.8.4.4/v1", student_model="x", student_share=0.0)
+    Deployment.objects.create(project=project, name="meta", slug="meta", teacher=public,
+                              student_url="http://169.254.169.254/latest", student_model="x", student_share=1.0)
+    Deployment.objects.create(project=project, name="legacy", slug="legacy", teacher=legacy,
+                              student_url="http://8.8.4.4/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with caplog.at_level("WARNING", logger="gateway"), _in_process() as c:
+        for slug in ("ssrf", "meta", "legacy"):
+            r = _post(c, key, _hi(slug))
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (slug, r.text)
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"] == []
+    assert internal.seen == []
+    logged = caplog.text
+    assert "deployment ssrf" in logged and "teacher_url: 127.0.0.1 is a loopback address" in logged
+    assert "deployment meta" in logged and "student_url: 169.254.169.254 is a link-local address" in logged
+    assert "deployment legacy" in logged and "api_key_env: DATABASE_PASSWORD_FOR_TEST is not one of" in logged
+    assert "s3cr3t" not in logged

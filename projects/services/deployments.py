@@ -6,9 +6,9 @@ runs per request."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from decimal import Decimal, InvalidOperation
-from urllib.parse import urlparse
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -17,6 +17,8 @@ from django.utils.text import slugify
 from projects.models import Deployment, DeploymentVersion, GatewayKey, ModelArtifact, Project, Team, Teacher
 from projects.services import InvalidInput, InvalidState
 from projects.services.permissions import ensure_can_write
+from projects.services.security import security_policy
+from workers.pipeline.security import Refused, check_teacher_url
 
 KEY_PREFIX = "dh-"
 PREFIX_CHARS = 11  # "dh-" + 8 characters: enough to tell keys apart on a page, useless to an attacker
@@ -46,12 +48,18 @@ def deployment_config(*, deployment: Deployment) -> dict:
 
 
 def _check_url(value: str, field: str) -> str:
+    """The gateway POSTs to these URLs, so they pass the same policy as a teacher's base_url
+    (``workers.pipeline.security.check_teacher_url``); the gateway checks again, resolving the
+    host, whenever it loads the deployment."""
     value = (value or "").strip()
     if not value:
         return ""
-    u = urlparse(value)
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise InvalidInput(f"{field}: {value!r} is not an http(s) URL (e.g. http://127.0.0.1:8100/v1)")
+    if len(value) > 500:
+        raise InvalidInput(f"{field}: at most 500 characters")
+    try:
+        check_teacher_url(value, policy=security_policy(), field=field)
+    except Refused as exc:
+        raise InvalidInput(str(exc)) from None
     return value.rstrip("/")
 
 
