@@ -399,3 +399,75 @@ def test_gateway_refuses_routes_to_internal_addresses_and_unlisted_key_variables
     assert "deployment meta" in logged and "student_url: 169.254.169.254 is a link-local address" in logged
     assert "deployment legacy" in logged and "api_key_env: DATABASE_PASSWORD_FOR_TEST is not one of" in logged
     assert "s3cr3t" not in logged
+
+
+@pytest.mark.django_db(transaction=True)
+def test_malformed_requests_get_a_400_naming_the_field(project, owner, internal, monkeypatch):
+    """Hostile bodies answer 400 (or 413) with an OpenAI-style error, never a 500, and reach no
+    upstream."""
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt",
+                       base_url=f"http://127.0.0.1:{internal.port}/v1", user=owner)
+    deployment_create(project=project, name="dep-a", teacher=t, user=owner,
+                      student_url=f"http://127.0.0.1:{internal.port}/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    h = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    hi = [{"role": "user", "content": "hi"}]
+    monkeypatch.setattr(gateway.app.GW, "max_body_bytes", 100_000)
+    with _in_process() as c:
+        def err(r, status):
+            assert r.status_code == status, r.text
+            return r.json()["error"]
+
+        e = err(c.post("/v1/chat/completions", headers=h, content=b"[" * 50_000 + b"]" * 50_000), 400)
+        assert e["code"] == "invalid_json" and "levels deep" in e["message"]
+        e = err(_post(c, key, {"model": "dep-a", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+                400)
+        assert e["param"] == "messages" and e["code"] == "invalid_messages"
+        e = err(_post(c, key, {"model": "dep-a", "stream": True, "stream_options": "yes", "messages": hi}), 400)
+        assert e["param"] == "stream_options" and e["message"].startswith("stream_options:")
+        e = err(_post(c, key, {"model": "dep-a", "stream": "no", "messages": hi}), 400)
+        assert e["param"] == "stream"
+        e = err(_post(c, key, {"model": "dep-a", "max_tokens": True, "messages": hi}), 400)
+        assert e["param"] == "max_tokens" and e["message"].startswith("max_tokens: must be a whole number")
+        e = err(_post(c, key, {"model": "dep-a", "max_tokens": 10 ** 40, "messages": hi}), 400)
+        assert e["param"] == "max_tokens"
+        e = err(_post(c, key, {"model": "dep-a", "max_completion_tokens": 0, "messages": hi}), 400)
+        assert e["param"] == "max_completion_tokens"
+        big = b'{"model":"dep-a","messages":[{"role":"user","content":"' + b"a" * 200_000 + b'"}]}'
+        e = err(c.post("/v1/chat/completions", headers=h, content=big), 413)
+        assert e["code"] == "request_too_large" and "100000 bytes" in e["message"]
+
+        def chunked():  # no Content-Length: the limit counts the bytes as they arrive
+            for i in range(0, len(big), 10_000):
+                yield big[i:i + 10_000]
+
+        e = err(c.post("/v1/chat/completions", headers=h, content=chunked()), 413)
+        assert e["code"] == "request_too_large"
+    assert internal.seen == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team, outsider):
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt", base_url="http://8.8.8.8/v1",
+                       user=owner)
+    deployment_create(project=project, name="dep-a", teacher=t, user=owner, student_url="http://8.8.4.4/v1",
+                      student_model="x")
+    deployment_create(project=project, name="dep-b", teacher=t, user=owner, student_url="http://8.8.4.4/v1",
+                      student_model="x")
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    theirs = project_create(team=other_team, user=outsider, name="B", task_type="classification", labels=["a", "b"])
+    _, their_key = gateway_key_create(team=other_team, name="k", user=outsider)
+    with _in_process() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz", headers={"Authorization": "Bearer dh-wrong"}).json() == {"status": "ok"}
+        mine = c.get("/healthz", headers={"Authorization": f"Bearer {key}"}).json()
+        assert mine["status"] == "ok" and mine["deployments"] == 2 and "keys" not in mine
+        assert c.get("/healthz", headers={"Authorization": f"Bearer {their_key}"}).json()["deployments"] == 0
+    assert theirs.team_id == other_team.pk
