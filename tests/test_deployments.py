@@ -226,3 +226,66 @@ def test_form_refuses_internal_urls_with_a_form_error(owner_client, project, tea
     assert r.status_code == 400
     assert "student_url: 169.254.169.254 is a link-local address" in r.content.decode()
     assert not Deployment.objects.filter(slug="viaweb").exists()
+
+
+def test_non_finite_and_huge_numbers_are_invalid_input(project, owner, teacher):
+    from decimal import Decimal
+
+    from projects.services.deployments import deployment_create
+
+    base = dict(project=project, name="x", teacher=teacher, user=owner, student_url="http://127.0.0.1:8100/v1",
+                student_model="m")
+    cases = [
+        ({"confidence_threshold": float("nan")}, r"^confidence_threshold: 'nan' is not a finite number"),
+        ({"confidence_threshold": "-inf"}, r"^confidence_threshold: '-inf' is not a finite number"),
+        ({"student_share": float("nan")}, r"^student_share: 'nan' is not a finite number"),
+        ({"promote_window": 10 ** 11}, r"^promote_window: 100000000000 must be from 1 to 1000000000"),
+        ({"alert_window": float("inf")}, r"^alert_window: inf is not a whole number"),
+        ({"retrain_every": "99999999999"}, r"^retrain_every: 99999999999 must be from 0 to 1000000000"),
+        ({"student_price_in_per_1m": "NaN"}, r"^student_price_in_per_1m: 'NaN' is not a finite number"),
+        ({"student_price_out_per_1m": Decimal("Infinity")}, r"^student_price_out_per_1m: 'Infinity' is not a finite"),
+        ({"student_price_out_per_1m": "1e20"}, r"^student_price_out_per_1m: must be from 0 to 999999"),
+        ({"student_model": "x" * 400}, r"^student_model: at most 300 characters"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            deployment_create(**{**base, **fields})
+    dep = deployment_create(**{**base, "promote_window": 10 ** 9, "student_price_in_per_1m": "0.5"})
+    assert dep.promote_window == 10 ** 9 and dep.student_price_in_per_1m == Decimal("0.5")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pages_answer_hostile_numbers_without_a_500(owner_client, project, dep):
+    base = f"/p/{project.slug}/deployments/{dep.pk}/"
+    for h in ("nan", "inf", "-inf", "1e400", "NaN"):
+        r = owner_client.get(base + f"?hours={h}")
+        assert r.status_code == 200 and r.context["hours"] in (6.0, 24 * 90, 0.1), (h, r.context["hours"])
+    assert owner_client.get(base + "?hours=nan").context["hours"] == 6.0
+    r = owner_client.post(base + "rollback/", {"version": "99999999999999999999"}, follow=True)
+    assert r.status_code == 200 and "version: &#x27;99999999999999999999&#x27; is not a version number" in \
+        r.content.decode()
+    data = {"teacher": dep.teacher_id, "student_url": "http://127.0.0.1:8100/v1", "student_model": "x",
+            "student_share": "0.1", "shadow_share": "0", "promote_delta": "0.05", "promote_window": "200",
+            "alert_agreement": "0.9", "alert_window": "100", "retrain_every": "0", "active": "on"}
+    for field, value, shown in (("promote_window", "99999999999999999999", "less than or equal to 1000000000"),
+                                ("retrain_every", "99999999999", "less than or equal to 1000000000"),
+                                ("student_url", "http://[::1", "student_url: &#x27;http://[::1&#x27; is not a valid URL")):
+        r = owner_client.post(base + "update/", {**data, field: value})
+        assert r.status_code == 400 and shown in r.content.decode(), field
+    dep.refresh_from_db()
+    assert dep.version == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cli_refuses_non_finite_and_huge_settings_in_one_line(project, teacher):
+    from projects.models import Deployment
+
+    common = ["deploy", "create", "--project", project.slug, "--teacher", "gpt", "--student-model", "s"]
+    for i, (extra, message) in enumerate((
+            (["--confidence-threshold", "nan"], "error: confidence_threshold: 'nan' is not a finite number"),
+            (["--promote-window", "99999999999"], "error: promote_window: 99999999999 must be from 1 to 1000000000"),
+            (["--student-url", "http://[::1"], "error: student_url: 'http://[::1' is not a valid URL"))):
+        url = [] if "--student-url" in extra else ["--student-url", "http://127.0.0.1:8100/v1"]
+        r = distill(*common, "--name", f"d{i}", *url, *extra)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [message], r.stderr
+    assert not Deployment.objects.exists()

@@ -63,23 +63,38 @@ def _check_url(value: str, field: str) -> str:
     return value.rstrip("/")
 
 
-def _fraction(value, field: str) -> float:
+#: Upper bound of the window and count settings (they count requests and samples).
+MAX_COUNT = 10 ** 9
+#: Prices are stored with max_digits=12, decimal_places=6.
+MAX_PRICE = Decimal("999999")
+
+
+def _float(value, field: str) -> float:
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a number") from None
+    if not math.isfinite(x):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a finite number")
+    return x
+
+
+def _fraction(value, field: str) -> float:
+    x = _float(value, field)
     if not 0.0 <= x <= 1.0:
         raise InvalidInput(f"{field}: {x} must be between 0 and 1 (a fraction, e.g. 0.05 for 5 %)")
     return x
 
 
-def _positive_int(value, field: str, minimum: int = 1) -> int:
+def _positive_int(value, field: str, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise InvalidInput(f"{field}: {value!r} is not a whole number")
     try:
         x = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a whole number") from None
-    if x < minimum:
-        raise InvalidInput(f"{field}: {x} must be at least {minimum}")
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a whole number") from None
+    if not minimum <= x <= maximum:
+        raise InvalidInput(f"{field}: {str(x)[:50]} must be from {minimum} to {maximum}")
     return x
 
 
@@ -87,9 +102,11 @@ def _price(value, field: str) -> Decimal:
     try:
         x = Decimal(str(value))
     except (InvalidOperation, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a number") from None
-    if x < 0:
-        raise InvalidInput(f"{field}: must not be negative")
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a number") from None
+    if not x.is_finite():
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a finite number")
+    if not 0 <= x <= MAX_PRICE:
+        raise InvalidInput(f"{field}: must be from 0 to {MAX_PRICE} (USD per 1M tokens)")
     return x
 
 
@@ -149,16 +166,15 @@ def _clean_fields(fields: dict, project: Project) -> dict:
             v = _check_url(v, k)
         elif k == "student_model":
             v = (v or "").strip()
+            if len(v) > 300:
+                raise InvalidInput("student_model: at most 300 characters")
         elif k in ("student_share", "shadow_share", "promote_delta", "alert_agreement"):
             v = _fraction(v, k)
         elif k == "confidence_threshold":
             if v in ("", None):
                 v = None
             else:
-                try:
-                    v = float(v)
-                except (TypeError, ValueError):
-                    raise InvalidInput(f"confidence_threshold: {v!r} is not a number") from None
+                v = _float(v, k)
         elif k in ("promote_window", "alert_window"):
             v = _positive_int(v, k)
         elif k == "retrain_every":
