@@ -19,11 +19,13 @@ from dataclasses import dataclass
 class ServeTarget:
     """What to serve: ``kind`` is ``classifier`` or a causal-LM artifact kind (``merged``,
     ``int8``, ``adapter``, ``base``); ``path`` a folder or model name; ``name`` the model id
-    it answers to."""
+    it answers to; ``policy`` the ``workers.pipeline.security.SecurityPolicy`` that allows
+    loading ``path`` (None: the operator's, from the environment)."""
 
     kind: str
     path: str
     name: str
+    policy: object = None
 
 
 class Model:
@@ -39,7 +41,7 @@ class Model:
         else:
             from workers.pipeline.local_lm import load_cached
 
-            self.lm = load_cached(target.path, kind=target.kind)
+            self.lm = load_cached(target.path, kind=target.kind, policy=target.policy)
 
     def answer(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0) -> dict:
         """``{text, finish_reason, input_tokens, output_tokens, confidence, token_logprobs}``."""

@@ -289,3 +289,33 @@ def test_cli_refuses_non_finite_and_huge_settings_in_one_line(project, teacher):
         r = distill(*common, "--name", f"d{i}", *url, *extra)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [message], r.stderr
     assert not Deployment.objects.exists()
+
+
+def test_serve_target_resolves_artifacts_within_the_media_folder(project, owner, settings):
+    """`distill serve-student`: a local teacher's ``artifact:<id>`` and an --artifact folder load
+    under a policy that allows exactly them; a stored path that leaves the media folder is refused."""
+    from pathlib import Path
+
+    from projects.models import ModelArtifact, Teacher
+    from projects.services.serving_loop import serve_target
+    from workers.pipeline.local_lm import checked_policy
+    from workers.pipeline.security import Refused, SecurityPolicy
+
+    folder = Path(settings.MEDIA_ROOT) / "test-deployments" / project.slug / "merged"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    art = ModelArtifact.objects.create(project=project, kind="merged", path=f"test-deployments/{project.slug}/merged")
+    Teacher.objects.create(project=project, name="lt", provider="transformers", model=f"artifact:{art.pk}")
+    real = str(folder.resolve())
+    for target in (serve_target(teacher=f"{project.slug}:lt"), serve_target(artifact_id=art.pk)):
+        assert target.path == real
+        assert checked_policy(target.path, target.policy) is target.policy  # loadable
+        with pytest.raises(Refused):
+            checked_policy(target.path, SecurityPolicy.from_env({}))  # not without that policy
+    escape = ModelArtifact.objects.create(project=project, kind="classifier", path="../../../../etc")
+    with pytest.raises(InvalidInput, match=rf"^--artifact: artifact {escape.pk}: its path leaves the media folder"):
+        serve_target(artifact_id=escape.pk)
+    other = ModelArtifact.objects.create(project=project, kind="classifier", path="x")
+    Teacher.objects.create(project=project, name="bad", provider="transformers", model=f"artifact:{other.pk}")
+    with pytest.raises(InvalidInput, match=rf"^--teacher: artifact {other.pk} is a classifier artifact; use a merged"):
+        serve_target(teacher=f"{project.slug}:bad")

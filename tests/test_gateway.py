@@ -471,3 +471,17 @@ def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team
         assert mine["status"] == "ok" and mine["deployments"] == 2 and "keys" not in mine
         assert c.get("/healthz", headers={"Authorization": f"Bearer {their_key}"}).json()["deployments"] == 0
     assert theirs.team_id == other_team.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_refuses_a_student_artifact_outside_the_media_folder(project, owner, caplog):
+    from projects.models import Deployment, ModelArtifact, Teacher
+    from projects.services.deployments import gateway_key_create
+
+    t = Teacher.objects.create(project=project, name="api", provider="openai", model="gpt", base_url="http://8.8.8.8/v1")
+    art = ModelArtifact.objects.create(project=project, kind="classifier", path="../../../../etc")
+    Deployment.objects.create(project=project, name="esc", slug="esc", teacher=t, student_artifact=art, student_share=1.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with caplog.at_level("WARNING", logger="gateway"), _in_process() as c:
+        assert _post(c, key, _hi("esc")).status_code == 404
+    assert f"student_artifact: artifact {art.pk}: its path leaves the media folder" in caplog.text

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -28,10 +27,14 @@ SOURCE = "production traffic"
 def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
     """What ``distill serve-student`` serves: artifact ``artifact_id`` (classifier, merged, int8
     or adapter) or the local teacher ``"PROJECT_SLUG:NAME"``. Returns a
-    ``gateway.student.ServeTarget``; raises InvalidInput naming the option."""
+    ``gateway.student.ServeTarget`` whose ``policy`` allows exactly what it loads (the
+    artifact's folder, with its project's other artifacts for an adapter's base; a teacher's
+    ``artifact:<id>`` resolved to that folder). Raises InvalidInput naming the option, also for
+    an artifact whose stored path leaves the media folder."""
     from pathlib import Path
 
     from gateway.student import ServeTarget
+    from projects.services.security import artifact_folder, model_ref_resolve, project_model_policy
 
     if artifact_id is not None:
         art = ModelArtifact.objects.filter(pk=artifact_id).first()
@@ -39,17 +42,25 @@ def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
             raise InvalidInput(f"--artifact: no artifact with id {artifact_id}")
         if art.kind not in ("classifier", "merged", "int8", "adapter"):
             raise InvalidInput(f"--artifact: a {art.kind!r} artifact cannot answer")
-        path = (Path(settings.MEDIA_ROOT) / art.path).resolve()
+        try:
+            path = Path(artifact_folder(artifact=art))
+        except InvalidState as exc:
+            raise InvalidInput(f"--artifact: {exc}") from None
         if not path.exists():
             raise InvalidInput(f"--artifact: the files of artifact {art.pk} are missing ({path})")
-        return ServeTarget(kind=art.kind, path=str(path), name=f"artifact-{art.pk}")
+        return ServeTarget(kind=art.kind, path=str(path), name=f"artifact-{art.pk}",
+                           policy=project_model_policy(project=art.project).with_model_dirs(str(path)))
     slug, _, name = (teacher or "").partition(":")
-    t = Teacher.objects.filter(project__slug=slug, name=name).first()
+    t = Teacher.objects.filter(project__slug=slug, name=name).select_related("project").first()
     if t is None:
         raise InvalidInput(f"--teacher: no teacher {name!r} in project {slug!r} (give PROJECT_SLUG:NAME)")
     if t.provider != Teacher.Provider.TRANSFORMERS:
         raise InvalidInput(f"--teacher: {t.name!r} is not a local (transformers) teacher; the gateway calls it directly")
-    return ServeTarget(kind="base", path=t.model, name=t.model or t.name)
+    try:
+        path, policy = model_ref_resolve(project=t.project, ref=t.model, field="--teacher", kinds=("merged",))
+    except InvalidState as exc:
+        raise InvalidInput(f"--teacher: {exc}") from None
+    return ServeTarget(kind="base", path=path, name=t.model or t.name, policy=policy)
 
 
 def deployment_harvest(*, deployment: Deployment, user=None, limit: int = HARVEST_BATCH) -> dict:
