@@ -194,8 +194,8 @@ async def chat_completions(request: Request) -> Response:
     if not isinstance(body, dict):
         return _error(400, "The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
-    route = GW.snapshot.routes.get(model) if isinstance(model, str) else None
-    if route is None or route.team_id != team_id:
+    route = GW.snapshot.routes.get((team_id, model)) if isinstance(model, str) else None
+    if route is None:
         return _error(404, f"The model {model!r} does not exist or you do not have access to it.",
                       code="model_not_found", type_="invalid_request_error")
     query = routing.last_user_text(body.get("messages"))

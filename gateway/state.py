@@ -37,7 +37,7 @@ class Route:
 @dataclass(frozen=True)
 class Snapshot:
     keys: dict  # sha256 hex -> (key id, team id)
-    routes: dict  # slug -> Route
+    routes: dict  # (team id, slug) -> Route: slugs are unique per team
 
 
 class RouteRefused(Exception):
@@ -118,7 +118,7 @@ def load_snapshot() -> Snapshot:
             _REFUSED[dep.pk] = str(exc)
             continue
         _REFUSED.pop(dep.pk, None)
-        routes[dep.slug] = Route(id=dep.pk, slug=dep.slug, team_id=dep.project.team_id, version=dep.version,
+        routes[(dep.project.team_id, dep.slug)] = Route(id=dep.pk, slug=dep.slug, team_id=dep.project.team_id, version=dep.version,
                                  task=project_task_spec(dep.project), teacher=teacher, student=student,
                                  student_kind=kind, student_share=dep.student_share, shadow_share=dep.shadow_share,
                                  confidence_threshold=dep.confidence_threshold,

@@ -319,3 +319,22 @@ def test_serve_target_resolves_artifacts_within_the_media_folder(project, owner,
     Teacher.objects.create(project=project, name="bad", provider="transformers", model=f"artifact:{other.pk}")
     with pytest.raises(InvalidInput, match=rf"^--teacher: artifact {other.pk} is a classifier artifact; use a merged"):
         serve_target(teacher=f"{project.slug}:bad")
+
+
+def test_slugs_are_unique_per_team_so_other_teams_names_never_collide(project, owner, teacher, other_team, outsider):
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+
+    mine = deployment_create(project=project, name="acme-secret-launch", teacher=teacher, user=owner,
+                             student_url="http://127.0.0.1:8100/v1", student_model="x")
+    pb = project_create(team=other_team, user=outsider, name="B proj", task_type="classification", labels=["a", "b"])
+    tb = teacher_create(project=pb, name="api", provider="openai", model="gpt", user=outsider)
+    theirs = deployment_create(project=pb, name="acme-secret-launch", teacher=tb, user=outsider,
+                               student_url="http://127.0.0.1:8100/v1", student_model="x")
+    assert (mine.slug, theirs.slug) == ("acme-secret-launch", "acme-secret-launch")
+    assert (mine.team_id, theirs.team_id) == (project.team_id, other_team.pk)
+    with pytest.raises(InvalidInput, match=rf"^name: team {other_team.slug} already has a deployment with slug "
+                                           r"'acme-secret-launch'"):
+        deployment_create(project=pb, name="Acme secret launch", teacher=tb, user=outsider,
+                          student_url="http://127.0.0.1:8100/v1", student_model="x")

@@ -485,3 +485,29 @@ def test_gateway_refuses_a_student_artifact_outside_the_media_folder(project, ow
     with caplog.at_level("WARNING", logger="gateway"), _in_process() as c:
         assert _post(c, key, _hi("esc")).status_code == 404
     assert f"student_artifact: artifact {art.pk}: its path leaves the media folder" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_teams_may_use_the_same_slug_and_each_key_reaches_its_own(project, owner, other_team, outsider,
+                                                                       teacher_stub):
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+
+    pb = project_create(team=other_team, user=outsider, name="B", task_type="classification", labels=LABELS)
+    deps = {}
+    for p, user in ((project, owner), (pb, outsider)):
+        t = teacher_create(project=p, name="gpt", provider="openai", model="stub-teacher",
+                           base_url=teacher_stub.base_url, user=user)
+        deps[p.team_id] = deployment_create(project=p, name="support-intents", teacher=t, user=user,
+                                            student_url="http://127.0.0.1:9/v1", student_model="x", student_share=0.0)
+    _, mine = gateway_key_create(team=project.team, name="k", user=owner)
+    _, theirs = gateway_key_create(team=other_team, name="k", user=outsider)
+    with _in_process() as c:
+        for key in (mine, theirs, theirs):
+            assert _post(c, key, _hi("support-intents")).status_code == 200
+        assert [m["id"] for m in c.get("/v1/models", headers={"Authorization": f"Bearer {mine}"}).json()["data"]] == [
+            "support-intents"]
+    assert RequestLog.objects.filter(deployment=deps[project.team_id]).count() == 1
+    assert RequestLog.objects.filter(deployment=deps[other_team.pk]).count() == 2

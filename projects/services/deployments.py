@@ -198,15 +198,16 @@ def deployment_create(*, project: Project, name: str, teacher, user=None, **fiel
     clients send, is derived from the name). ``teacher``: a Teacher of the project, its name or
     id. ``fields``: any of the settings in ``EDITABLE`` (see ``Deployment``). Writes version 1.
 
+    Slugs are unique per team (the gateway looks them up among the key's team's deployments).
     Raises NotAllowed for viewers, InvalidInput naming the field for a bad value or a slug that
-    is taken."""
+    the team already uses."""
     ensure_can_write(user=user, team=project.team)
     name = (name or "").strip()
     slug = slugify(name)
     if not slug:
         raise InvalidInput("name: must contain at least one letter or digit")
     clean = _clean_fields({"teacher": teacher, **fields}, project)
-    dep = Deployment(project=project, name=name, slug=slug, created_by=user if getattr(user, "pk", None) else None,
+    dep = Deployment(project=project, team_id=project.team_id, name=name, slug=slug, created_by=user if getattr(user, "pk", None) else None,
                      **clean)
     _validate(dep)
     try:
@@ -214,8 +215,8 @@ def deployment_create(*, project: Project, name: str, teacher, user=None, **fiel
             dep.save()
             _record(dep, "create", user)
     except IntegrityError:
-        raise InvalidInput(f"name: a deployment with slug {slug!r} already exists (slugs are global: they are the "
-                           "model names clients send)") from None
+        raise InvalidInput(f"name: team {project.team.slug} already has a deployment with slug {slug!r} (the model "
+                           "name its clients send); choose another name") from None
     return dep
 
 
