@@ -5,7 +5,8 @@
 
 Settings (environment): ``GATEWAY_REFRESH_S`` (default 2: how often keys and deployments are
 reloaded), ``GATEWAY_FLUSH_S`` (default 1: request-log flush interval), ``GATEWAY_FLUSH_ROWS``
-(default 1000), ``GATEWAY_BUFFER_MAX`` (default 100000 rows kept while Postgres is down), plus
+(default 1000), ``GATEWAY_BUFFER_MAX`` (default 100000 rows kept while Postgres is down),
+``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413), plus
 the usual ``DATABASE_URL`` and the teachers' API-key variables.
 
 A request names a deployment by its slug as ``model``; the key must belong to the deployment's
@@ -37,9 +38,12 @@ from starlette.routing import Route as HttpRoute  # noqa: E402
 from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
 from gateway.state import Snapshot, load_snapshot  # noqa: E402
-from gateway.upstream import Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
+from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, loads_bounded  # noqa: E402
+from gateway.upstream import OWN_CODES, Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
 
 log = logging.getLogger("gateway")
+#: The largest max_tokens a client may ask for (more than any model here can answer).
+MAX_TOKENS = 1_000_000
 # httpx2 logs every request at INFO: a log line per call would cost more than the routing itself.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 
@@ -65,6 +69,7 @@ class Gateway:
         self.background: set[asyncio.Task] = set()
         self.refreshed_at = 0.0
         self.rng = random.Random()
+        self.max_body_bytes = int(_env_float("GATEWAY_MAX_BODY_BYTES", 1_000_000))
 
     async def refresh(self) -> None:
         try:
@@ -88,9 +93,30 @@ GW = Gateway()
 
 
 def _error(status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+           headers: dict | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+async def _read_body(request: Request) -> bytes | Response:
+    """The request body, or a 413 error once it passes ``GATEWAY_MAX_BODY_BYTES`` (checked on
+    Content-Length first, then on the bytes actually read: a chunked body has no length)."""
+    limit = GW.max_body_bytes
+    too_big = _error(413, f"The request body is larger than {limit} bytes (GATEWAY_MAX_BODY_BYTES).",
+                     code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            return _error(400, "Content-Length: not a number.", code="invalid_request")
+        if int(declared) > limit:
+            return too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _auth(request: Request):
@@ -112,9 +138,15 @@ async def models(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"ok": True, "deployments": len(GW.snapshot.routes), "keys": len(GW.snapshot.keys),
+    """``{"status": "ok"}`` for probes. With a valid key also the key's team's deployment count
+    and the gateway's health (last refresh; request-log rows waiting for Postgres and dropped);
+    never other teams' counts or traffic."""
+    who = _auth(request)
+    if who is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "deployments": sum(r.team_id == who[1] for r in GW.snapshot.routes.values()),
                          "refreshed_at": GW.refreshed_at, "log_buffered": len(GW.logs.rows),
-                         "log_written": GW.logs.written, "log_dropped": GW.logs.dropped})
+                         "log_dropped": GW.logs.dropped})
 
 
 def _messages_for(route, query: str, who: str) -> list[dict]:
@@ -150,25 +182,41 @@ async def chat_completions(request: Request) -> Response:
     if who is None:
         return _error(401, "Invalid or revoked API key (send Authorization: Bearer <key>).", code="invalid_api_key")
     key_id, team_id = who
+    raw = await _read_body(request)
+    if isinstance(raw, Response):
+        return raw
     try:
-        body = await request.json()
+        body = loads_bounded(raw)
+    except JSONTooDeep:
+        return _error(400, f"The request body nests JSON more than {MAX_DEPTH} levels deep.", code="invalid_json")
     except ValueError:
-        return _error(400, "The request body is not JSON.")
+        return _error(400, "The request body is not JSON.", code="invalid_json")
     if not isinstance(body, dict):
-        return _error(400, "The request body must be a JSON object.")
+        return _error(400, "The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
-    route = GW.snapshot.routes.get(model) if isinstance(model, str) else None
-    if route is None or route.team_id != team_id:
+    route = GW.snapshot.routes.get((team_id, model)) if isinstance(model, str) else None
+    if route is None:
         return _error(404, f"The model {model!r} does not exist or you do not have access to it.",
                       code="model_not_found", type_="invalid_request_error")
     query = routing.last_user_text(body.get("messages"))
     if query is None:
-        return _error(400, "messages: give at least one user message with text content.", code="invalid_messages")
-    stream = bool(body.get("stream"))
+        return _error(400, "messages: give at least one user message with text content (a string, or text parts "
+                      "whose text is a string).", code="invalid_messages", param="messages")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return _error(400, "stream: must be true or false.", code="invalid_stream", param="stream")
+    stream = bool(stream)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        return _error(400, "stream_options: must be an object, e.g. {\"include_usage\": true}.",
+                      code="invalid_stream_options", param="stream_options")
     user = body.get("user") if isinstance(body.get("user"), str) else None
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        return _error(400, "max_tokens: must be a positive integer.", code="invalid_max_tokens")
+    mt_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(mt_field)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or not 1 <= max_tokens <= MAX_TOKENS):
+        return _error(400, f"{mt_field}: must be a whole number from 1 to {MAX_TOKENS}.", code="invalid_max_tokens",
+                      param=mt_field)
 
     to_student = routing.route_fraction(route.slug, user, GW.rng) < route.student_share
     answer: Reply | None = None
@@ -194,8 +242,11 @@ async def chat_completions(request: Request) -> Response:
             GW.logs.add(deployment_id=route.id, key_id=key_id, version=route.version, route=path, status=exc.status,
                         stream=stream, latency_ms=(time.perf_counter() - t0) * 1000.0, query=query,
                         confidence=confidence, error=(f"{error}; " if error else "") + str(exc)[:2000])
-            return _error(exc.status if 400 <= exc.status < 600 else 502,
-                          f"The teacher upstream failed: {exc}", type_="upstream_error", code=exc.code,
+            # The upstream's own answer stays in the request log: echoing it would hand the
+            # client whatever an internal address behind a URL answers.
+            status = exc.status if 400 <= exc.status < 600 else 502
+            return _error(status, f"The teacher upstream failed (HTTP {status}); see the deployment's request log.",
+                          type_="upstream_error", code=exc.code if exc.code in OWN_CODES else "upstream_error",
                           headers=exc.headers)
     elif route.shadow_share > 0 and GW.rng.random() < route.shadow_share:
         GW.spawn(_shadow(route, query, answer, key_id))
@@ -225,7 +276,7 @@ async def chat_completions(request: Request) -> Response:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "logprobs": None, "finish_reason": answer.finish_reason}],
             "usage": usage, "distillhub": ext}), media_type="application/json", headers=headers)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = bool((stream_options or {}).get("include_usage"))
     return StreamingResponse(_sse(cid, created, route.slug, answer, usage if include_usage else None, ext),
                              media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 

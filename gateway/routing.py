@@ -72,7 +72,8 @@ def answers_agree(student: str | None, teacher: str | None, *, task_type: str, l
 
 def last_user_text(messages) -> str | None:
     """The text of the last user message of an OpenAI ``messages`` list (string content, or the
-    text parts of a content list); None when there is none."""
+    text parts of a content list); None when there is none or a text part's ``text`` is not a
+    string."""
     if not isinstance(messages, list):
         return None
     for m in reversed(messages):
@@ -81,7 +82,10 @@ def last_user_text(messages) -> str | None:
             if isinstance(c, str):
                 return c
             if isinstance(c, list):
-                return "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+                texts = [p.get("text") for p in c if isinstance(p, dict) and p.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    return None  # a text part whose text is not a string: malformed
+                return "".join(texts)
             return None
     return None
 

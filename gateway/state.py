@@ -4,11 +4,14 @@ No request ever waits on the database; a revoked key or a changed share takes ef
 refresh. Built with the Django ORM (run in a thread)."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+_REFUSED: dict[int, str] = {}  # deployment id -> the reason last logged (logged once, not every refresh)
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -34,51 +37,89 @@ class Route:
 @dataclass(frozen=True)
 class Snapshot:
     keys: dict  # sha256 hex -> (key id, team id)
-    routes: dict  # slug -> Route
+    routes: dict  # (team id, slug) -> Route: slugs are unique per team
 
 
-def _teacher_upstream(dep) -> Upstream:
+class RouteRefused(Exception):
+    """A deployment the gateway will not serve (the message says which setting and why)."""
+
+
+def _url(url: str, field: str, policy) -> str:
+    """``url`` when the operator's policy lets the gateway send requests there, checked with the
+    host resolved now (DNS answers can change after the setting was saved). Raises RouteRefused."""
+    from workers.pipeline.security import Refused, check_teacher_url
+
+    try:
+        return check_teacher_url(url, policy=policy, field=field, require_resolution=True)
+    except Refused as exc:
+        raise RouteRefused(str(exc)) from None
+
+
+def _teacher_upstream(dep, policy) -> Upstream:
+    from workers.pipeline.security import Refused, check_key_env
+
     t = dep.teacher
     if t.provider == "transformers":
-        base, model, key = dep.teacher_url, t.model or t.name, ""
+        base, model, key = _url(dep.teacher_url, "teacher_url", policy), t.model or t.name, ""
     else:
-        base, model = (t.base_url or OPENAI_URL).rstrip("/"), t.model
-        key = os.environ.get(t.api_key_env, "") if t.api_key_env else ""
+        base, model = _url((t.base_url or OPENAI_URL).rstrip("/"), "base_url", policy), t.model
+        try:
+            env = check_key_env(t.api_key_env, policy=policy)
+        except Refused as exc:
+            raise RouteRefused(str(exc)) from None
+        key = os.environ.get(env, "") if env else ""
     return Upstream(name=f"teacher {t.name}", base_url=base, model=model, api_key=key, temperature=t.temperature,
                     max_tokens=t.max_tokens, timeout_s=t.timeout_s, price_in_per_1m=float(t.price_in_per_1m),
                     price_out_per_1m=float(t.price_out_per_1m))
 
 
-def _student_upstream(dep, media_root: Path) -> tuple[Upstream, str]:
+def _student_upstream(dep, policy) -> tuple[Upstream, str]:
+    from projects.services import ServiceError
+    from projects.services.security import artifact_folder
+
     art = dep.student_artifact
     kind = "classifier" if art is not None and art.kind == "classifier" else "causal"
     common = dict(name=f"student of {dep.slug}", price_in_per_1m=float(dep.student_price_in_per_1m),
                   price_out_per_1m=float(dep.student_price_out_per_1m), timeout_s=60.0)
     if dep.student_url:
         model = dep.student_model or (f"artifact-{art.pk}" if art is not None else "student")
-        return Upstream(base_url=dep.student_url, model=model, temperature=0.0,
+        return Upstream(base_url=_url(dep.student_url, "student_url", policy), model=model, temperature=0.0,
                         want_logprobs=kind == "causal" and dep.confidence_threshold is not None, **common), kind
-    return Upstream(artifact_path=str((media_root / art.path).resolve()), **common), kind
+    try:
+        folder = artifact_folder(artifact=art)
+    except ServiceError as exc:
+        raise RouteRefused(f"student_artifact: {exc}") from None
+    return Upstream(artifact_path=folder, **common), kind
 
 
 def load_snapshot() -> Snapshot:
-    """Read keys and active deployments from Postgres (blocking; call it in a thread)."""
-    from django.conf import settings
+    """Read keys and active deployments from Postgres (blocking; call it in a thread). A
+    deployment whose URLs, key variable or artifact the operator's policy refuses now
+    (``projects.services.security``) is left out, with the reason logged."""
     from django.db import close_old_connections
 
     from projects.models import Deployment, GatewayKey
     from projects.selectors import project_task_spec
+    from projects.services.security import security_policy
 
     close_old_connections()
     keys = {h: (kid, tid) for kid, h, tid in
             GatewayKey.objects.filter(revoked_at__isnull=True).values_list("id", "key_hash", "team_id")}
     routes = {}
-    media = Path(settings.MEDIA_ROOT)
+    policy = security_policy()
     for dep in (Deployment.objects.filter(active=True)
                 .select_related("project", "teacher", "student_artifact")):
-        student, kind = _student_upstream(dep, media)
-        routes[dep.slug] = Route(id=dep.pk, slug=dep.slug, team_id=dep.project.team_id, version=dep.version,
-                                 task=project_task_spec(dep.project), teacher=_teacher_upstream(dep), student=student,
+        try:
+            student, kind = _student_upstream(dep, policy)
+            teacher = _teacher_upstream(dep, policy)
+        except RouteRefused as exc:
+            if _REFUSED.get(dep.pk) != str(exc):
+                log.warning("deployment %s (id %s) not served: %s", dep.slug, dep.pk, exc)
+            _REFUSED[dep.pk] = str(exc)
+            continue
+        _REFUSED.pop(dep.pk, None)
+        routes[(dep.project.team_id, dep.slug)] = Route(id=dep.pk, slug=dep.slug, team_id=dep.project.team_id, version=dep.version,
+                                 task=project_task_spec(dep.project), teacher=teacher, student=student,
                                  student_kind=kind, student_share=dep.student_share, shadow_share=dep.shadow_share,
                                  confidence_threshold=dep.confidence_threshold,
                                  created=int(dep.created_at.timestamp()))

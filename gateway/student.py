@@ -19,23 +19,27 @@ from dataclasses import dataclass
 class ServeTarget:
     """What to serve: ``kind`` is ``classifier`` or a causal-LM artifact kind (``merged``,
     ``int8``, ``adapter``, ``base``); ``path`` a folder or model name; ``name`` the model id
-    it answers to."""
+    it answers to; ``policy`` the ``workers.pipeline.security.SecurityPolicy`` that allows
+    loading ``path`` (None: the operator's, from the environment)."""
 
     kind: str
     path: str
     name: str
+    policy: object = None
 
 
 def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
     """What ``distill serve-student`` serves: artifact ``artifact_id`` (classifier, merged, int8
     or adapter) or the local teacher ``"PROJECT_SLUG:NAME"``. Returns a
-    ``ServeTarget``; raises InvalidInput naming the option."""
+    ``ServeTarget`` whose ``policy`` allows exactly what it loads (the
+    artifact's folder, with its project's other artifacts for an adapter's base; a teacher's
+    ``artifact:<id>`` resolved to that folder). Raises InvalidInput naming the option, also for
+    an artifact whose stored path leaves the media folder."""
     from pathlib import Path
 
-    from django.conf import settings
-
     from projects.models import ModelArtifact, Teacher
-    from projects.services import InvalidInput
+    from projects.services import InvalidInput, InvalidState
+    from projects.services.security import artifact_folder, model_ref_resolve, project_model_policy
 
     if artifact_id is not None:
         art = ModelArtifact.objects.filter(pk=artifact_id).first()
@@ -43,17 +47,25 @@ def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
             raise InvalidInput(f"--artifact: no artifact with id {artifact_id}")
         if art.kind not in ("classifier", "merged", "int8", "adapter"):
             raise InvalidInput(f"--artifact: a {art.kind!r} artifact cannot answer")
-        path = (Path(settings.MEDIA_ROOT) / art.path).resolve()
+        try:
+            path = Path(artifact_folder(artifact=art))
+        except InvalidState as exc:
+            raise InvalidInput(f"--artifact: {exc}") from None
         if not path.exists():
             raise InvalidInput(f"--artifact: the files of artifact {art.pk} are missing ({path})")
-        return ServeTarget(kind=art.kind, path=str(path), name=f"artifact-{art.pk}")
+        return ServeTarget(kind=art.kind, path=str(path), name=f"artifact-{art.pk}",
+                           policy=project_model_policy(project=art.project).with_model_dirs(str(path)))
     slug, _, name = (teacher or "").partition(":")
-    t = Teacher.objects.filter(project__slug=slug, name=name).first()
+    t = Teacher.objects.filter(project__slug=slug, name=name).select_related("project").first()
     if t is None:
         raise InvalidInput(f"--teacher: no teacher {name!r} in project {slug!r} (give PROJECT_SLUG:NAME)")
     if t.provider != Teacher.Provider.TRANSFORMERS:
         raise InvalidInput(f"--teacher: {t.name!r} is not a local (transformers) teacher; the gateway calls it directly")
-    return ServeTarget(kind="base", path=t.model, name=t.model or t.name)
+    try:
+        path, policy = model_ref_resolve(project=t.project, ref=t.model, field="--teacher", kinds=("merged",))
+    except InvalidState as exc:
+        raise InvalidInput(f"--teacher: {exc}") from None
+    return ServeTarget(kind="base", path=path, name=t.model or t.name, policy=policy)
 
 
 class Model:
@@ -69,7 +81,7 @@ class Model:
         else:
             from workers.pipeline.local_lm import load_cached
 
-            self.lm = load_cached(target.path, kind=target.kind)
+            self.lm = load_cached(target.path, kind=target.kind, policy=target.policy)
 
     def answer(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0) -> dict:
         """``{text, finish_reason, input_tokens, output_tokens, confidence, token_logprobs}``."""

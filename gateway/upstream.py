@@ -53,13 +53,19 @@ class Reply:
 
 class UpstreamError(Exception):
     """An upstream failed. ``status``: the HTTP status to answer with (the upstream's own for an
-    HTTP error, 502 unreachable, 504 timeout); ``code``: the upstream's error code if any."""
+    HTTP error, 502 unreachable, 504 timeout); ``code``: the upstream's error code if any. The
+    message (which may quote the upstream's answer) is for the request log only, never for the
+    gateway's client."""
 
     def __init__(self, message: str, *, status: int = 502, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.headers = headers or {}
+
+
+#: Error codes the gateway sets itself (an upstream's own code is never passed on to clients).
+OWN_CODES = frozenset({"upstream_timeout", "upstream_unreachable", "upstream_bad_response", "student_error"})
 
 
 def make_client() -> httpx2.AsyncClient:
@@ -102,7 +108,8 @@ async def chat(client: httpx2.AsyncClient, up: Upstream, messages: list[dict], *
                 msg = err
         except (ValueError, AttributeError):
             pass
-        hdrs = {"Retry-After": r.headers["Retry-After"]} if "Retry-After" in r.headers else {}
+        retry_after = r.headers.get("Retry-After", "").strip()
+        hdrs = {"Retry-After": retry_after} if retry_after.isdigit() and len(retry_after) <= 6 else {}
         raise UpstreamError(f"{up.name}: HTTP {r.status_code}: {msg}", status=r.status_code, code=code, headers=hdrs)
     try:
         data = r.json()

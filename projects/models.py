@@ -547,7 +547,8 @@ class EvalPrediction(models.Model):
 
 class Deployment(models.Model):
     """A project's student served behind the gateway (``gateway/``) with A/B routing against a
-    teacher. Clients address it by ``slug`` as the OpenAI ``model`` field.
+    teacher. Clients address it by ``slug`` as the OpenAI ``model`` field (unique per team; set
+    ``team`` is the project's, filled in on save).
 
     The student is either ``student_artifact`` (a classifier folder the gateway loads in-process,
     or any artifact served by ``distill serve-student`` at ``student_url``) or an external
@@ -563,8 +564,12 @@ class Deployment(models.Model):
     production samples were harvested (0: off). Every change writes a DeploymentVersion."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="deployments")
+    # The project's team, kept here so a slug is unique per team (a database constraint): the
+    # gateway looks a slug up among the requesting key's team's deployments only, so another
+    # team's names never collide with (or reveal themselves through) yours.
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
     name = models.CharField(max_length=100)
-    slug = models.SlugField(max_length=120, unique=True)
+    slug = models.SlugField(max_length=120)
     teacher = models.ForeignKey(Teacher, on_delete=models.CASCADE, related_name="deployments")
     teacher_url = models.CharField(max_length=500, blank=True, default="")
     student_artifact = models.ForeignKey(ModelArtifact, null=True, blank=True, on_delete=models.SET_NULL, related_name="deployments")
@@ -593,6 +598,12 @@ class Deployment(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=("team", "slug"), name="deployment_slug_per_team")]
+
+    def save(self, *args, **kwargs):
+        if self.team_id is None and self.project_id is not None:
+            self.team_id = self.project.team_id
+        super().save(*args, **kwargs)
 
     def __str__(self) -> str:
         return self.slug

@@ -26,12 +26,12 @@ class DeploymentForm(forms.Form):
                                     help_text="Fraction of student answers also sent to the teacher to measure agreement.")
     promote_delta = forms.FloatField(min_value=0, max_value=1, initial=0.05,
                                      help_text="Promote when the live quality delta (1 - agreement) stays under this.")
-    promote_window = forms.IntegerField(min_value=1, initial=200, help_text="…over this many shadow comparisons.")
+    promote_window = forms.IntegerField(max_value=10 ** 9, min_value=1, initial=200, help_text="…over this many shadow comparisons.")
     auto_promote = forms.BooleanField(required=False, help_text="Promote to 100 % by itself when the rule holds.")
     alert_agreement = forms.FloatField(min_value=0, max_value=1, initial=0.9,
                                        help_text="Divergence alert when agreement falls under this…")
-    alert_window = forms.IntegerField(min_value=1, initial=100, help_text="…over this many shadow comparisons.")
-    retrain_every = forms.IntegerField(min_value=0, initial=0,
+    alert_window = forms.IntegerField(max_value=10 ** 9, min_value=1, initial=100, help_text="…over this many shadow comparisons.")
+    retrain_every = forms.IntegerField(max_value=10 ** 9, min_value=0, initial=0,
                                        help_text="Continuous distillation: retrain after this many new accepted production samples (0: off).")
     active = forms.BooleanField(required=False, initial=True)
 

@@ -238,7 +238,7 @@ def gateway_proc(django_db_setup, django_db_blocker):
 
     port = free_port()
     env = child_env()
-    env.update(GATEWAY_REFRESH_S="0.3", GATEWAY_FLUSH_S="0.2", TEACHER_KEY="sk-test-teacher")
+    env.update(GATEWAY_REFRESH_S="0.3", GATEWAY_FLUSH_S="0.2", OPENAI_API_KEY="sk-test-teacher")
     log_path = Path(settings.DATA_DIR) / "test-gateway.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app", "--host", "127.0.0.1", "--port", str(port),

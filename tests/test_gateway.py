@@ -2,6 +2,7 @@
 `openai` client against it, loopback stubs as teacher and student upstreams."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+# gateway.app calls django.setup(), which re-applies LOGGING (and so drops pytest's log capture
+# handler): import it once at collection, before any test captures logs.
+import gateway.app  # noqa: E402,F401
 from tests.gateway_stub import StudentStub
 from tests.openai_stub import StubServer
 
@@ -43,7 +47,7 @@ def _setup(project, owner, teacher_stub, student_stub, **settings):
     from projects.services.generation import teacher_create
 
     teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
-                             base_url=teacher_stub.base_url, api_key_env="TEACHER_KEY", price_in_per_1m=2,
+                             base_url=teacher_stub.base_url, api_key_env="OPENAI_API_KEY", price_in_per_1m=2,
                              price_out_per_1m=8, user=owner)
     dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
                             student_url=student_stub.base_url, student_model="student-lm", **settings)
@@ -130,10 +134,12 @@ def test_failing_student_falls_back_and_failing_teacher_returns_its_error(gatewa
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="support-intents", messages=[{"role": "user", "content": "x [boom] [quota]"}])
     assert exc.value.status_code == 429
-    assert "teacher upstream failed" in exc.value.message and "exceeded your current quota" in exc.value.message
+    # A generic message to the client; the upstream's own words only in the request log.
+    assert "teacher upstream failed (HTTP 429)" in exc.value.message
+    assert "exceeded your current quota" not in exc.value.message
     rows = _wait_logs(dep, 2)
     assert rows[0].route == "fallback" and "student failed" in rows[0].error
-    assert rows[1].status == 429
+    assert rows[1].status == 429 and "exceeded your current quota" in rows[1].error
 
 
 def test_shadow_measures_live_agreement(gateway, project, owner, teacher_stub, student_stub):
@@ -264,3 +270,244 @@ def test_real_classifier_student_in_the_gateway(gateway, project, owner, teacher
     assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
     rows = _wait_logs(dep, 2)
     assert rows[1].route == "fallback" and rows[1].confidence < 0.99
+
+
+# --- Hostile settings and requests, against the gateway app in this process ----------------------
+# (Starlette's TestClient runs the real app, its snapshot loader and its log buffer here, so a test
+# can change the operator's settings with the `settings` fixture; the rows must be committed, as
+# the snapshot is read from another thread.)
+
+
+class _Internal:
+    """A loopback 'internal service' that answers every POST with 403 and a secret body, and
+    records the path and Authorization header it was sent."""
+
+    SECRET = b'{"secret":"INTERNAL-ONLY-DATA"}'
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.seen.append((self.path, self.headers.get("authorization")))
+                self.send_response(403)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(outer.SECRET)))
+                self.end_headers()
+                self.wfile.write(outer.SECRET)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def internal():
+    s = _Internal()
+    yield s
+    s.stop()
+
+
+@contextlib.contextmanager
+def _in_process(**kw):
+    import gc
+
+    from starlette.testclient import TestClient
+
+    import gateway.app as G
+
+    with TestClient(G.app, raise_server_exceptions=False, **kw) as c:
+        yield c
+    # The app's worker threads have ended; collect their database connections now so the test
+    # database can be dropped at the end of the session.
+    gc.collect()
+
+
+def _post(c, key, body, **kw):
+    return c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body, **kw)
+
+
+def _hi(model):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upstream_error_bodies_are_never_echoed_to_clients(project, owner, internal):
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt",
+                       base_url=f"http://127.0.0.1:{internal.port}/v1", user=owner)
+    dep = deployment_create(project=project, name="dep-a", teacher=t, user=owner,
+                            student_url=f"http://127.0.0.1:{internal.port}/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with _in_process() as c:
+        r = _post(c, key, _hi("dep-a"))
+    assert r.status_code == 403
+    assert "INTERNAL-ONLY-DATA" not in r.text
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error" and err["code"] == "upstream_error"
+    assert err["message"].startswith("The teacher upstream failed (HTTP 403)")
+    [row] = RequestLog.objects.filter(deployment=dep)
+    assert row.status == 403 and "INTERNAL-ONLY-DATA" in row.error  # the detail stays in the log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_refuses_routes_to_internal_addresses_and_unlisted_key_variables(project, owner, internal, settings,
+                                                                                 monkeypatch, caplog):
+    """Rows that bypassed the save-time checks (admin edits, older rows, a changed policy) are
+    checked again when the gateway loads them: the route is left out, with the reason logged, and
+    nothing is sent to the address or with the variable."""
+    from projects.models import Deployment, Teacher
+    from projects.services.deployments import gateway_key_create
+
+    settings.ALLOW_PRIVATE_TEACHER_URLS = False
+    url = f"http://127.0.0.1:{internal.port}"
+    monkeypatch.setenv("DATABASE_PASSWORD_FOR_TEST", "s3cr3t-db-password")
+    local = Teacher.objects.create(project=project, name="local", provider="transformers", model="m")
+    legacy = Teacher.objects.create(project=project, name="legacy", provider="openai", model="gpt",
+                                    base_url="http://8.8.8.8/v1", api_key_env="DATABASE_PASSWORD_FOR_TEST")
+    public = Teacher.objects.create(project=project, name="public", provider="openai", model="gpt",
+                                    base_url="http://8.8.8.8/v1")
+    Deployment.objects.create(project=project, name="ssrf", slug="ssrf", teacher=local, teacher_url=url,
+                              student_url="http://8.8.4.4/v1", student_model="x", student_share=0.0)
+    Deployment.objects.create(project=project, name="meta", slug="meta", teacher=public,
+                              student_url="http://169.254.169.254/latest", student_model="x", student_share=1.0)
+    Deployment.objects.create(project=project, name="legacy", slug="legacy", teacher=legacy,
+                              student_url="http://8.8.4.4/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with caplog.at_level("WARNING", logger="gateway"), _in_process() as c:
+        for slug in ("ssrf", "meta", "legacy"):
+            r = _post(c, key, _hi(slug))
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (slug, r.text)
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"] == []
+    assert internal.seen == []
+    logged = caplog.text
+    assert "deployment ssrf" in logged and "teacher_url: 127.0.0.1 is a loopback address" in logged
+    assert "deployment meta" in logged and "student_url: 169.254.169.254 is a link-local address" in logged
+    assert "deployment legacy" in logged and "api_key_env: DATABASE_PASSWORD_FOR_TEST is not one of" in logged
+    assert "s3cr3t" not in logged
+
+
+@pytest.mark.django_db(transaction=True)
+def test_malformed_requests_get_a_400_naming_the_field(project, owner, internal, monkeypatch):
+    """Hostile bodies answer 400 (or 413) with an OpenAI-style error, never a 500, and reach no
+    upstream."""
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt",
+                       base_url=f"http://127.0.0.1:{internal.port}/v1", user=owner)
+    deployment_create(project=project, name="dep-a", teacher=t, user=owner,
+                      student_url=f"http://127.0.0.1:{internal.port}/v1", student_model="x", student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    h = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    hi = [{"role": "user", "content": "hi"}]
+    monkeypatch.setattr(gateway.app.GW, "max_body_bytes", 100_000)
+    with _in_process() as c:
+        def err(r, status):
+            assert r.status_code == status, r.text
+            return r.json()["error"]
+
+        e = err(c.post("/v1/chat/completions", headers=h, content=b"[" * 50_000 + b"]" * 50_000), 400)
+        assert e["code"] == "invalid_json" and "levels deep" in e["message"]
+        e = err(_post(c, key, {"model": "dep-a", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+                400)
+        assert e["param"] == "messages" and e["code"] == "invalid_messages"
+        e = err(_post(c, key, {"model": "dep-a", "stream": True, "stream_options": "yes", "messages": hi}), 400)
+        assert e["param"] == "stream_options" and e["message"].startswith("stream_options:")
+        e = err(_post(c, key, {"model": "dep-a", "stream": "no", "messages": hi}), 400)
+        assert e["param"] == "stream"
+        e = err(_post(c, key, {"model": "dep-a", "max_tokens": True, "messages": hi}), 400)
+        assert e["param"] == "max_tokens" and e["message"].startswith("max_tokens: must be a whole number")
+        e = err(_post(c, key, {"model": "dep-a", "max_tokens": 10 ** 40, "messages": hi}), 400)
+        assert e["param"] == "max_tokens"
+        e = err(_post(c, key, {"model": "dep-a", "max_completion_tokens": 0, "messages": hi}), 400)
+        assert e["param"] == "max_completion_tokens"
+        big = b'{"model":"dep-a","messages":[{"role":"user","content":"' + b"a" * 200_000 + b'"}]}'
+        e = err(c.post("/v1/chat/completions", headers=h, content=big), 413)
+        assert e["code"] == "request_too_large" and "100000 bytes" in e["message"]
+
+        def chunked():  # no Content-Length: the limit counts the bytes as they arrive
+            for i in range(0, len(big), 10_000):
+                yield big[i:i + 10_000]
+
+        e = err(c.post("/v1/chat/completions", headers=h, content=chunked()), 413)
+        assert e["code"] == "request_too_large"
+    assert internal.seen == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team, outsider):
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+
+    t = teacher_create(project=project, name="api", provider="openai", model="gpt", base_url="http://8.8.8.8/v1",
+                       user=owner)
+    deployment_create(project=project, name="dep-a", teacher=t, user=owner, student_url="http://8.8.4.4/v1",
+                      student_model="x")
+    deployment_create(project=project, name="dep-b", teacher=t, user=owner, student_url="http://8.8.4.4/v1",
+                      student_model="x")
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    theirs = project_create(team=other_team, user=outsider, name="B", task_type="classification", labels=["a", "b"])
+    _, their_key = gateway_key_create(team=other_team, name="k", user=outsider)
+    with _in_process() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz", headers={"Authorization": "Bearer dh-wrong"}).json() == {"status": "ok"}
+        mine = c.get("/healthz", headers={"Authorization": f"Bearer {key}"}).json()
+        assert mine["status"] == "ok" and mine["deployments"] == 2 and "keys" not in mine
+        assert c.get("/healthz", headers={"Authorization": f"Bearer {their_key}"}).json()["deployments"] == 0
+    assert theirs.team_id == other_team.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_refuses_a_student_artifact_outside_the_media_folder(project, owner, caplog):
+    from projects.models import Deployment, ModelArtifact, Teacher
+    from projects.services.deployments import gateway_key_create
+
+    t = Teacher.objects.create(project=project, name="api", provider="openai", model="gpt", base_url="http://8.8.8.8/v1")
+    art = ModelArtifact.objects.create(project=project, kind="classifier", path="../../../../etc")
+    Deployment.objects.create(project=project, name="esc", slug="esc", teacher=t, student_artifact=art, student_share=1.0)
+    _, key = gateway_key_create(team=project.team, name="k", user=owner)
+    with caplog.at_level("WARNING", logger="gateway"), _in_process() as c:
+        assert _post(c, key, _hi("esc")).status_code == 404
+    assert f"student_artifact: artifact {art.pk}: its path leaves the media folder" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_teams_may_use_the_same_slug_and_each_key_reaches_its_own(project, owner, other_team, outsider,
+                                                                       teacher_stub):
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+
+    pb = project_create(team=other_team, user=outsider, name="B", task_type="classification", labels=LABELS)
+    deps = {}
+    for p, user in ((project, owner), (pb, outsider)):
+        t = teacher_create(project=p, name="gpt", provider="openai", model="stub-teacher",
+                           base_url=teacher_stub.base_url, user=user)
+        deps[p.team_id] = deployment_create(project=p, name="support-intents", teacher=t, user=user,
+                                            student_url="http://127.0.0.1:9/v1", student_model="x", student_share=0.0)
+    _, mine = gateway_key_create(team=project.team, name="k", user=owner)
+    _, theirs = gateway_key_create(team=other_team, name="k", user=outsider)
+    with _in_process() as c:
+        for key in (mine, theirs, theirs):
+            assert _post(c, key, _hi("support-intents")).status_code == 200
+        assert [m["id"] for m in c.get("/v1/models", headers={"Authorization": f"Bearer {mine}"}).json()["data"]] == [
+            "support-intents"]
+    assert RequestLog.objects.filter(deployment=deps[project.team_id]).count() == 1
+    assert RequestLog.objects.filter(deployment=deps[other_team.pk]).count() == 2

@@ -33,7 +33,7 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
     teacher = project.teachers.exclude(provider="ensemble").order_by("created_at").first()
     settings = dict(student_artifact=art, student_share=0.5, shadow_share=0.5, confidence_threshold=0.5,
                     teacher=teacher, teacher_url=teacher_url if teacher.provider == "transformers" else "")
-    dep = Deployment.objects.filter(slug=DEMO_DEPLOYMENT).first()
+    dep = Deployment.objects.filter(team=team, slug=DEMO_DEPLOYMENT).first()
     if dep is None:
         dep = deployment_create(project=project, name=DEMO_DEPLOYMENT, **settings)
     else:

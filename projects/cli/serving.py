@@ -43,7 +43,7 @@ def register(sub) -> None:
     _settings_args(p, create=True)
     p.set_defaults(handler=cmd_deploy_create)
     p = dep.add_parser("update", help="change a deployment's settings (a new version)")
-    p.add_argument("deployment", help="deployment slug")
+    p.add_argument("deployment", help="deployment slug (TEAM_SLUG/SLUG where several teams use it)")
     _settings_args(p, create=False)
     p.set_defaults(handler=cmd_deploy_update)
     p = dep.add_parser("promote", help="send 100 %% of traffic to the student")
@@ -91,10 +91,18 @@ def register(sub) -> None:
 
 
 def get_deployment(slug: str) -> Deployment:
-    try:
-        return Deployment.objects.select_related("project", "project__team", "teacher", "student_artifact").get(slug=slug)
-    except Deployment.DoesNotExist:
-        raise CliError(f"deployment: no deployment with slug {slug!r}") from None
+    """The deployment ``slug``, or ``TEAM_SLUG/SLUG`` where several teams use the slug."""
+    team, _, dep_slug = slug.rpartition("/")
+    rows = Deployment.objects.select_related("project", "project__team", "teacher", "student_artifact").filter(
+        slug=dep_slug)
+    if team:
+        rows = rows.filter(team__slug=team)
+    rows = list(rows[:2])
+    if not rows:
+        raise CliError(f"deployment: no deployment with slug {slug!r}")
+    if len(rows) > 1:
+        raise CliError(f"deployment: several teams have a deployment {dep_slug!r}; give TEAM_SLUG/{dep_slug}")
+    return rows[0]
 
 
 def _fields(o: dict) -> dict:

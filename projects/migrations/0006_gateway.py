@@ -18,7 +18,7 @@ class Migration(migrations.Migration):
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('name', models.CharField(max_length=100)),
-                ('slug', models.SlugField(max_length=120, unique=True)),
+                ('slug', models.SlugField(max_length=120)),
                 ('teacher_url', models.CharField(blank=True, default='', max_length=500)),
                 ('student_url', models.CharField(blank=True, default='', max_length=500)),
                 ('student_model', models.CharField(blank=True, default='', max_length=300)),
@@ -45,9 +45,11 @@ class Migration(migrations.Migration):
                 ('retrain_run', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='projects.trainingrun')),
                 ('student_artifact', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='deployments', to='projects.modelartifact')),
                 ('teacher', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deployments', to='projects.teacher')),
+                ('team', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='projects.team')),
             ],
             options={
                 'ordering': ['-created_at'],
+                'constraints': [models.UniqueConstraint(fields=('team', 'slug'), name='deployment_slug_per_team')],
             },
         ),
         migrations.CreateModel(

@@ -6,9 +6,9 @@ runs per request."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from decimal import Decimal, InvalidOperation
-from urllib.parse import urlparse
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -17,6 +17,8 @@ from django.utils.text import slugify
 from projects.models import Deployment, DeploymentVersion, GatewayKey, ModelArtifact, Project, Team, Teacher
 from projects.services import InvalidInput, InvalidState
 from projects.services.permissions import ensure_can_write
+from projects.services.security import security_policy
+from workers.pipeline.security import Refused, check_teacher_url
 
 KEY_PREFIX = "dh-"
 PREFIX_CHARS = 11  # "dh-" + 8 characters: enough to tell keys apart on a page, useless to an attacker
@@ -46,32 +48,53 @@ def deployment_config(*, deployment: Deployment) -> dict:
 
 
 def _check_url(value: str, field: str) -> str:
+    """The gateway POSTs to these URLs, so they pass the same policy as a teacher's base_url
+    (``workers.pipeline.security.check_teacher_url``); the gateway checks again, resolving the
+    host, whenever it loads the deployment."""
     value = (value or "").strip()
     if not value:
         return ""
-    u = urlparse(value)
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise InvalidInput(f"{field}: {value!r} is not an http(s) URL (e.g. http://127.0.0.1:8100/v1)")
+    if len(value) > 500:
+        raise InvalidInput(f"{field}: at most 500 characters")
+    try:
+        check_teacher_url(value, policy=security_policy(), field=field)
+    except Refused as exc:
+        raise InvalidInput(str(exc)) from None
     return value.rstrip("/")
 
 
-def _fraction(value, field: str) -> float:
+#: Upper bound of the window and count settings (they count requests and samples).
+MAX_COUNT = 10 ** 9
+#: Prices are stored with max_digits=12, decimal_places=6.
+MAX_PRICE = Decimal("999999")
+
+
+def _float(value, field: str) -> float:
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a number") from None
+    if not math.isfinite(x):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a finite number")
+    return x
+
+
+def _fraction(value, field: str) -> float:
+    x = _float(value, field)
     if not 0.0 <= x <= 1.0:
         raise InvalidInput(f"{field}: {x} must be between 0 and 1 (a fraction, e.g. 0.05 for 5 %)")
     return x
 
 
-def _positive_int(value, field: str, minimum: int = 1) -> int:
+def _positive_int(value, field: str, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise InvalidInput(f"{field}: {value!r} is not a whole number")
     try:
         x = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a whole number") from None
-    if x < minimum:
-        raise InvalidInput(f"{field}: {x} must be at least {minimum}")
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a whole number") from None
+    if not minimum <= x <= maximum:
+        raise InvalidInput(f"{field}: {str(x)[:50]} must be from {minimum} to {maximum}")
     return x
 
 
@@ -79,9 +102,11 @@ def _price(value, field: str) -> Decimal:
     try:
         x = Decimal(str(value))
     except (InvalidOperation, ValueError):
-        raise InvalidInput(f"{field}: {value!r} is not a number") from None
-    if x < 0:
-        raise InvalidInput(f"{field}: must not be negative")
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a number") from None
+    if not x.is_finite():
+        raise InvalidInput(f"{field}: {str(value)[:50]!r} is not a finite number")
+    if not 0 <= x <= MAX_PRICE:
+        raise InvalidInput(f"{field}: must be from 0 to {MAX_PRICE} (USD per 1M tokens)")
     return x
 
 
@@ -141,16 +166,15 @@ def _clean_fields(fields: dict, project: Project) -> dict:
             v = _check_url(v, k)
         elif k == "student_model":
             v = (v or "").strip()
+            if len(v) > 300:
+                raise InvalidInput("student_model: at most 300 characters")
         elif k in ("student_share", "shadow_share", "promote_delta", "alert_agreement"):
             v = _fraction(v, k)
         elif k == "confidence_threshold":
             if v in ("", None):
                 v = None
             else:
-                try:
-                    v = float(v)
-                except (TypeError, ValueError):
-                    raise InvalidInput(f"confidence_threshold: {v!r} is not a number") from None
+                v = _float(v, k)
         elif k in ("promote_window", "alert_window"):
             v = _positive_int(v, k)
         elif k == "retrain_every":
@@ -174,15 +198,16 @@ def deployment_create(*, project: Project, name: str, teacher, user=None, **fiel
     clients send, is derived from the name). ``teacher``: a Teacher of the project, its name or
     id. ``fields``: any of the settings in ``EDITABLE`` (see ``Deployment``). Writes version 1.
 
+    Slugs are unique per team (the gateway looks them up among the key's team's deployments).
     Raises NotAllowed for viewers, InvalidInput naming the field for a bad value or a slug that
-    is taken."""
+    the team already uses."""
     ensure_can_write(user=user, team=project.team)
     name = (name or "").strip()
     slug = slugify(name)
     if not slug:
         raise InvalidInput("name: must contain at least one letter or digit")
     clean = _clean_fields({"teacher": teacher, **fields}, project)
-    dep = Deployment(project=project, name=name, slug=slug, created_by=user if getattr(user, "pk", None) else None,
+    dep = Deployment(project=project, team_id=project.team_id, name=name, slug=slug, created_by=user if getattr(user, "pk", None) else None,
                      **clean)
     _validate(dep)
     try:
@@ -190,8 +215,8 @@ def deployment_create(*, project: Project, name: str, teacher, user=None, **fiel
             dep.save()
             _record(dep, "create", user)
     except IntegrityError:
-        raise InvalidInput(f"name: a deployment with slug {slug!r} already exists (slugs are global: they are the "
-                           "model names clients send)") from None
+        raise InvalidInput(f"name: team {project.team.slug} already has a deployment with slug {slug!r} (the model "
+                           "name its clients send); choose another name") from None
     return dep
 
 

@@ -4,6 +4,7 @@ divergence alert, settings, versions with rollback, continuous distillation."""
 from __future__ import annotations
 
 import json
+import math
 
 from django.conf import settings
 from django.contrib import messages
@@ -13,7 +14,7 @@ from django.views.decorators.http import require_POST
 
 from projects import charts_serving, selectors, selectors_serving
 from projects.serving_forms import DeploymentForm, GatewayKeyForm
-from projects.services import ServiceError
+from projects.services import InvalidInput, ServiceError
 from projects.services.deployments import (deployment_create, deployment_promote, deployment_rollback,
                                            deployment_update, gateway_key_create, gateway_key_revoke)
 from projects.services.serving_loop import deployment_harvest, deployment_retrain, deployment_use_candidate
@@ -79,9 +80,10 @@ def gateway_key_revoke_view(request, slug: str, key_id: int):
 def deployment_detail(request, slug: str, deployment_id: int, form=None, status=200):
     dep = selectors_serving.deployment_for_user(request.user, slug, deployment_id)
     try:
-        hours = min(max(float(request.GET.get("hours") or 6), 0.1), 24 * 90)
+        hours = float(request.GET.get("hours") or 6)
     except ValueError:
         hours = 6.0
+    hours = min(max(hours, 0.1), 24 * 90) if math.isfinite(hours) else 6.0
     series = selectors_serving.deployment_timeseries(deployment=dep, hours=hours)
     figs = charts_serving.deployment_figures(series=series)
     initial = {f: getattr(dep, f) for f in ("teacher_url", "student_url", "student_model", "student_share",
@@ -129,12 +131,23 @@ def _action(name: str, fn, done: str):
     return view
 
 
+def _version(raw: str) -> int | None:
+    """The version number posted by a Restore button; None (the previous version) when absent.
+    Raises InvalidInput for anything but a whole number in range."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise InvalidInput(f"version: {raw[:20]!r} is not a version number")
+    return int(raw)
+
+
 deployment_promote_view = _action("deployment_promote_view", lambda d, r: deployment_promote(deployment=d, user=r.user),
                                   "Promoted: the student now answers 100 % of traffic (the teacher stays as fallback).")
 deployment_rollback_view = _action(
     "deployment_rollback_view",
     lambda d, r: deployment_rollback(deployment=d, user=r.user,
-                                     to_version=int(r.POST["version"]) if r.POST.get("version", "").isdigit() else None),
+                                     to_version=_version(r.POST.get("version", ""))),
     "Rolled back: the earlier settings are live again (as a new version).")
 deployment_harvest_view = _action("deployment_harvest_view", lambda d, r: deployment_harvest(deployment=d, user=r.user),
                                   "Logged teacher answers were added as a production-traffic generation run.")
