@@ -148,7 +148,12 @@ for _ in $(seq 240); do
   sleep 0.5
 done
 if [[ -n "$TEACHER_URL" ]]; then
-  for _ in $(seq 240); do grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break; sleep 0.5; done
+  # Wait until it serves, or stop waiting when it has exited (its log then says why).
+  for _ in $(seq 240); do
+    grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break
+    alive "$RUN/teacher-server.pid" || break
+    sleep 0.5
+  done
 fi
 "$PY" manage.py distill demo-serve --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --teacher-url "$TEACHER_URL" \
   || echo "The gateway step failed; see $RUN/gateway.log" >&2
