@@ -582,3 +582,39 @@ def test_causal_lm_student_confidence_is_its_mean_token_logprob(gateway, project
     rows = _wait_logs(dep, 2, timeout=60)
     assert rows[1].route == "fallback" and math.isfinite(rows[1].confidence) and rows[1].confidence < -1e-9
     assert teacher_stub.total_completed == 1
+
+
+def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(gateway, teacher_stub,
+                                                                                  classifier_folder, capsys):
+    """The last step of `make demo` (`distill demo-serve`), against the real gateway: the demo
+    project's classifier student deployed, six requests answered with their routes."""
+    import json
+
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM, DEMO_TEAM_SLUG
+    from projects.models import ModelArtifact, Project, RequestLog, Team, TrainingRun
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+    from projects.services.teams import team_create
+
+    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first() or team_create(name=DEMO_TEAM)
+    project = project_create(team=team, name=DEMO_PROJECT, task_type="classification", labels=LABELS)
+    teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher", base_url=teacher_stub.base_url)
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    call_command("distill", "demo-serve", "--gateway-url", gateway.base_url, "--json")
+    printed = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(printed[-1])
+    assert sum(line.startswith("  [") for line in printed) == 6  # each request with its route
+    assert res["deployment"] == "support-intents-demo" and len(res["answers"]) == 6
+    routes = {a["route"] for a in res["answers"]}
+    assert routes <= {"student", "fallback", "teacher"} and routes & {"student", "fallback"}
+    assert all(a["answer"] in LABELS for a in res["answers"])
+    dep = Project.objects.get(pk=project.pk).deployments.get()
+    assert dep.student_artifact_id == art.pk
+    rows = _wait_logs(dep, 6, timeout=60)
+    assert {r.route for r in rows} >= routes
+    assert RequestLog.objects.filter(deployment=dep, query__startswith="My new card").count() == 1

@@ -10,6 +10,14 @@ from projects.services import InvalidState
 DEMO_DEPLOYMENT = "support-intents-demo"
 
 
+def demo_project() -> Project | None:
+    """The demo project (found by team and name, as ``distill demo`` finds it), or None."""
+    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM_SLUG
+
+    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first()
+    return Project.objects.filter(team=team, name=DEMO_PROJECT).order_by("created_at").first() if team else None
+
+
 def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str], None] = print,
                wait_s: float = 5.0) -> dict:
     """Deploy the demo project's newest classifier student (student share 50 %, shadow 50 %,
@@ -21,11 +29,10 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
 
     import openai
 
-    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM_SLUG
     from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
 
-    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first()
-    project = Project.objects.filter(team=team, name=DEMO_PROJECT).order_by("created_at").first() if team else None
+    project = demo_project()
+    team = project.team if project is not None else None
     art = (ModelArtifact.objects.filter(project=project, kind="classifier").order_by("-id").first()
            if project else None)
     if art is None:
