@@ -148,8 +148,8 @@ start_bg() {  # name pidfile logfile command...
 TEACHER_URL=""
 if [[ -z "${OPENAI_API_KEY:-}" ]]; then
   # The demo project's slug gets a suffix when another team already uses support-intents-demo.
-  DEMO_SLUG=$("$PY" manage.py shell -c 'from projects.cli.demo_serving import demo_project
-print(demo_project().slug)')
+  DEMO_SLUG=$("$PY" manage.py shell -v 0 -c 'from projects.cli.demo_serving import demo_project
+print(demo_project().slug)' | tail -n 1)
   start_bg "demo teacher server" "$RUN/teacher-server.pid" "$RUN/teacher-server.log" \
     "$PY" manage.py distill serve-student --teacher "$DEMO_SLUG:smollm2-local" --port "$TEACHER_PORT"
   TEACHER_URL="http://127.0.0.1:$TEACHER_PORT/v1"
@@ -160,7 +160,12 @@ for _ in $(seq 240); do
   sleep 0.5
 done
 if [[ -n "$TEACHER_URL" ]]; then
-  for _ in $(seq 240); do grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break; sleep 0.5; done
+  for _ in $(seq 240); do
+    grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break
+    alive "$RUN/teacher-server.pid" || { echo "The demo teacher server stopped; see $RUN/teacher-server.log:" >&2
+                                         tail -n 5 "$RUN/teacher-server.log" >&2; break; }
+    sleep 0.5
+  done
 fi
 "$PY" manage.py distill demo-serve --gateway-url "http://127.0.0.1:$GATEWAY_PORT/v1" --teacher-url "$TEACHER_URL" \
   || echo "The gateway step failed; see $RUN/gateway.log" >&2

@@ -55,8 +55,12 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
                "I think I lost my card at the station.", "Where is the money the merchant sent back?"]
     answers = []
     for i, q in enumerate(queries):
-        raw = client.chat.completions.with_raw_response.create(model=dep.slug, user=f"demo-user-{i}",
-                                                               messages=[{"role": "user", "content": q}])
+        try:
+            raw = client.chat.completions.with_raw_response.create(model=dep.slug, user=f"demo-user-{i}",
+                                                                   messages=[{"role": "user", "content": q}])
+        except openai.APIError as exc:  # one line naming the request, not a traceback
+            raise InvalidState(f"demo-serve: the gateway at {gateway_url} did not answer {q!r}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
         resp = raw.parse()
         answers.append({"query": q, "answer": resp.choices[0].message.content,
                         "route": raw.headers.get("x-distillhub-route")})
