@@ -25,9 +25,12 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
     served), create a team key, and ask six questions through the gateway at ``gateway_url``
     (ends in ``/v1``). Returns ``{deployment, key_prefix, answers: [{query, answer, route}]}``.
     Raises InvalidState when the demo has not produced a classifier student yet."""
+    import logging
     import time
 
     import openai
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one "HTTP Request: POST …" line per answer
 
     from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
 
