@@ -72,6 +72,15 @@ print(h if h in ("localhost", "::1") or h.startswith("127.") else "")' "$OPENAI_
   fi
 fi
 
+# Without an OpenAI key the demo serves its local teacher itself (`distill serve-student` at
+# 127.0.0.1:TEACHER_PORT) and its deployment points the gateway at it: that loopback address must
+# pass the teacher URL policy in every process that checks a deployment (the gateway, the web app,
+# `distill demo-serve`), so allow exactly 127.0.0.1 unless DISTILLHUB_TEACHER_URL_ALLOW is set.
+if [[ -z "${OPENAI_API_KEY:-}" && -z "${DISTILLHUB_TEACHER_URL_ALLOW:-}" ]]; then
+  export DISTILLHUB_TEACHER_URL_ALLOW=127.0.0.1
+  echo "The demo serves its local teacher at 127.0.0.1: deployments may reach it (DISTILLHUB_TEACHER_URL_ALLOW=127.0.0.1)."
+fi
+
 # Ingest and generation on one worker; training and evaluation on the `gpu` queue with a fresh
 # process per job (so memory is given back), as on a real GPU machine.
 # Two processes with one torch thread each use both cores of a small machine without
@@ -138,8 +147,11 @@ start_bg() {  # name pidfile logfile command...
 }
 TEACHER_URL=""
 if [[ -z "${OPENAI_API_KEY:-}" ]]; then
+  # The demo project's slug gets a suffix when another team already uses support-intents-demo.
+  DEMO_SLUG=$("$PY" manage.py shell -v 0 -c 'from projects.cli.demo_serving import demo_project
+print(demo_project().slug)' | tail -n 1)
   start_bg "demo teacher server" "$RUN/teacher-server.pid" "$RUN/teacher-server.log" \
-    "$PY" manage.py distill serve-student --teacher support-intents-demo:smollm2-local --port "$TEACHER_PORT"
+    "$PY" manage.py distill serve-student --teacher "$DEMO_SLUG:smollm2-local" --port "$TEACHER_PORT"
   TEACHER_URL="http://127.0.0.1:$TEACHER_PORT/v1"
 fi
 start_bg "gateway" "$RUN/gateway.pid" "$RUN/gateway.log" "$PY" manage.py distill gateway --port "$GATEWAY_PORT"
@@ -151,7 +163,8 @@ if [[ -n "$TEACHER_URL" ]]; then
   # Wait until it serves, or stop waiting when it has exited (its log then says why).
   for _ in $(seq 240); do
     grep -q "serving" "$RUN/teacher-server.log" 2>/dev/null && break
-    alive "$RUN/teacher-server.pid" || break
+    alive "$RUN/teacher-server.pid" || { echo "The demo teacher server stopped; see $RUN/teacher-server.log:" >&2
+                                         tail -n 5 "$RUN/teacher-server.log" >&2; break; }
     sleep 0.5
   done
 fi

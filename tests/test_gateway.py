@@ -511,3 +511,110 @@ def test_two_teams_may_use_the_same_slug_and_each_key_reaches_its_own(project, o
             "support-intents"]
     assert RequestLog.objects.filter(deployment=deps[project.team_id]).count() == 1
     assert RequestLog.objects.filter(deployment=deps[other_team.pk]).count() == 2
+
+
+# --- A causal-LM student served by `serve-student` (the bundled SmolLM2) ----------------------------
+
+
+@pytest.fixture
+def smollm_server(project, owner):
+    """`serve-student --teacher` on the bundled SmolLM2 (what `distill serve-student` loads:
+    ``serve_target`` + ``Model`` + ``build_app``), served by uvicorn in a thread of this process."""
+    import uvicorn
+
+    from gateway.student import Model, build_app, serve_target
+    from projects.services.generation import teacher_create
+    from tests.conftest import free_port
+
+    teacher_create(project=project, name="smol", provider="transformers", model="smollm2-135m-instruct", user=owner)
+    model = Model(serve_target(teacher=f"{project.slug}:smol"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "the student server did not start"
+        time.sleep(0.05)
+    server.base_url = f"http://127.0.0.1:{port}/v1"
+    server.model_name = model.target.name
+    yield server
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+def test_causal_lm_student_confidence_is_its_mean_token_logprob(gateway, project, owner, teacher_stub, smollm_server):
+    import math
+
+    from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
+    from projects.services.generation import teacher_create
+
+    # The served answer carries its mean token log-probability, and the per-token ones on request.
+    direct = openai.OpenAI(base_url=smollm_server.base_url, api_key="none", max_retries=0, timeout=120)
+    raw = direct.chat.completions.with_raw_response.create(
+        model=smollm_server.model_name, max_tokens=12, logprobs=True,
+        messages=[{"role": "user", "content": "My card still has not arrived."}])
+    body = raw.http_response.json()
+    conf = body["distillhub"]["confidence"]
+    lps = [t["logprob"] for t in body["choices"][0]["logprobs"]["content"]]
+    assert body["choices"][0]["message"]["content"].strip()
+    assert math.isfinite(conf) and conf < 0 and lps and all(lp <= 0 for lp in lps)
+    assert conf == pytest.approx(sum(lps) / len(lps))
+
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
+                            student_url=smollm_server.base_url, student_model=smollm_server.model_name,
+                            student_share=1.0, confidence_threshold=-50.0)
+    _, key = gateway_key_create(team=project.team, name="tests", user=owner)
+    time.sleep(REFRESH_WAIT)
+    client = _client(gateway, key)
+    # A low threshold: the student's answer stands.
+    route, resp = _ask(client, "My card still has not arrived.", max_tokens=12)
+    assert route == "student" and resp.choices[0].message.content.strip()
+    [row] = _wait_logs(dep, 1, timeout=60)
+    assert row.route == "student" and math.isfinite(row.confidence) and -50.0 < row.confidence < 0
+    # A threshold no sampled answer reaches (mean log p of 0 means certainty): the teacher answers.
+    deployment_update(deployment=dep, user=owner, confidence_threshold=-1e-9)
+    time.sleep(REFRESH_WAIT)
+    route, resp = _ask(client, "I lost my card yesterday.", max_tokens=12)
+    assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
+    rows = _wait_logs(dep, 2, timeout=60)
+    assert rows[1].route == "fallback" and math.isfinite(rows[1].confidence) and rows[1].confidence < -1e-9
+    assert teacher_stub.total_completed == 1
+
+
+def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(gateway, teacher_stub,
+                                                                                  classifier_folder, capsys):
+    """The last step of `make demo` (`distill demo-serve`), against the real gateway: the demo
+    project's classifier student deployed, six requests answered with their routes."""
+    import json
+
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM, DEMO_TEAM_SLUG
+    from projects.models import ModelArtifact, Project, RequestLog, Team, TrainingRun
+    from projects.services.generation import teacher_create
+    from projects.services.projects import project_create
+    from projects.services.teams import team_create
+
+    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first() or team_create(name=DEMO_TEAM)
+    project = project_create(team=team, name=DEMO_PROJECT, task_type="classification", labels=LABELS)
+    teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher", base_url=teacher_stub.base_url)
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    call_command("distill", "demo-serve", "--gateway-url", gateway.base_url, "--json")
+    printed = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(printed[-1])
+    assert sum(line.startswith("  [") for line in printed) == 6  # each request with its route
+    assert res["deployment"] == "support-intents-demo" and len(res["answers"]) == 6
+    routes = {a["route"] for a in res["answers"]}
+    assert routes <= {"student", "fallback", "teacher"} and routes & {"student", "fallback"}
+    assert all(a["answer"] in LABELS for a in res["answers"])
+    dep = Project.objects.get(pk=project.pk).deployments.get()
+    assert dep.student_artifact_id == art.pk
+    rows = _wait_logs(dep, 6, timeout=60)
+    assert {r.route for r in rows} >= routes
+    assert RequestLog.objects.filter(deployment=dep, query__startswith="My new card").count() == 1

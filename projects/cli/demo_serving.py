@@ -10,6 +10,14 @@ from projects.services import InvalidState
 DEMO_DEPLOYMENT = "support-intents-demo"
 
 
+def demo_project() -> Project | None:
+    """The demo project (found by team and name, as ``distill demo`` finds it), or None."""
+    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM_SLUG
+
+    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first()
+    return Project.objects.filter(team=team, name=DEMO_PROJECT).order_by("created_at").first() if team else None
+
+
 def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str], None] = print,
                wait_s: float = 5.0) -> dict:
     """Deploy the demo project's newest classifier student (student share 50 %, shadow 50 %,
@@ -17,15 +25,17 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
     served), create a team key, and ask six questions through the gateway at ``gateway_url``
     (ends in ``/v1``). Returns ``{deployment, key_prefix, answers: [{query, answer, route}]}``.
     Raises InvalidState when the demo has not produced a classifier student yet."""
+    import logging
     import time
 
     import openai
 
-    from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM_SLUG
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one "HTTP Request: POST …" line per answer
+
     from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
 
-    team = Team.objects.filter(slug=DEMO_TEAM_SLUG).first()
-    project = Project.objects.filter(team=team, name=DEMO_PROJECT).order_by("created_at").first() if team else None
+    project = demo_project()
+    team = project.team if project is not None else None
     art = (ModelArtifact.objects.filter(project=project, kind="classifier").order_by("-id").first()
            if project else None)
     if art is None:
@@ -48,8 +58,12 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
                "I think I lost my card at the station.", "Where is the money the merchant sent back?"]
     answers = []
     for i, q in enumerate(queries):
-        raw = client.chat.completions.with_raw_response.create(model=dep.slug, user=f"demo-user-{i}",
-                                                               messages=[{"role": "user", "content": q}])
+        try:
+            raw = client.chat.completions.with_raw_response.create(model=dep.slug, user=f"demo-user-{i}",
+                                                                   messages=[{"role": "user", "content": q}])
+        except openai.APIError as exc:  # one line naming the request, not a traceback
+            raise InvalidState(f"demo-serve: the gateway at {gateway_url} did not answer {q!r}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
         resp = raw.parse()
         answers.append({"query": q, "answer": resp.choices[0].message.content,
                         "route": raw.headers.get("x-distillhub-route")})

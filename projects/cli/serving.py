@@ -204,4 +204,8 @@ def cmd_serve_student(o: dict) -> None:
 def cmd_demo_serve(o: dict) -> dict:
     from projects.cli.demo_serving import demo_serve
 
-    return demo_serve(gateway_url=o["gateway_url"], teacher_url=o["teacher_url"])
+    res = demo_serve(gateway_url=o["gateway_url"], teacher_url=o["teacher_url"])
+    res["_human"] = (f"Try it: curl -s {o['gateway_url']}/chat/completions -H 'Authorization: Bearer {res['key']}' "
+                     f"-H 'Content-Type: application/json' -d '{{\"model\": \"{res['deployment']}\", "
+                     f"\"messages\": [{{\"role\": \"user\", \"content\": \"Where is my card?\"}}]}}'")
+    return res

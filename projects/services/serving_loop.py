@@ -185,8 +185,11 @@ def serving_tick(*, now=None) -> dict:
                     (a for a in arts if a.kind in ("classifier", "merged", "int8", "adapter")), None)
                 if pick is not None and pick.pk != dep.student_artifact_id:
                     Deployment.objects.filter(pk=dep.pk).update(candidate_artifact=pick)
-                    ev = evaluation_start(project=dep.project)
-                    acts.append(f"candidate artifact {pick.pk}; evaluation {ev.pk}")
+                    try:  # the candidate stands even when no evaluation can start (e.g. no test split)
+                        ev = evaluation_start(project=dep.project)
+                        acts.append(f"candidate artifact {pick.pk}; evaluation {ev.pk}")
+                    except (InvalidState, InvalidInput) as exc:
+                        acts.append(f"candidate artifact {pick.pk}; no evaluation: {exc}")
         except Exception as exc:  # noqa: BLE001 - one broken deployment must not stop the others
             log.exception("serving tick failed for %s", dep.slug)
             acts.append(f"error: {exc}")
