@@ -140,8 +140,8 @@ def ingest_search_catch_up_task() -> list[int]:
 @shared_task(bind=True, name="workers.tasks.generation_run_task")
 def generation_run_task(self, job_id: int) -> None:
     """A generation run's coordinator: queues its chunks, takes unclaimed ones, waits for the
-    rest and ends the job (see projects.services.generation)."""
-    from projects.services.generation import generation_coordinate
+    rest and ends the job (see workers.runs.generation)."""
+    from workers.runs.generation import generation_coordinate
 
     run_job(job_id, lambda job, reporter: generation_coordinate(job=job, reporter=reporter), task_id=self.request.id or "")
 
@@ -149,7 +149,7 @@ def generation_run_task(self, job_id: int) -> None:
 @shared_task(name="workers.tasks.generation_chunk_task")
 def generation_chunk_task(job_id: int, index: int, query_ids: list[int]) -> None:
     """One chunk of a generation run, for whichever worker takes it first (claimed once)."""
-    from projects.services.generation import generation_chunk_take
+    from workers.runs.generation import generation_chunk_take
 
     generation_chunk_take(job_id=job_id, index=index, query_ids=query_ids)
 
