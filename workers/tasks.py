@@ -195,8 +195,8 @@ def training_run_task(self, job_id: int) -> None:
 
 @shared_task(bind=True, name="workers.tasks.evaluation_task")
 def evaluation_task(self, job_id: int) -> None:
-    """Evaluate students against the teacher(s) (projects.services.evaluation.evaluation_run)."""
-    from projects.services.evaluation import evaluation_run
+    """Evaluate students against the teacher(s) (workers.runs.evaluation.evaluation_run)."""
+    from workers.runs.evaluation import evaluation_run
 
     run_job(job_id, lambda job, reporter: evaluation_run(job=job, reporter=reporter), task_id=self.request.id or "")
 
