@@ -5,6 +5,7 @@ charts it stores (``evaluation_charts``). Queueing an evaluation is request-side
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.utils import timezone
@@ -20,11 +21,14 @@ from projects.services import InvalidInput, InvalidState
 from projects.services.evaluation import evaluation_queries
 from projects.services.security import (artifact_folder, model_ref_resolve, project_model_policy,
                                         teacher_endpoint_check)
+from workers.pipeline import evaluation as P
+from workers.pipeline import metrics as M
+from workers.pipeline.local_lm import LocalCausalLM, pick_device
+from workers.pipeline.specs import QueryItem
 
 CAUSAL_KINDS = ("merged", "adapter", "int8")
 STUDENT_KINDS = CAUSAL_KINDS + ("classifier",)
 DEFAULT_PRICE_PER_HOUR_USD = {"cpu": 0.10, "cuda": 2.00}
-READY_RETENTION = 0.95
 
 
 def _teacher_run(project: Project, split: str, query_ids: list[int]) -> GenerationRun | None:
@@ -117,8 +121,6 @@ def _price_per_hour(ev: Evaluation, device: str) -> float:
 
 
 def _score(task_type: str, labels, outputs: list, pred_labels: list, references: list) -> dict:
-    from workers.pipeline import metrics as M
-
     if task_type == "classification":
         return M.classification_metrics(pred_labels, references, labels)
     if task_type == "extraction":
@@ -126,15 +128,56 @@ def _score(task_type: str, labels, outputs: list, pred_labels: list, references:
     return M.text_metrics(outputs, references)
 
 
+@dataclass
+class _Inputs:
+    """What every stage of an evaluation reads: the Evaluation, its task, the teacher run and its
+    answers, and the queries every model is scored on (in id order)."""
+
+    ev: Evaluation
+    project: Project
+    task: object
+    labels: list
+    run: GenerationRun
+    teachers: dict
+    missing: dict
+    by_teacher: dict
+    items: list
+    qids: list
+    gold: list
+    has_gold: bool
+    excluded: list
+    price_h: float
+
+
+@dataclass
+class _Primary:
+    """The primary teacher (the best-scoring one) and the references everything is scored on."""
+
+    teacher: Teacher
+    outs: list
+    labs: list
+    probs: list
+    references: list
+    quality: float
+
+
 def evaluation_run(*, job: Job, reporter) -> dict:
     """The body of ``evaluation_task``: evaluate, write the rows, return the job's result
     ``{"evaluation", "verdict", "results": n, "message"}``. Raises InvalidState when there are no
     teacher answers for the split (and none can be generated)."""
-    from workers.pipeline import evaluation as P
-    from workers.pipeline import metrics as M
-    from workers.pipeline.local_lm import LocalCausalLM, pick_device
-    from workers.pipeline.specs import QueryItem
+    inp = _inputs(job, reporter)
+    results, primary = _teacher_results(inp)
+    student_results, causal_loaded = _student_results(inp, reporter, primary)
+    results += student_results
+    spec = _speculative(inp, reporter, primary.teacher, causal_loaded)
+    del causal_loaded
+    verdict = _finish(inp, results, primary, spec)
+    return {"evaluation": inp.ev.pk, "verdict": verdict, "results": len(results), "message": verdict}
 
+
+def _inputs(job: Job, reporter) -> _Inputs:
+    """Mark the evaluation running, find (or generate) the teacher answers and keep the queries
+    every teacher answered; records device, price and reference in ``Evaluation.options``."""
     ev = Evaluation.objects.select_related("project").get(pk=job.payload["evaluation_id"])
     project = ev.project
     Evaluation.objects.filter(pk=ev.pk).update(status=JobStatus.RUNNING)
@@ -171,13 +214,19 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     ev.options = {**ev.options, "price_per_hour_usd": price_h, "device": device, "teacher_run": run.pk,
                   "reference": "gold" if has_gold else "teacher"}
     Evaluation.objects.filter(pk=ev.pk).update(options=ev.options)
+    return _Inputs(ev=ev, project=project, task=task, labels=labels, run=run, teachers=teachers, missing=missing,
+                   by_teacher=by_teacher, items=items, qids=qids, gold=gold, has_gold=has_gold, excluded=excluded,
+                   price_h=price_h)
 
-    # -- teachers ---------------------------------------------------------------------------
+
+def _teacher_rows(inp: _Inputs) -> list[tuple]:
+    """Per teacher ``(teacher, outputs, labels, probs, latencies, sample dict)`` over the queries."""
+    task, labels = inp.task, inp.labels
     teacher_rows = []  # (teacher, outputs, labels, probs, latencies, sample dict)
-    for tid, per_q in by_teacher.items():
-        t = teachers[tid]
+    for tid, per_q in inp.by_teacher.items():
+        t = inp.teachers[tid]
         outs, labs, probs, lats = [], [], [], []
-        for qid in qids:
+        for qid in inp.qids:
             s = per_q.get(qid)
             text = s.response if s else None  # the teacher's own answer, never a reviewer's edit
             outs.append(text)
@@ -189,153 +238,177 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             probs.append(s.label_probs if s else None)
             lats.append(s.latency_ms if s and s.latency_ms is not None else None)
         teacher_rows.append((t, outs, labs, probs, lats, per_q))
+    return teacher_rows
+
+
+def _teacher_results(inp: _Inputs) -> tuple[list[EvalResult], _Primary]:
+    """Score every teacher, pick the primary one and write the teachers' EvalResults (best first)."""
+    task = inp.task
 
     def refs_from(outs, labs):
-        if has_gold:
-            return gold
+        if inp.has_gold:
+            return inp.gold
         return labs if task.task_type == "classification" else outs
 
     # The primary teacher: the best-scoring one (its answers are the reference when there is no gold).
     scored_teachers = []
-    for row in teacher_rows:
+    for row in _teacher_rows(inp):
         t, outs, labs, probs, lats, per_q = row
-        m = _score(task.task_type, labels, outs, labs, refs_from(outs, labs))
+        m = _score(task.task_type, inp.labels, outs, labs, refs_from(outs, labs))
         scored_teachers.append((m.get(M.headline_metric(task.task_type)) or 0.0, row, m))
-    scored_teachers.sort(key=lambda x: -x[0])
-    primary = scored_teachers[0][1]
-    p_outs, p_labs, p_probs = primary[1], primary[2], primary[3]
-    references = refs_from(p_outs, p_labs)
-    teacher_quality = scored_teachers[0][0]
+    scored_teachers = [scored_teachers[i] for i in P.rank_teachers([x[0] for x in scored_teachers])]
+    row = scored_teachers[0][1]
+    primary = _Primary(teacher=row[0], outs=row[1], labs=row[2], probs=row[3],
+                       references=refs_from(row[1], row[2]), quality=scored_teachers[0][0])
 
-    EvalResult.objects.filter(evaluation=ev).delete()  # a retried task starts clean
-    results: list[EvalResult] = []
-    for quality, (t, outs, labs, probs, lats, per_q), m in scored_teachers:
-        if not has_gold:
-            m = _score(task.task_type, labels, outs, labs, references)
-            quality = m.get(M.headline_metric(task.task_type))
-        sp = M.speed_figures([x for x in lats if x is not None])
-        api = t.provider == Teacher.Provider.OPENAI or float(t.price_in_per_1m or 0) or float(t.price_out_per_1m or 0)
-        ss = [per_q[q] for q in qids if q in per_q]
-        if api:
-            recorded = [float(s.cost_usd or 0) for s in ss]
-            if any(recorded):
-                cost = sum(recorded) / len(recorded) * 1000.0
-            else:
-                cost = M.api_cost_per_1k([s.input_tokens for s in ss], [s.output_tokens for s in ss],
-                                         price_in_per_1m=float(t.price_in_per_1m), price_out_per_1m=float(t.price_out_per_1m))
-            m["cost_basis"] = "api_prices"
-        else:
-            cost = M.compute_cost_per_1k([x for x in lats if x is not None], price_per_hour_usd=price_h)
-            m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
-        size = None
-        if t.provider == Teacher.Provider.TRANSFORMERS and t.model:
-            try:
-                from workers.pipeline.registry import resolve_model
+    EvalResult.objects.filter(evaluation=inp.ev).delete()  # a retried task starts clean
+    results = [_teacher_result(inp, row, m, quality, primary) for quality, row, m in scored_teachers]
+    return results, primary
 
-                name, policy = model_ref_resolve(project=project, ref=t.model, field="model", kinds=("merged",))
-                src = resolve_model(name, policy=policy)
-                size = P.folder_size(src) if Path(src).exists() else None
-            except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
-                size = None
-        if task.task_type == "classification":
-            m["agreement"] = M.agreement(labs, p_labs)
-        m["teacher_missing"] = len(missing.get(t.pk, []))
-        m["mean_input_tokens"] = (sum(s.input_tokens for s in ss) / len(ss)) if ss else None
-        m["mean_output_tokens"] = (sum(s.output_tokens for s in ss) / len(ss)) if ss else None
-        res = EvalResult.objects.create(
-            evaluation=ev, model_name=t.name, role="teacher", teacher=t, metrics=m, quality=quality,
-            quality_retention=M.retention(quality, teacher_quality), latency_ms_p50=sp["latency_ms_p50"],
-            latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
-            cost_per_1k_usd=cost)
-        EvalPrediction.objects.bulk_create([
-            EvalPrediction(result=res, query_id=qid, output=outs[i] or "", label=labs[i], probs=probs[i],
-                           latency_ms=lats[i], correct=_correct(task.task_type, outs[i], labs[i], references[i]))
-            for i, qid in enumerate(qids)])
-        results.append(res)
 
-    # -- students ---------------------------------------------------------------------------
-    judge = _judge(ev, task) if task.task_type in ("summarization", "generation") else None
-    students = _students(project)
+def _teacher_result(inp: _Inputs, row: tuple, m: dict, quality, primary: _Primary) -> EvalResult:
+    """One teacher's EvalResult and EvalPredictions (cost from its prices or compute time)."""
+    task, price_h, qids, references = inp.task, inp.price_h, inp.qids, primary.references
+    t, outs, labs, probs, lats, per_q = row
+    if not inp.has_gold:
+        m = _score(task.task_type, inp.labels, outs, labs, references)
+        quality = m.get(M.headline_metric(task.task_type))
+    sp = M.speed_figures([x for x in lats if x is not None])
+    api = t.provider == Teacher.Provider.OPENAI or float(t.price_in_per_1m or 0) or float(t.price_out_per_1m or 0)
+    ss = [per_q[q] for q in qids if q in per_q]
+    cost, m["cost_basis"] = P.teacher_cost_per_1k(
+        api=bool(api), recorded_costs_usd=[float(s.cost_usd or 0) for s in ss],
+        input_tokens=[s.input_tokens for s in ss], output_tokens=[s.output_tokens for s in ss],
+        price_in_per_1m=float(t.price_in_per_1m), price_out_per_1m=float(t.price_out_per_1m),
+        latencies_ms=[x for x in lats if x is not None], price_per_hour_usd=price_h)
+    size = None
+    if t.provider == Teacher.Provider.TRANSFORMERS and t.model:
+        try:
+            from workers.pipeline.registry import resolve_model
+
+            name, policy = model_ref_resolve(project=inp.project, ref=t.model, field="model", kinds=("merged",))
+            src = resolve_model(name, policy=policy)
+            size = P.folder_size(src) if Path(src).exists() else None
+        except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
+            size = None
+    if task.task_type == "classification":
+        m["agreement"] = M.agreement(labs, primary.labs)
+    m["teacher_missing"] = len(inp.missing.get(t.pk, []))
+    m["mean_input_tokens"] = (sum(s.input_tokens for s in ss) / len(ss)) if ss else None
+    m["mean_output_tokens"] = (sum(s.output_tokens for s in ss) / len(ss)) if ss else None
+    res = EvalResult.objects.create(
+        evaluation=inp.ev, model_name=t.name, role="teacher", teacher=t, metrics=m, quality=quality,
+        quality_retention=M.retention(quality, primary.quality), latency_ms_p50=sp["latency_ms_p50"],
+        latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
+        cost_per_1k_usd=cost)
+    EvalPrediction.objects.bulk_create([
+        EvalPrediction(result=res, query_id=qid, output=outs[i] or "", label=labs[i], probs=probs[i],
+                       latency_ms=lats[i], correct=_correct(task.task_type, outs[i], labs[i], references[i]))
+        for i, qid in enumerate(qids)])
+    return res
+
+
+def _student_results(inp: _Inputs, reporter, primary: _Primary) -> tuple[list[EvalResult], list[tuple]]:
+    """Run and score every student; returns their EvalResults and ``[(result, loaded LM)]`` of
+    the best causal student (kept in memory for the speculative-decoding measurement)."""
+    task = inp.task
+    judge = _judge(inp.ev, task) if task.task_type in ("summarization", "generation") else None
+    students = _students(inp.project)
     # This project's artifact folders (an adapter's base may be one of them) and its students'
     # base models, nothing else.
-    student_policy = project_model_policy(project=project)
+    student_policy = project_model_policy(project=inp.project)
     total = max(1, len(students))
+    results: list[EvalResult] = []
     causal_loaded: list[tuple[EvalResult, object]] = []
-    for k, (name, role, kind, path, artifact, run_) in enumerate(students):
+    for k, student in enumerate(students):
         reporter.check_cancel()
-        base_progress = 0.2 + 0.7 * k / total
-
-        def report(done, n, _b=base_progress, _name=name):
-            reporter.report(_b + 0.7 / total * done / n, f"{_name}: {done}/{n} queries")
-
-        t0 = time.perf_counter()
-        lm = None
-        if kind == "classifier":
-            preds = P.predict_classifier(path, items, labels=labels, report=report, check_cancel=reporter.check_cancel)
-            size = P.folder_size(path)
-        else:
-            lm = LocalCausalLM.load(path, kind=kind, policy=student_policy)
-            preds = P.predict_causal(lm, task, items, report=report, check_cancel=reporter.check_cancel)
-            if kind == "base":
-                from workers.pipeline.registry import resolve_model
-
-                size = P.folder_size(resolve_model(path, policy=student_policy))
-            else:
-                size = P.folder_size(path)
-        wall = time.perf_counter() - t0
-        outs = [p.output for p in preds]
-        labs = [p.label for p in preds]
-        m = _score(task.task_type, labels, outs, labs, references)
-        quality = m.get(M.headline_metric(task.task_type))
-        lats = [p.latency_ms for p in preds]
-        sp = M.speed_figures(lats)
-        if task.task_type == "classification":
-            m["agreement"] = M.agreement(labs, p_labs)
-            m["fidelity"] = m["agreement"]
-            m["mean_kl_teacher_student"] = M.mean_kl(p_probs, [p.probs for p in preds])
-        elif task.task_type == "extraction":
-            m["exact_match_teacher"] = M.extraction_metrics(outs, p_outs)["exact_match"]
-        else:
-            m["rouge_l_vs_teacher"] = M.rouge_l(outs, p_outs)
-            if judge is not None:
-                reporter.report(None, f"{name}: LLM judge vs the teacher", force=True)
-                pairs = [(it.text, o, t) for it, o, t in zip(items, outs, p_outs) if t is not None]
-                m["judge_win_rate"] = M.pairwise_win_rate([p[0] for p in pairs], [p[1] for p in pairs],
-                                                          [p[2] for p in pairs], judge)
-        m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
-        m["wall_s"] = wall
-        m["kind"] = kind
-        if run_ is not None:
-            m["training_run"] = run_.pk
-        res = EvalResult.objects.create(
-            evaluation=ev, model_name=name, role=role, artifact=artifact, metrics=m, quality=quality,
-            quality_retention=M.retention(quality, teacher_quality), latency_ms_p50=sp["latency_ms_p50"],
-            latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
-            cost_per_1k_usd=M.compute_cost_per_1k(lats, price_per_hour_usd=price_h))
-        EvalPrediction.objects.bulk_create([
-            EvalPrediction(result=res, query_id=p.query_id, output=p.output, label=p.label, probs=p.probs,
-                           latency_ms=p.latency_ms, correct=_correct(task.task_type, p.output, p.label, references[i]))
-            for i, p in enumerate(preds)])
+        res, lm = _student_result(inp, reporter, student, base_progress=0.2 + 0.7 * k / total, total=total,
+                                  judge=judge, policy=student_policy, primary=primary)
         results.append(res)
         if lm is not None:
             causal_loaded.append((res, lm))
             if len(causal_loaded) > 1:  # keep only the best causal student in memory for the draft test
                 causal_loaded.sort(key=lambda x: -(x[0].quality or 0))
                 causal_loaded = causal_loaded[:1]
+    return results, causal_loaded
 
-    # -- speculative decoding -----------------------------------------------------------------
+
+def _student_result(inp: _Inputs, reporter, student: tuple, *, base_progress: float, total: int, judge, policy,
+                    primary: _Primary):
+    """Run one student over the queries and write its EvalResult and EvalPredictions; returns
+    ``(result, loaded causal LM or None)``."""
+    name, role, kind, path, artifact, run_ = student
+    task, items, price_h, references = inp.task, inp.items, inp.price_h, primary.references
+
+    def report(done, n, _b=base_progress, _name=name):
+        reporter.report(_b + 0.7 / total * done / n, f"{_name}: {done}/{n} queries")
+
+    t0 = time.perf_counter()
+    lm = None
+    if kind == "classifier":
+        preds = P.predict_classifier(path, items, labels=inp.labels, report=report, check_cancel=reporter.check_cancel)
+        size = P.folder_size(path)
+    else:
+        lm = LocalCausalLM.load(path, kind=kind, policy=policy)
+        preds = P.predict_causal(lm, task, items, report=report, check_cancel=reporter.check_cancel)
+        if kind == "base":
+            from workers.pipeline.registry import resolve_model
+
+            size = P.folder_size(resolve_model(path, policy=policy))
+        else:
+            size = P.folder_size(path)
+    wall = time.perf_counter() - t0
+    outs = [p.output for p in preds]
+    labs = [p.label for p in preds]
+    m = _score(task.task_type, inp.labels, outs, labs, references)
+    quality = m.get(M.headline_metric(task.task_type))
+    lats = [p.latency_ms for p in preds]
+    sp = M.speed_figures(lats)
+    if task.task_type == "classification":
+        m["agreement"] = M.agreement(labs, primary.labs)
+        m["fidelity"] = m["agreement"]
+        m["mean_kl_teacher_student"] = M.mean_kl(primary.probs, [p.probs for p in preds])
+    elif task.task_type == "extraction":
+        m["exact_match_teacher"] = M.extraction_metrics(outs, primary.outs)["exact_match"]
+    else:
+        m["rouge_l_vs_teacher"] = M.rouge_l(outs, primary.outs)
+        if judge is not None:
+            reporter.report(None, f"{name}: LLM judge vs the teacher", force=True)
+            pairs = [(it.text, o, t) for it, o, t in zip(items, outs, primary.outs) if t is not None]
+            m["judge_win_rate"] = M.pairwise_win_rate([p[0] for p in pairs], [p[1] for p in pairs],
+                                                      [p[2] for p in pairs], judge)
+    m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
+    m["wall_s"] = wall
+    m["kind"] = kind
+    if run_ is not None:
+        m["training_run"] = run_.pk
+    res = EvalResult.objects.create(
+        evaluation=inp.ev, model_name=name, role=role, artifact=artifact, metrics=m, quality=quality,
+        quality_retention=M.retention(quality, primary.quality), latency_ms_p50=sp["latency_ms_p50"],
+        latency_ms_p95=sp["latency_ms_p95"], throughput_qps=sp["throughput_qps"], size_bytes=size,
+        cost_per_1k_usd=M.compute_cost_per_1k(lats, price_per_hour_usd=price_h))
+    EvalPrediction.objects.bulk_create([
+        EvalPrediction(result=res, query_id=p.query_id, output=p.output, label=p.label, probs=p.probs,
+                       latency_ms=p.latency_ms, correct=_correct(task.task_type, p.output, p.label, references[i]))
+        for i, p in enumerate(preds)])
+    return res, lm
+
+
+def _speculative(inp: _Inputs, reporter, primary_teacher: Teacher, causal_loaded: list) -> dict | None:
+    """Speculative decoding with the best causal student as draft, when the primary teacher is
+    local; None otherwise. A failed measurement is recorded as ``{"error": ...}``."""
     spec = None
-    primary_teacher = primary[0]
+    ev = inp.ev
     if primary_teacher.provider == Teacher.Provider.TRANSFORMERS and primary_teacher.model and causal_loaded:
         reporter.report(0.92, "Measuring speculative decoding", force=True)
         res, student_lm = causal_loaded[0]
         try:
-            tname, tpolicy = model_ref_resolve(project=project, ref=primary_teacher.model, field="model",
+            tname, tpolicy = model_ref_resolve(project=inp.project, ref=primary_teacher.model, field="model",
                                                kinds=("merged",))
             teacher_lm = LocalCausalLM.load(tname, kind="base", policy=tpolicy,
                                             device="cpu" if student_lm.device == "cpu" else None)
             n_prompts = int(ev.options.get("speculative_prompts", 3))
-            msgs = [P.prompts.teacher_messages(task, it.text) for it in items[:n_prompts]]
+            msgs = [P.prompts.teacher_messages(inp.task, it.text) for it in inp.items[:n_prompts]]
             spec = P.speculative_decoding(teacher_lm, student_lm, msgs,
                                           max_new_tokens=int(ev.options.get("speculative_max_new_tokens", 24)))
             spec.update({"teacher": primary_teacher.name, "draft": res.model_name})
@@ -343,12 +416,15 @@ def evaluation_run(*, job: Job, reporter) -> dict:
             spec = {"teacher": primary_teacher.name, "draft": res.model_name, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a failed measurement must not lose the evaluation
             spec = {"teacher": primary_teacher.name, "draft": res.model_name, "error": f"{type(exc).__name__}: {exc}"}
-        del causal_loaded
+    return spec
 
-    # -- verdict, summary, charts --------------------------------------------------------------
-    summary, verdict, ready = _summary(task.task_type, results, primary_teacher.name, teacher_quality, spec)
-    summary.update({"n_queries": len(items), "split": ev.split, "reference": ev.options["reference"],
-                    "price_per_hour_usd": price_h, "teacher_run": run.pk,
+
+def _finish(inp: _Inputs, results: list[EvalResult], primary: _Primary, spec: dict | None) -> str:
+    """Store the verdict, the summary and the charts; the evaluation ends succeeded. Returns the verdict."""
+    ev, excluded, missing, teachers = inp.ev, inp.excluded, inp.missing, inp.teachers
+    summary, verdict, ready = _summary(inp.task.task_type, results, primary.teacher.name, primary.quality, spec)
+    summary.update({"n_queries": len(inp.items), "split": ev.split, "reference": ev.options["reference"],
+                    "price_per_hour_usd": inp.price_h, "teacher_run": inp.run.pk,
                     # Queries left out for every model because a teacher has no answer (API error).
                     "teacher_missing": len(excluded), "teacher_missing_query_ids": excluded[:100],
                     "teacher_missing_by_teacher": {teachers[tid].name: len(q) for tid, q in missing.items() if q}})
@@ -359,7 +435,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     ev.status = JobStatus.SUCCEEDED
     ev.finished_at = timezone.now()
     ev.save(update_fields=["summary", "verdict", "ready_to_ship", "charts", "status", "finished_at"])
-    return {"evaluation": ev.pk, "verdict": verdict, "results": len(results), "message": verdict}
+    return verdict
 
 
 def _judge(ev: Evaluation, task):
@@ -368,8 +444,6 @@ def _judge(ev: Evaluation, task):
     none is set. Raises InvalidInput when the named teacher does not exist, lacks its key, or
     names a key variable, URL or model the operator's policy refuses now."""
     import os
-
-    from workers.pipeline import evaluation as P
 
     name = ev.options.get("judge_teacher") or (ev.project.checks or {}).get("judge_teacher")
     if not name:
@@ -409,8 +483,6 @@ def _judge(ev: Evaluation, task):
 
 
 def _correct(task_type: str, output, label, reference) -> bool | None:
-    from workers.pipeline import metrics as M
-
     if reference is None:
         return None
     if task_type == "classification":
@@ -445,16 +517,10 @@ def _students(project: Project) -> list[tuple]:
     return out
 
 
-def _fmt_pct(x: float | None) -> str:
-    return "—" if x is None else f"{x * 100:.1f} %"
-
-
 def _summary(task_type: str, results: list[EvalResult], teacher_name: str, teacher_quality: float | None,
              spec: dict | None) -> tuple[dict, str, bool | None]:
     """Headline figures and the verdict: ready to ship when the best student keeps at least 95 %
-    of the teacher's quality (retention >= 0.95)."""
-    from workers.pipeline import metrics as M
-
+    of the teacher's quality (retention >= 0.95, ``workers.pipeline.evaluation.verdict``)."""
     metric = M.headline_metric(task_type)
     teacher = next(r for r in results if r.role == "teacher" and r.model_name == teacher_name)
     studs = [r for r in results if r.role in ("student", "base") and r.quality is not None]
@@ -470,14 +536,9 @@ def _summary(task_type: str, results: list[EvalResult], teacher_name: str, teach
                     "retention": best.quality_retention, "speedup": speedup,
                     "cost_per_1k_usd": best.cost_per_1k_usd,
                     "size_bytes": best.size_bytes, "latency_ms_p50": best.latency_ms_p50})
-    r = best.quality_retention
-    if r is None:
-        return summary, f"no verdict: the teacher's {metric} is 0 or missing", None
-    if r >= READY_RETENTION:
-        return summary, (f"ready to ship: {best.model_name} keeps {_fmt_pct(r)} of the teacher's {metric}"), True
-    gap = (teacher_quality or 0) - (best.quality or 0)
-    return summary, (f"not ready: best student {best.model_name} keeps {_fmt_pct(r)} of the teacher's {metric} "
-                     f"(gap {gap * 100:.1f} points; needs 95 %)"), False
+    text, ready = P.verdict(metric=metric, best_model=best.model_name, retention=best.quality_retention,
+                            teacher_quality=teacher_quality, best_quality=best.quality)
+    return summary, text, ready
 
 
 def evaluation_charts(*, evaluation) -> dict:
