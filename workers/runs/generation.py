@@ -168,35 +168,16 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
     thread writes each finished sample as it arrives, reports progress, and watches for cancel
     and for a stop set by another worker."""
     from workers.pipeline.checks import duplicate_enabled, normalise_for_duplicate
-    from workers.pipeline.generation import Generator, Group
-    from workers.pipeline.specs import QueryItem
-    from workers.pipeline.teachers import RunStopped, make_client
+    from workers.pipeline.generation import Generator
+    from workers.pipeline.teachers import RunStopped
 
     task = project_task_spec(run.project)
     configs = _configs(run)
-    texts = dict(Query.objects.filter(pk__in=query_ids).values_list("id", "text"))
-    state = {(g["query_id"], g["teacher_id"]): g for g in _group_rows(run, query_ids)}
-    groups = []
-    for qid in query_ids:
-        if qid not in texts:
-            continue
-        for tid in configs:
-            g = state.get((qid, tid))
-            if g and (g["acc"] > 0 or g["n"] >= n_eff[tid]):
-                continue
-            groups.append(Group(QueryItem(qid, texts[qid]), tid, (g["mx"] + 1) if g else 0))
+    groups = _chunk_groups(run, query_ids, configs=configs, n_eff=n_eff)
     if not groups:
         return
     try:
-        clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type)
-                   for tid, cfg in _configs(run, resolve=True).items()}
-        judge = None
-        judge_name = (task.checks or {}).get("judge_teacher")
-        if judge_name:
-            jt = Teacher.objects.filter(project=run.project, name=judge_name).first()
-            if jt is None:
-                raise RunStopped("judge_missing", f"checks.judge_teacher: no teacher named {judge_name!r}")
-            judge = make_client(_teacher_config(jt, resolve=True), labels=(), task_type="generation")
+        clients, judge = _chunk_clients(run, task)
     except RunStopped as exc:
         GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{exc.reason}: {exc}"[:200])
         return
@@ -219,6 +200,55 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
 
     th = threading.Thread(target=loop, name=f"generation-{job.pk}", daemon=True)
     th.start()
+    _write_while_running(job, run, gen, th, out, reporter=reporter, total=total, n_eff=n_eff)
+    if failure:
+        raise failure[0]
+    if gen.stop_reason and gen.stop_reason not in ("cancelled", "stopped"):
+        GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{gen.stop_reason}: {gen.stop_message}"[:200])
+
+
+def _chunk_groups(run: GenerationRun, query_ids: list[int], *, configs: dict, n_eff: dict) -> list:
+    """The (query, teacher) groups of ``query_ids`` still unfinished, each starting at its next
+    free sample index."""
+    from workers.pipeline.generation import Group
+    from workers.pipeline.specs import QueryItem
+
+    texts = dict(Query.objects.filter(pk__in=query_ids).values_list("id", "text"))
+    state = {(g["query_id"], g["teacher_id"]): g for g in _group_rows(run, query_ids)}
+    groups = []
+    for qid in query_ids:
+        if qid not in texts:
+            continue
+        for tid in configs:
+            g = state.get((qid, tid))
+            if g and (g["acc"] > 0 or g["n"] >= n_eff[tid]):
+                continue
+            groups.append(Group(QueryItem(qid, texts[qid]), tid, (g["mx"] + 1) if g else 0))
+    return groups
+
+
+def _chunk_clients(run: GenerationRun, task) -> tuple[dict, object]:
+    """``({teacher id: client}, judge client or None)``; raises RunStopped when a teacher's
+    settings are refused now or the judge teacher is missing."""
+    from workers.pipeline.teachers import RunStopped, make_client
+
+    clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type)
+               for tid, cfg in _configs(run, resolve=True).items()}
+    judge = None
+    judge_name = (task.checks or {}).get("judge_teacher")
+    if judge_name:
+        jt = Teacher.objects.filter(project=run.project, name=judge_name).first()
+        if jt is None:
+            raise RunStopped("judge_missing", f"checks.judge_teacher: no teacher named {judge_name!r}")
+        judge = make_client(_teacher_config(jt, resolve=True), labels=(), task_type="generation")
+    return clients, judge
+
+
+def _write_while_running(job: Job, run: GenerationRun, gen, th: threading.Thread, out: queue.Queue, *, reporter,
+                         total: int | None, n_eff: dict) -> None:
+    """Write the generator's samples as they arrive until its thread ends, reporting progress
+    and stopping it on cancel or on a stop set by another worker; on the way out (also on an
+    error) stop a still-running generator and write what is left."""
     last_check = 0.0
     try:
         while True:
@@ -257,10 +287,6 @@ def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, report
             rest.append(out.get_nowait())
         if rest:
             _write_samples(run, rest)
-    if failure:
-        raise failure[0]
-    if gen.stop_reason and gen.stop_reason not in ("cancelled", "stopped"):
-        GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{gen.stop_reason}: {gen.stop_message}"[:200])
 
 
 def _write_samples(run: GenerationRun, results: list) -> int:
