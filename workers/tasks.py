@@ -207,7 +207,7 @@ def evaluation_task(self, job_id: int) -> None:
 @shared_task(name="workers.tasks.serving_tick_task")
 def serving_tick_task() -> dict:
     """Periodic (beat, every minute): harvest logged teacher answers into production-traffic
-    runs, apply the promote rule, continuous distillation (projects.services.serving_loop)."""
-    from projects.services.serving_loop import serving_tick
+    runs, apply the promote rule, continuous distillation (workers.runs.serving)."""
+    from workers.runs.serving import serving_tick
 
     return serving_tick()
