@@ -49,7 +49,8 @@ def test_no_utils_module():
 def test_import_contracts():
     """The contracts in ``.importlinter``: projects.services queues tasks by name and never
     imports workers.tasks/runs/progress or the gateway (so no import cycle between the two
-    floors), and workers.pipeline imports no Django, Celery or project code."""
+    floors), workers.runs never imports the tasks, views, CLI or gateway, and workers.pipeline
+    imports no Django, Celery or project code."""
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint), "--no-cache", "--config", str(REPO / ".importlinter")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
