@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
@@ -374,7 +375,8 @@ def _teacher_config(t: Teacher, *, resolve: bool = False):
                          api_key_env=t.api_key_env, temperature=t.temperature, max_tokens=t.max_tokens,
                          top_logprobs=t.top_logprobs, timeout_s=t.timeout_s, price_in_per_1m=float(t.price_in_per_1m),
                          price_out_per_1m=float(t.price_out_per_1m),
-                         max_retries=int((t.options or {}).get("max_retries", 4)), members=members)
+                         max_retries=int((t.options or {}).get("max_retries", 4)), members=members,
+                         cache_dir=str(settings.MODEL_CACHE_DIR))
 
 
 def _configs(run: GenerationRun, *, resolve: bool = False) -> dict:

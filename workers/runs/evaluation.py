@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.conf import settings
 from django.utils import timezone
 
 from projects.models import (
@@ -126,6 +127,11 @@ def _score(task_type: str, labels, outputs: list, pred_labels: list, references:
     if task_type == "extraction":
         return M.extraction_metrics(outputs, references)
     return M.text_metrics(outputs, references)
+
+
+def _cache_dir() -> str:
+    """The model cache the pipeline converts bundled models into (the ``MODEL_CACHE_DIR`` setting)."""
+    return str(settings.MODEL_CACHE_DIR)
 
 
 @dataclass
@@ -287,7 +293,7 @@ def _teacher_result(inp: _Inputs, row: tuple, m: dict, quality, primary: _Primar
             from workers.pipeline.registry import resolve_model
 
             name, policy = model_ref_resolve(project=inp.project, ref=t.model, field="model", kinds=("merged",))
-            src = resolve_model(name, policy=policy)
+            src = resolve_model(name, _cache_dir(), policy=policy)
             size = P.folder_size(src) if Path(src).exists() else None
         except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
             size = None
@@ -349,12 +355,12 @@ def _student_result(inp: _Inputs, reporter, student: tuple, *, base_progress: fl
         preds = P.predict_classifier(path, items, labels=inp.labels, report=report, check_cancel=reporter.check_cancel)
         size = P.folder_size(path)
     else:
-        lm = LocalCausalLM.load(path, kind=kind, policy=policy)
+        lm = LocalCausalLM.load(path, kind=kind, policy=policy, cache_dir=_cache_dir())
         preds = P.predict_causal(lm, task, items, report=report, check_cancel=reporter.check_cancel)
         if kind == "base":
             from workers.pipeline.registry import resolve_model
 
-            size = P.folder_size(resolve_model(path, policy=policy))
+            size = P.folder_size(resolve_model(path, _cache_dir(), policy=policy))
         else:
             size = P.folder_size(path)
     wall = time.perf_counter() - t0
@@ -405,7 +411,7 @@ def _speculative(inp: _Inputs, reporter, primary_teacher: Teacher, causal_loaded
         try:
             tname, tpolicy = model_ref_resolve(project=inp.project, ref=primary_teacher.model, field="model",
                                                kinds=("merged",))
-            teacher_lm = LocalCausalLM.load(tname, kind="base", policy=tpolicy,
+            teacher_lm = LocalCausalLM.load(tname, kind="base", policy=tpolicy, cache_dir=_cache_dir(),
                                             device="cpu" if student_lm.device == "cpu" else None)
             n_prompts = int(ev.options.get("speculative_prompts", 3))
             msgs = [P.prompts.teacher_messages(inp.task, it.text) for it in inp.items[:n_prompts]]
@@ -473,7 +479,7 @@ def _judge(ev: Evaluation, task):
             model, policy = model_ref_resolve(project=ev.project, ref=t.model, field="model", kinds=("merged",))
         except InvalidInput as exc:
             raise InvalidInput(f"judge_teacher {name!r}: {exc}") from None
-        lm = load_cached(model, kind="base", policy=policy)
+        lm = load_cached(model, kind="base", policy=policy, cache_dir=_cache_dir())
 
         def chat(msgs):
             return lm.generate(msgs, max_new_tokens=4).text
