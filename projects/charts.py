@@ -121,33 +121,6 @@ def eval_history(*, project, split: str, current=None) -> dict | None:
     return _fig(fig)
 
 
-def evaluation_charts(*, evaluation) -> dict:
-    """Every chart of an evaluation, by name, built from its EvalResult / EvalPrediction rows and
-    the project's TrainingMetric rows; stored in ``Evaluation.charts``."""
-    from projects.models import EvalPrediction, TrainingRun
-    from workers.pipeline.metrics import headline_metric
-
-    results = list(evaluation.results.order_by("id"))
-    metric = headline_metric(evaluation.project.task_type)
-    latencies: dict[str, list[float]] = {}
-    for r in results:
-        latencies[r.model_name] = [x for x in EvalPrediction.objects.filter(result=r, latency_ms__isnull=False)
-                                   .order_by("query_id").values_list("latency_ms", flat=True)]
-    charts = {
-        "quality_by_model": eval_quality_by_model(results=results, metric=metric),
-        "quality_vs_cost": eval_quality_vs_cost(results=results, metric=metric),
-        "latency": eval_latency_distributions(latencies=latencies),
-    }
-    studs = [r for r in results if r.role in ("student", "base") and r.quality is not None]
-    if evaluation.project.task_type == "classification" and studs:
-        best = max(studs, key=lambda r: r.quality)
-        charts["confusion"] = eval_confusion_matrix(confusion=best.metrics.get("confusion"), model=best.model_name)
-    run_ids = {r.metrics.get("training_run") for r in results if r.metrics.get("training_run")}
-    charts["training_loss"] = eval_training_loss(runs=TrainingRun.objects.filter(pk__in=run_ids).order_by("pk"))
-    charts["history"] = eval_history(project=evaluation.project, split=evaluation.split, current=evaluation)
-    return {k: v for k, v in charts.items() if v}
-
-
 # --- Training -------------------------------------------------------------------------------
 
 

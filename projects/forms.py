@@ -7,9 +7,10 @@ from decimal import Decimal
 
 from django import forms
 
-from projects.models import TaskType
+from projects.models import TaskType, Teacher, TrainingMethod
 from projects.services import ServiceError
 from projects.services import security
+from workers.pipeline.training import PRESET_DESCRIPTIONS
 
 
 def _artifact_choices(field, project, kinds) -> None:
@@ -163,8 +164,7 @@ class TeacherForm(forms.Form):
     of the worker that holds it."""
 
     name = forms.CharField(max_length=100)
-    provider = forms.ChoiceField(choices=[("openai", "OpenAI-compatible API"), ("transformers", "Local transformers model"),
-                                          ("ensemble", "Ensemble of teachers")])
+    provider = forms.ChoiceField(choices=Teacher.Provider.choices)
     model = forms.CharField(max_length=300, required=False,
                             help_text="API: the model name (gpt-4o-mini, llama3.1:8b, ...). Local: a bundled name "
                                       "(smollm2-135m-instruct, the default), a Hugging Face id (org/name) or "
@@ -306,9 +306,7 @@ class TrainForm(forms.Form):
     """The Train button's settings. Blank hyperparameter fields keep the preset's value;
     ``extra`` takes any other setting as ``key=value`` lines."""
 
-    METHOD_CHOICES = [("sft-lora", "SFT with LoRA (sft-lora)"), ("sft-full", "Full SFT (sft-full)"),
-                      ("classifier-kd", "Classifier with soft-label KD (classifier-kd)"),
-                      ("logit-kd", "Token-level logit KD (logit-kd)")]
+    METHOD_CHOICES = [(m.value, f"{m.label} ({m.value})") for m in TrainingMethod]
     HP_FIELDS = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length", "lora_r",
                  "lora_alpha", "target_modules", "temperature", "alpha", "early_stopping_patience", "eval_steps")
 
@@ -320,7 +318,7 @@ class TrainForm(forms.Form):
         queryset=None, required=False, label="Or start from a model trained here",
         help_text="A merged model (sft-lora, sft-full, logit-kd) or a classifier (classifier-kd) of this project.",
         error_messages={"invalid_choice": "That is not a model artifact of this project."})
-    preset = forms.ChoiceField(choices=[("fast", "fast (minutes on a CPU)"), ("seed", "seed (the seed recipe)")])
+    preset = forms.ChoiceField(choices=[(p, f"{p} ({d})") for p, d in PRESET_DESCRIPTIONS.items()])
     num_train_epochs = _hp_field("num_train_epochs", "Epochs")
     learning_rate = _hp_field("learning_rate", "Learning rate")
     per_device_train_batch_size = _hp_field("per_device_train_batch_size", "Batch size")

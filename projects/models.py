@@ -274,7 +274,24 @@ class Teacher(models.Model):
         return self.name
 
 
-class GenerationRun(models.Model):
+class RunBase(models.Model):
+    """The columns every run (GenerationRun, TrainingRun, Evaluation) shares: its ``status``
+    (mirroring its Job's), who started it and when, when it ended, and the start form's
+    idempotency key (see projects.services.idempotency; unique per project, each run names its
+    constraint). Abstract: no table of its own."""
+
+    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
+
+    class Meta:
+        abstract = True
+        ordering = ["-created_at"]
+
+
+class GenerationRun(RunBase):
     """One pass of the teacher(s) over the train queries, with rejection sampling by the checks.
     Counters are kept current while it runs; cost in USD."""
 
@@ -285,7 +302,6 @@ class GenerationRun(models.Model):
     concurrency = models.IntegerField(default=16)
     limit = models.IntegerField(null=True, blank=True)
     budget_usd = models.DecimalField(max_digits=12, decimal_places=4, null=True, blank=True)
-    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
     stop_reason = models.CharField(max_length=200, blank=True, default="")
     accepted = models.IntegerField(default=0)
     rejected = models.IntegerField(default=0)
@@ -294,14 +310,8 @@ class GenerationRun(models.Model):
     output_tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=0)
     options = models.JSONField(default=dict, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    created_at = models.DateTimeField(auto_now_add=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    # The start form's idempotency key (see projects.services.idempotency); unique per project.
-    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(RunBase.Meta):
         constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
                                                name="generationrun_project_idempotency_key_unique")]
 
@@ -409,7 +419,7 @@ class TrainingMethod(models.TextChoices):
     LOGIT_KD = "logit-kd", "Token-level logit KD"
 
 
-class TrainingRun(models.Model):
+class TrainingRun(RunBase):
     """A student trained from the curated dataset. ``hyperparams`` holds every setting used
     (LoRA rank, alpha, target modules, learning rate, epochs, temperature, KD alpha, ...).
     ``dataset_sha256`` is the content hash of the curated dataset it was trained on."""
@@ -420,7 +430,6 @@ class TrainingRun(models.Model):
     student_model = models.CharField(max_length=300)
     preset = models.CharField(max_length=40, blank=True, default="")
     hyperparams = models.JSONField(default=dict, blank=True)
-    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
     stop_reason = models.CharField(max_length=300, blank=True, default="")
     dataset_sha256 = models.CharField(max_length=64, blank=True, default="")
     dataset_rows = models.IntegerField(default=0)
@@ -431,14 +440,8 @@ class TrainingRun(models.Model):
     best_val_loss = models.FloatField(null=True, blank=True)
     best_step = models.IntegerField(null=True, blank=True)
     output_dir = models.CharField(max_length=500, blank=True, default="")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    created_at = models.DateTimeField(auto_now_add=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    # The start form's idempotency key (see projects.services.idempotency); unique per project.
-    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(RunBase.Meta):
         constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
                                                name="trainingrun_project_idempotency_key_unique")]
 
@@ -480,27 +483,20 @@ class ModelArtifact(models.Model):
 # --- Evaluation -----------------------------------------------------------------------------
 
 
-class Evaluation(models.Model):
+class Evaluation(RunBase):
     """Student(s) vs teacher(s) on the test split or the golden set. ``charts``: plotly figure
     dicts by name; ``summary``: headline figures; ``verdict``: e.g. "ready to ship"."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="evaluations")
     job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="evaluation")
     split = models.CharField(max_length=10, default=Split.TEST)
-    status = models.CharField(max_length=10, choices=JobStatus.choices, default=JobStatus.QUEUED)
     verdict = models.CharField(max_length=300, blank=True, default="")
     ready_to_ship = models.BooleanField(null=True, blank=True)
     summary = models.JSONField(default=dict, blank=True)
     charts = models.JSONField(default=dict, blank=True)
     options = models.JSONField(default=dict, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    created_at = models.DateTimeField(auto_now_add=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    # The start form's idempotency key (see projects.services.idempotency); unique per project.
-    idempotency_key = models.UUIDField(null=True, blank=True, editable=False)
 
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(RunBase.Meta):
         constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
                                                name="evaluation_project_idempotency_key_unique")]
 

@@ -49,9 +49,27 @@ def test_no_utils_module():
 def test_import_contracts():
     """The contracts in ``.importlinter``: projects.services queues tasks by name and never
     imports workers.tasks/runs/progress or the gateway (so no import cycle between the two
-    floors), and workers.pipeline imports no Django, Celery or project code."""
+    floors), workers.runs never imports the tasks, views, CLI or gateway, and workers.pipeline
+    imports no Django, Celery or project code."""
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint), "--no-cache", "--config", str(REPO / ".importlinter")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "0 broken" in out.stdout
+
+
+def test_choices_have_one_source():
+    """The methods, presets, providers and splits the forms and the CLI offer come from the
+    models' choices and the pipeline's / services' constants; where the pipeline (no Django)
+    keeps its own list, it matches the model's."""
+    from projects.forms import TeacherForm, TrainForm
+    from projects.models import Teacher, TrainingMethod
+    from workers.pipeline.training import METHODS, PRESET_DESCRIPTIONS, PRESET_NAMES, PRESETS
+
+    assert tuple(TrainingMethod.values) == METHODS == tuple(PRESETS)
+    assert set(PRESET_DESCRIPTIONS) == set(PRESET_NAMES) == {p for m in PRESETS.values() for p in m}
+    assert TrainForm.base_fields["method"].choices == [
+        ("sft-lora", "SFT with LoRA (sft-lora)"), ("sft-full", "Full SFT (sft-full)"),
+        ("classifier-kd", "Classifier with soft-label KD (classifier-kd)"), ("logit-kd", "Token-level logit KD (logit-kd)")]
+    assert TrainForm.base_fields["preset"].choices == [("fast", "fast (minutes on a CPU)"), ("seed", "seed (the seed recipe)")]
+    assert TeacherForm.base_fields["provider"].choices == list(Teacher.Provider.choices)

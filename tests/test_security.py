@@ -498,7 +498,7 @@ def test_the_judge_is_checked_before_it_is_called(project, owner):
     from projects.models import Evaluation, Teacher
     from projects.selectors import project_task_spec
     from projects.services import InvalidInput
-    from projects.services.evaluation import _judge
+    from workers.runs.evaluation import _judge
 
     Teacher.objects.create(project=project, name="judge", provider="openai", model="m", api_key_env="HOME")
     ev = Evaluation.objects.create(project=project, split="test", options={"judge_teacher": "judge"})

@@ -8,8 +8,8 @@ import time
 import pytest
 from django.utils import timezone
 
-# One place to import the loop from (it may move to workers.runs.serving).
-from projects.services.serving_loop import SOURCE, deployment_use_candidate, serving_tick
+from projects.services.serving_loop import SOURCE, deployment_use_candidate
+from workers.runs.serving import serving_tick
 from tests.conftest import wait_job
 from tests.test_training import curated_banking
 

@@ -140,8 +140,8 @@ def ingest_search_catch_up_task() -> list[int]:
 @shared_task(bind=True, name="workers.tasks.generation_run_task")
 def generation_run_task(self, job_id: int) -> None:
     """A generation run's coordinator: queues its chunks, takes unclaimed ones, waits for the
-    rest and ends the job (see projects.services.generation)."""
-    from projects.services.generation import generation_coordinate
+    rest and ends the job (see workers.runs.generation)."""
+    from workers.runs.generation import generation_coordinate
 
     run_job(job_id, lambda job, reporter: generation_coordinate(job=job, reporter=reporter), task_id=self.request.id or "")
 
@@ -149,7 +149,7 @@ def generation_run_task(self, job_id: int) -> None:
 @shared_task(name="workers.tasks.generation_chunk_task")
 def generation_chunk_task(job_id: int, index: int, query_ids: list[int]) -> None:
     """One chunk of a generation run, for whichever worker takes it first (claimed once)."""
-    from projects.services.generation import generation_chunk_take
+    from workers.runs.generation import generation_chunk_take
 
     generation_chunk_take(job_id=job_id, index=index, query_ids=query_ids)
 
@@ -195,8 +195,8 @@ def training_run_task(self, job_id: int) -> None:
 
 @shared_task(bind=True, name="workers.tasks.evaluation_task")
 def evaluation_task(self, job_id: int) -> None:
-    """Evaluate students against the teacher(s) (projects.services.evaluation.evaluation_run)."""
-    from projects.services.evaluation import evaluation_run
+    """Evaluate students against the teacher(s) (workers.runs.evaluation.evaluation_run)."""
+    from workers.runs.evaluation import evaluation_run
 
     run_job(job_id, lambda job, reporter: evaluation_run(job=job, reporter=reporter), task_id=self.request.id or "")
 
@@ -207,7 +207,7 @@ def evaluation_task(self, job_id: int) -> None:
 @shared_task(name="workers.tasks.serving_tick_task")
 def serving_tick_task() -> dict:
     """Periodic (beat, every minute): harvest logged teacher answers into production-traffic
-    runs, apply the promote rule, continuous distillation (projects.services.serving_loop)."""
-    from projects.services.serving_loop import serving_tick
+    runs, apply the promote rule, continuous distillation (workers.runs.serving)."""
+    from workers.runs.serving import serving_tick
 
     return serving_tick()

@@ -4,13 +4,13 @@ from __future__ import annotations
 from projects.cli import CliError, emit, wait_for_job
 from projects.cli.foundation import get_project
 from projects.models import Evaluation
-from projects.services.evaluation import evaluation_api_summary, evaluation_start
+from projects.services.evaluation import EVAL_SPLITS, evaluation_api_summary, evaluation_start
 
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate the students against the teacher(s) on the test split or golden set")
     p.add_argument("--project", required=True)
-    p.add_argument("--split", choices=["test", "golden"], default="test")
+    p.add_argument("--split", choices=list(EVAL_SPLITS), default="test")
     p.add_argument("--limit", type=int, help="only the first N queries of the split")
     p.add_argument("--price-per-hour", type=float, dest="price_per_hour_usd",
                    help="USD per hour of the machine running local models (default: project setting, else 0.10 CPU / 2.00 GPU)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from projects.cli import CliError, finish_job
-from projects.models import Job, Project, Team
+from projects.models import Job, Project, TaskType, Team
 from projects.services import InvalidState
 from projects.services.jobs import job_cancel
 from projects.services.projects import (MAX_FEW_SHOT_BYTES, MAX_SCHEMA_BYTES, project_create, project_parse_few_shot,
@@ -63,7 +63,7 @@ def register(sub) -> None:
     p = project.add_parser("create", help="create a project")
     p.add_argument("--team", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--task-type", required=True, choices=["classification", "extraction", "summarization", "generation"])
+    p.add_argument("--task-type", required=True, choices=TaskType.values)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labels", help="comma-separated label set")
     g.add_argument("--labels-file", help="file with one label per line")

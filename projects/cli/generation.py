@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
-from projects.models import GenerationRun
+from projects.models import GenerationRun, Teacher
+from projects.services.generation import SPLITS
 
 
 def register(sub) -> None:
@@ -11,7 +12,7 @@ def register(sub) -> None:
     p = teacher.add_parser("add", help="add a teacher to a project")
     p.add_argument("--project", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--provider", required=True, choices=["openai", "transformers", "ensemble"])
+    p.add_argument("--provider", required=True, choices=Teacher.Provider.values)
     p.add_argument("--model", default="", help="API model name, or a local model (bundled name, Hugging Face id "
                    "org/name, artifact:ID of this project)")
     p.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
@@ -34,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--samples-per-query", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--budget-usd", type=float, default=None)
-    p.add_argument("--split", default="train", choices=["train", "validation", "test", "golden"])
+    p.add_argument("--split", default="train", choices=list(SPLITS))
     p.add_argument("--resume", type=int, default=None, metavar="RUN", help="resume run RUN instead of starting one")
     p.add_argument("--wait", action="store_true", help="block until the run ends; exit 1 if it failed or was cancelled")
     p.set_defaults(handler=cmd_generate)

@@ -3,20 +3,20 @@ from __future__ import annotations
 
 from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
-from projects.models import ModelArtifact, TrainingRun
+from projects.models import ModelArtifact, TrainingMethod, TrainingRun
 from projects.services.training import training_resume, training_start
 from workers.pipeline.json_limits import loads_bounded
-from workers.pipeline.training import METHODS
+from workers.pipeline.training import PRESET_NAMES
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a student on the curated dataset (gpu queue)")
     p.add_argument("--project", required=True)
-    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--method", required=True, choices=TrainingMethod.values)
     p.add_argument("--student", default="", help="bundled name (smollm2-135m-instruct, minilm-l6), Hugging Face id "
                    "org/name, or artifact:ID of this project (default: the method's); a folder only under the "
                    "operator's DISTILLHUB_MODEL_DIRS")
-    p.add_argument("--preset", default="fast", choices=["seed", "fast"])
+    p.add_argument("--preset", default="fast", choices=list(PRESET_NAMES))
     p.add_argument("--epochs", type=float, help="num_train_epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter (repeatable), e.g. --set learning_rate=1e-4")

@@ -1,10 +1,11 @@
-"""Teachers and generation runs: teacher settings, starting / cancelling / resuming a run, and the
-worker-side processing of a run's chunks (called by the tasks in workers/tasks.py).
+"""Teachers and generation runs, the request side: teacher settings, starting / cancelling /
+resuming a run, and the run's counters. The worker-side processing of a run's chunks lives in
+``workers.runs.generation`` (called by the tasks in workers/tasks.py).
 
 How a run executes: ``generation_start`` creates the GenerationRun and its Job and queues the
-coordinator task after commit. The coordinator (``generation_coordinate``) splits the run's
-pending queries into chunks of ``options["chunk_size"]`` (default 50) queries and sends one
-``generation_chunk_task`` per chunk, so any number of workers can take them; it takes unclaimed
+coordinator task after commit. The coordinator (``workers.runs.generation.generation_coordinate``)
+splits the run's pending queries into chunks of ``options["chunk_size"]`` (default 50) queries and
+sends one ``generation_chunk_task`` per chunk, so any number of workers can take them; it takes unclaimed
 chunks itself too (a chunk is claimed once, with a Redis ``SET NX``), then polls the samples
 until every (query, teacher) group is finished, keeping the run's counters and the Job's
 progress current. Each sample slot (run, query, teacher, sample_index) is written once: slots
@@ -13,34 +14,25 @@ leave exactly one result per slot.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-import queue
-import threading
-import time
 from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Max, Q, Sum
+from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
 
-from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
+from projects.models import GenerationRun, Job, JobStatus, Project, Query, Sample, Teacher, TaskType
 from projects.selectors import project_task_spec
 from projects.services import InvalidInput, InvalidState
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
-from projects.services.jobs import job_create, job_enqueue, task_send
+from projects.services.jobs import job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import model_ref_check, model_ref_resolve, security_policy, teacher_endpoint_check
 
-log = logging.getLogger(__name__)
 
 JOB_KIND = "generation"
 DEFAULT_CHUNK_SIZE = 50
 DEFAULT_QUEUE = "teacher"
-# On cancel, requests already in flight get this long to finish so answers already paid for
-# are kept; then they are dropped. Cancel therefore takes at most ~1 s (the check) + this.
-CANCEL_GRACE_S = 2.0
 SPLITS = ("train", "validation", "test", "golden")
 #: Largest ``limit`` of a run (the column is a PostgreSQL integer).
 MAX_LIMIT = 2**31 - 1
@@ -360,7 +352,7 @@ def _sync_run_with_job(job: Job) -> None:
     GenerationRun.objects.filter(pk=run.pk).update(**fields)
 
 
-# --- Worker side ------------------------------------------------------------------------------
+# --- Run state (shared with the worker side, workers.runs.generation) --------------------------
 
 
 def _teacher_config(t: Teacher, *, resolve: bool = False):
@@ -383,7 +375,8 @@ def _teacher_config(t: Teacher, *, resolve: bool = False):
                          api_key_env=t.api_key_env, temperature=t.temperature, max_tokens=t.max_tokens,
                          top_logprobs=t.top_logprobs, timeout_s=t.timeout_s, price_in_per_1m=float(t.price_in_per_1m),
                          price_out_per_1m=float(t.price_out_per_1m),
-                         max_retries=int((t.options or {}).get("max_retries", 4)), members=members)
+                         max_retries=int((t.options or {}).get("max_retries", 4)), members=members,
+                         cache_dir=str(settings.MODEL_CACHE_DIR))
 
 
 def _configs(run: GenerationRun, *, resolve: bool = False) -> dict:
@@ -436,265 +429,5 @@ def _refresh_counters(run: GenerationRun) -> dict:
     return fields
 
 
-def _redis():
-    import redis
-
-    return redis.Redis.from_url(settings.REDIS_URL)
-
-
-def _claim_chunk(job: Job, index: int) -> bool:
-    """True for the one worker that claims chunk ``index`` of ``job`` (Redis SET NX). The key
-    carries the job's creation time too, so a recreated database never meets old claims."""
-    key = f"distillhub:generation:{job.pk}:{int(job.created_at.timestamp() * 1e6)}:chunk:{index}"
-    return bool(_redis().set(key, "1", nx=True, ex=7 * 24 * 3600))
-
-
-def generation_coordinate(*, job: Job, reporter) -> dict:
-    """The coordinator task's body (see ``_coordinate``). The run's status is written here, before
-    the task ends the job, so a page or script that sees the job ended also sees the run ended."""
-    from workers.progress import JobCancelled
-
-    run_id = GenerationRun.objects.filter(job=job).values_list("pk", flat=True).first()
-    try:
-        result = _coordinate(job=job, reporter=reporter)
-    except JobCancelled:
-        _end_run(run_id, JobStatus.CANCELLED, "cancelled by user")
-        raise
-    except Exception as exc:
-        _end_run(run_id, JobStatus.FAILED, f"Failed: {exc}"[:200])
-        raise
-    _end_run(run_id, JobStatus.SUCCEEDED, "")
-    return result
-
-
-def _end_run(run_id, status: str, reason: str) -> None:
-    if run_id is None:
-        return
-    run = GenerationRun.objects.get(pk=run_id)
-    _refresh_counters(run)
-    GenerationRun.objects.filter(pk=run_id).update(status=status, finished_at=timezone.now())
-    if reason:
-        GenerationRun.objects.filter(pk=run_id, stop_reason="").update(stop_reason=reason)
-
-
-def _coordinate(*, job: Job, reporter) -> dict:
-    """The coordinator task's body: send the pending chunks to the teacher queue, process
-    unclaimed ones here, and wait until every group is finished (or the run stops), keeping
-    counters and progress current. Returns the summary stored as the job's result. Raises
-    GenerationStopped (quota, auth, budget, a chunk's error), JobCancelled on cancel,
-    RuntimeError when the other workers stop making progress for ``STALE_JOB_SECONDS``."""
-    run = GenerationRun.objects.select_related("project").get(job=job)
-    GenerationRun.objects.filter(pk=run.pk).update(status=JobStatus.RUNNING, stop_reason="", finished_at=None)
-    task = project_task_spec(run.project)
-    configs = _configs(run)
-    n_eff = _effective_n(run, task, configs)
-    qids = _run_query_ids(run)
-    if (run.options or {}).get("queries") != len(qids):
-        run.options = {**(run.options or {}), "queries": len(qids)}
-        GenerationRun.objects.filter(pk=run.pk).update(options=run.options)
-    total = len(qids) * len(configs)
-    done = {(g["query_id"], g["teacher_id"]) for g in _group_rows(run)
-            if g["acc"] > 0 or g["n"] >= n_eff[g["teacher_id"]]}
-    pending = [q for q in qids if any((q, t) not in done for t in configs)]
-    size = int((run.options or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE)
-    chunks = [pending[i:i + size] for i in range(0, len(pending), size)]
-    q = (run.options or {}).get("queue") or DEFAULT_QUEUE
-    reporter.report(len(done) / total if total else 1.0, f"{len(done)}/{total} done; {len(chunks)} chunk(s) queued", force=True)
-    # Later chunks go to the queue for other workers; this worker takes what is left unclaimed.
-    for k, chunk in enumerate(chunks[1:], start=1):
-        task_send(name="workers.tasks.generation_chunk_task", args=[job.pk, k, chunk], queue=q)
-    for k, chunk in enumerate(chunks):
-        reporter.check_cancel()
-        _raise_if_stopped(run)
-        if _claim_chunk(job, k):
-            _process_chunk(job, run, chunk, reporter=reporter, total=total, n_eff=n_eff)
-    last_done, last_change = -1, time.monotonic()
-    stall_s = getattr(settings, "STALE_JOB_SECONDS", 600)
-    while True:
-        n_done = _count_done_groups(run, n_eff)
-        counters = _refresh_counters(run)
-        reporter.report(n_done / total if total else 1.0, _progress_message(n_done, total, counters))
-        _raise_if_stopped(run)
-        reporter.check_cancel()
-        if n_done >= total:
-            break
-        if n_done != last_done:
-            last_done, last_change = n_done, time.monotonic()
-        elif time.monotonic() - last_change > stall_s:
-            raise RuntimeError(f"no sample was written for {stall_s} s while {total - n_done} group(s) remain: "
-                               "a worker taking a chunk was probably lost. Resume the run to finish it.")
-        time.sleep(0.5)
-    counters = _refresh_counters(run)
-    return {"run": run.pk, **{k: (float(v) if isinstance(v, Decimal) else v) for k, v in counters.items()},
-            "message": _progress_message(total, total, counters)}
-
-
-def _progress_message(done: int, total: int, c: dict) -> str:
-    return (f"{done}/{total} queries done · {c.get('accepted', 0)} accepted · {c.get('rejected', 0)} rejected · "
-            f"{c.get('failed', 0)} failed · ${float(c.get('cost_usd') or 0):.4f}")
-
-
-def _raise_if_stopped(run: GenerationRun) -> None:
-    reason = GenerationRun.objects.filter(pk=run.pk).values_list("stop_reason", flat=True).first()
-    if reason:
-        raise GenerationStopped(reason)
-
-
-def generation_chunk_take(*, job_id: int, index: int, query_ids: list[int]) -> None:
-    """A chunk task's body: process chunk ``index`` if its job is still running and no other
-    worker claimed it; otherwise do nothing (a redelivered or stale message)."""
-    from workers.progress import JobReporter
-
-    job = Job.objects.filter(pk=job_id).first()
-    if job is None or job.status != JobStatus.RUNNING or job.cancel_requested:
-        return
-    run = GenerationRun.objects.select_related("project").filter(job=job).first()
-    if run is None or run.stop_reason:
-        return
-    if not _claim_chunk(job, index):
-        return
-    task = project_task_spec(run.project)
-    try:
-        _process_chunk(job, run, query_ids, reporter=JobReporter(job_id), total=None,
-                       n_eff=_effective_n(run, task, _configs(run)))
-    except Exception as exc:  # noqa: BLE001 - the coordinator reports it through the run
-        log.exception("generation chunk %s of job %s failed", index, job_id)
-        GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"chunk {index} failed: {exc}"[:200])
-
-
-def _process_chunk(job: Job, run: GenerationRun, query_ids: list[int], *, reporter, total: int | None, n_eff: dict) -> None:
-    """Answer the unfinished slots of ``query_ids``: the async pipeline runs in a thread, this
-    thread writes each finished sample as it arrives, reports progress, and watches for cancel
-    and for a stop set by another worker."""
-    from workers.pipeline.checks import duplicate_enabled, normalise_for_duplicate
-    from workers.pipeline.generation import Generator, Group
-    from workers.pipeline.specs import QueryItem
-    from workers.pipeline.teachers import RunStopped, make_client
-
-    task = project_task_spec(run.project)
-    configs = _configs(run)
-    texts = dict(Query.objects.filter(pk__in=query_ids).values_list("id", "text"))
-    state = {(g["query_id"], g["teacher_id"]): g for g in _group_rows(run, query_ids)}
-    groups = []
-    for qid in query_ids:
-        if qid not in texts:
-            continue
-        for tid in configs:
-            g = state.get((qid, tid))
-            if g and (g["acc"] > 0 or g["n"] >= n_eff[tid]):
-                continue
-            groups.append(Group(QueryItem(qid, texts[qid]), tid, (g["mx"] + 1) if g else 0))
-    if not groups:
-        return
-    try:
-        clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type)
-                   for tid, cfg in _configs(run, resolve=True).items()}
-        judge = None
-        judge_name = (task.checks or {}).get("judge_teacher")
-        if judge_name:
-            jt = Teacher.objects.filter(project=run.project, name=judge_name).first()
-            if jt is None:
-                raise RunStopped("judge_missing", f"checks.judge_teacher: no teacher named {judge_name!r}")
-            judge = make_client(_teacher_config(jt, resolve=True), labels=(), task_type="generation")
-    except RunStopped as exc:
-        GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{exc.reason}: {exc}"[:200])
-        return
-    seen: set[str] = set()
-    if duplicate_enabled(task):
-        seen = {normalise_for_duplicate(r) for r in Sample.objects.filter(run=run, status="accepted")
-                .exclude(response=None).values_list("response", flat=True).iterator()}
-    out: queue.Queue = queue.Queue()
-    spent = float(GenerationRun.objects.filter(pk=run.pk).values_list("cost_usd", flat=True).first() or 0)
-    gen = Generator(task, clients, configs, emit=out.put, samples_per_query=run.samples_per_query,
-                    concurrency=run.concurrency, budget_usd=float(run.budget_usd) if run.budget_usd is not None else None,
-                    spent_usd=spent, judge=judge, seen=seen)
-    failure: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            asyncio.run(gen.run(groups))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the writing thread
-            failure.append(exc)
-
-    th = threading.Thread(target=loop, name=f"generation-{job.pk}", daemon=True)
-    th.start()
-    last_check = 0.0
-    try:
-        while True:
-            batch = []
-            try:
-                batch.append(out.get(timeout=0.2))
-                while len(batch) < 200:
-                    batch.append(out.get_nowait())
-            except queue.Empty:
-                pass
-            if batch:
-                _write_samples(run, batch)
-            if time.monotonic() - last_check >= 1.0:
-                last_check = time.monotonic()
-                row = GenerationRun.objects.filter(pk=run.pk).values("stop_reason", "cost_usd").first() or {}
-                jrow = Job.objects.filter(pk=job.pk).values("status", "cancel_requested").first() or {}
-                if jrow.get("cancel_requested") or jrow.get("status") in JOB_ENDED:
-                    gen.stop("cancelled", "cancelled by user", grace_s=CANCEL_GRACE_S)
-                elif row.get("stop_reason"):
-                    gen.stop("stopped", row["stop_reason"], grace_s=CANCEL_GRACE_S)
-                if gen.budget_usd is not None and row.get("cost_usd") is not None:
-                    gen.sync_spent(float(row["cost_usd"]))
-                if total:
-                    n_done = _count_done_groups(run, n_eff)
-                    reporter.report(n_done / total, _progress_message(n_done, total, _refresh_counters(run)))
-                else:
-                    reporter.report()
-            if not th.is_alive() and out.empty():
-                break
-    finally:
-        if th.is_alive():
-            gen.stop("cancelled", "the worker stopped")
-            th.join(timeout=30)
-        rest = []
-        while not out.empty():
-            rest.append(out.get_nowait())
-        if rest:
-            _write_samples(run, rest)
-    if failure:
-        raise failure[0]
-    if gen.stop_reason and gen.stop_reason not in ("cancelled", "stopped"):
-        GenerationRun.objects.filter(pk=run.pk, stop_reason="").update(stop_reason=f"{gen.stop_reason}: {gen.stop_message}"[:200])
-
-
-def _write_samples(run: GenerationRun, results: list) -> int:
-    """Insert finished samples once per slot (existing slots are skipped, conflicts ignored) and
-    add the new ones to the run's live counters. Returns how many rows were new."""
-    keys = {(r.query_id, r.teacher_id, r.sample_index) for r in results}
-    with transaction.atomic():
-        existing = set(Sample.objects.filter(run=run, query_id__in={k[0] for k in keys})
-                       .values_list("query_id", "teacher_id", "sample_index"))
-        new, seen = [], set()
-        for r in results:
-            k = (r.query_id, r.teacher_id, r.sample_index)
-            if k in existing or k in seen:
-                continue
-            seen.add(k)
-            new.append(r)
-        Sample.objects.bulk_create([
-            Sample(run=run, query_id=r.query_id, teacher_id=r.teacher_id, sample_index=r.sample_index, prompt=r.prompt,
-                   response=r.response, parsed=r.parsed, finish_reason=(r.finish_reason or "")[:40],
-                   input_tokens=r.input_tokens, output_tokens=r.output_tokens,
-                   cost_usd=Decimal(str(round(r.cost_usd, 8))), latency_ms=r.latency_ms, label_probs=r.label_probs,
-                   token_logprobs=r.token_logprobs, checks=r.checks, failed_checks=r.failed_checks, status=r.status,
-                   error=r.error or "")
-            for r in new], ignore_conflicts=True)
-        if new:
-            GenerationRun.objects.filter(pk=run.pk).update(
-                accepted=F("accepted") + sum(r.status == "accepted" for r in new),
-                rejected=F("rejected") + sum(r.status == "rejected" for r in new),
-                failed=F("failed") + sum(r.status == "failed" for r in new),
-                input_tokens=F("input_tokens") + sum(r.input_tokens for r in new),
-                output_tokens=F("output_tokens") + sum(r.output_tokens for r in new),
-                cost_usd=F("cost_usd") + Decimal(str(round(sum(r.cost_usd for r in new), 8))),
-            )
-    return len(new)
-
-
 __all__ = ["teacher_create", "teacher_update", "generation_start", "generation_cancel", "generation_resume",
-           "generation_coordinate", "generation_chunk_take", "GenerationStopped"]
+           "GenerationStopped"]

@@ -199,3 +199,56 @@ def make_judge(chat: Callable[[list[dict]], str], instructions: str = "") -> Cal
     """A ``judge(query, a, b)`` for ``metrics.pairwise_win_rate`` from ``chat(messages) -> reply``
     (any model: an API teacher or a local one)."""
     return lambda q, a, b: parse_judgement(chat(judge_messages(q, a, b, instructions)))
+
+
+# --- Scoring: primary teacher, cost per 1K queries, verdict -----------------------------------
+
+#: The best student is ready to ship when it keeps at least this share of the teacher's quality.
+READY_RETENTION = 0.95
+
+
+def rank_teachers(qualities: Sequence[float | None]) -> list[int]:
+    """Indices into ``qualities`` (each teacher's headline metric; None counts as 0.0), best
+    first, ties in input order. The first is the primary teacher: its answers are the reference
+    when the queries have no gold, and its quality is the one retention is measured against."""
+    return sorted(range(len(qualities)), key=lambda i: -(qualities[i] or 0.0))
+
+
+def teacher_cost_per_1k(*, api: bool, recorded_costs_usd: Sequence[float], input_tokens: Sequence[int],
+                        output_tokens: Sequence[int], price_in_per_1m: float, price_out_per_1m: float,
+                        latencies_ms: Sequence[float], price_per_hour_usd: float) -> tuple[float | None, str]:
+    """A teacher's cost per 1,000 queries in USD and its basis. An API teacher (``api``): the
+    mean recorded cost per answer x 1,000 when any answer recorded a cost, else the token counts
+    at ``price_in_per_1m`` / ``price_out_per_1m`` USD per 1M tokens (basis ``"api_prices"``). A
+    local teacher: the mean compute time per query (``latencies_ms``) at ``price_per_hour_usd``
+    (basis ``"compute time x $P/h"``)."""
+    from workers.pipeline import metrics as M
+
+    if api:
+        if any(recorded_costs_usd):
+            cost = sum(recorded_costs_usd) / len(recorded_costs_usd) * 1000.0
+        else:
+            cost = M.api_cost_per_1k(input_tokens, output_tokens, price_in_per_1m=price_in_per_1m,
+                                     price_out_per_1m=price_out_per_1m)
+        return cost, "api_prices"
+    return (M.compute_cost_per_1k(latencies_ms, price_per_hour_usd=price_per_hour_usd),
+            f"compute time x ${price_per_hour_usd:.2f}/h")
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f} %"
+
+
+def verdict(*, metric: str, best_model: str, retention: float | None, teacher_quality: float | None,
+            best_quality: float | None) -> tuple[str, bool | None]:
+    """The verdict text and ready-to-ship flag for the best student: ready when its
+    ``retention`` (student / teacher quality, ``workers.pipeline.metrics.retention``) is at least
+    ``READY_RETENTION``; no verdict (None) when the retention is unknown (teacher's metric 0 or
+    missing)."""
+    if retention is None:
+        return f"no verdict: the teacher's {metric} is 0 or missing", None
+    if retention >= READY_RETENTION:
+        return f"ready to ship: {best_model} keeps {_fmt_pct(retention)} of the teacher's {metric}", True
+    gap = (teacher_quality or 0) - (best_quality or 0)
+    return (f"not ready: best student {best_model} keeps {_fmt_pct(retention)} of the teacher's {metric} "
+            f"(gap {gap * 100:.1f} points; needs 95 %)"), False

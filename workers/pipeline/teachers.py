@@ -38,7 +38,9 @@ class RunStopped(Exception):
 class TeacherConfig:
     """A teacher's settings as plain data. Prices in USD per 1M tokens; ``timeout_s`` per
     request; ``members`` for an ensemble; ``policy``: the operator's ``SecurityPolicy`` the
-    client checks its settings against (None: read from the environment)."""
+    client checks its settings against (None: read from the environment); ``cache_dir``: where a
+    local teacher's bundled model is converted and kept (the worker passes the
+    ``MODEL_CACHE_DIR`` setting; None: ``registry.default_cache_dir()``)."""
 
     id: int
     name: str
@@ -55,6 +57,7 @@ class TeacherConfig:
     max_retries: int = 4
     members: tuple["TeacherConfig", ...] = ()
     policy: object | None = None
+    cache_dir: str | None = None
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """USD = tokens_in * price_in / 1e6 + tokens_out * price_out / 1e6."""
@@ -294,7 +297,7 @@ class LocalTeacher:
         self.cfg = cfg
         self.labels = labels
         self.task_type = task_type
-        self.lm = load_cached(cfg.model or SMOLLM2, policy=cfg.policy)
+        self.lm = load_cached(cfg.model or SMOLLM2, policy=cfg.policy, cache_dir=cfg.cache_dir)
 
     @property
     def deterministic(self) -> bool:

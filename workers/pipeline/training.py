@@ -74,6 +74,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 PRESET_NAMES = ("seed", "fast")
+#: What each preset is for, in the order the Train form offers them.
+PRESET_DESCRIPTIONS = {"fast": "minutes on a CPU", "seed": "the seed recipe"}
 
 
 class HyperParam(NamedTuple):
