@@ -2,8 +2,6 @@
 project settings page and ``distill import``, on real PostgreSQL and a real Celery worker."""
 from __future__ import annotations
 
-import collections
-import io
 import json
 import threading
 

@@ -61,7 +61,7 @@ def _tick_through_worker(dep, done, timeout=60.0):
 
 def test_tick_through_the_worker_harvests_promotes_retrains_and_proposes_the_candidate(celery_worker, team, owner,
                                                                                         shared_data):
-    from projects.models import GenerationRun, JobStatus, ModelArtifact, Query, TrainingRun
+    from projects.models import GenerationRun, JobStatus, ModelArtifact, Query
 
     project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=6, val_per_label=2)
     a, b, c = project.labels

@@ -3,7 +3,6 @@
 divergence alert, settings, versions with rollback, continuous distillation."""
 from __future__ import annotations
 
-import json
 import math
 
 from django.conf import settings
