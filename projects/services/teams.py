@@ -11,11 +11,12 @@ from projects.services import InvalidInput
 
 
 def team_create(*, name: str) -> Team:
-    """Create a team named ``name``; its slug is derived from the name.
+    """Create a team named ``name``; its slug is derived from the name (cut to the slug
+    column's 100 characters).
 
     Raises InvalidInput when the name is empty or a team with the same slug exists."""
     name = (name or "").strip()
-    slug = slugify(name)
+    slug = slugify(name)[:Team._meta.get_field("slug").max_length].strip("-")
     if not slug:
         raise InvalidInput("team name: must contain at least one letter or digit")
     if len(name) > 200:
