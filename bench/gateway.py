@@ -137,6 +137,9 @@ def main() -> None:
     conc = 200
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "distillhub.settings")
+    # The upstream is this benchmark's own loopback server: allow loopback teacher URLs here and in
+    # the gateway process it starts (operators decide this for real deployments).
+    os.environ["DISTILLHUB_ALLOW_PRIVATE_TEACHER_URLS"] = "1"
     import django
 
     django.setup()
