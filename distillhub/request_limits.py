@@ -54,6 +54,15 @@ def body_limit(request: HttpRequest) -> tuple[int, str]:
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE, "DATA_UPLOAD_MAX_MEMORY_SIZE"
 
 
+def _close_connection(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """Ask the server to close the connection after ``response`` (the body was not read, so the
+    connection cannot carry another request), except under wsgiref (Django's ``runserver``),
+    which refuses hop-by-hop headers from an application with an AssertionError (an HTTP 500)."""
+    if not request.META.get("SERVER_SOFTWARE", "").startswith("WSGIServer/"):
+        response["Connection"] = "close"
+    return response
+
+
 def _too_large(request: HttpRequest, limit: int, setting: str) -> HttpResponse:
     upload = setting == "DISTILLHUB_MAX_UPLOAD_MB"
     slug = None
@@ -65,10 +74,7 @@ def _too_large(request: HttpRequest, limit: int, setting: str) -> HttpResponse:
     limit_mb = settings.MAX_UPLOAD_MB if upload else max(1, round(limit / _MB))
     body = render_to_string("request_too_large.html", {"limit_mb": limit_mb, "setting": setting,
                                                        "upload": upload, "slug": slug}, request=request)
-    response = HttpResponse(body, status=413)
-    # The body was not read: the connection cannot carry another request.
-    response["Connection"] = "close"
-    return response
+    return _close_connection(request, HttpResponse(body, status=413))
 
 
 class RequestBodyLimitMiddleware:
@@ -82,10 +88,9 @@ class RequestBodyLimitMiddleware:
         raw = request.META.get("CONTENT_LENGTH") or ""
         if not raw.strip():
             if request.META.get("HTTP_TRANSFER_ENCODING"):
-                response = HttpResponse("A request body needs a Content-Length header (chunked bodies are not accepted).\n",
-                                        status=411, content_type="text/plain; charset=utf-8")
-                response["Connection"] = "close"
-                return response
+                return _close_connection(request, HttpResponse(
+                    "A request body needs a Content-Length header (chunked bodies are not accepted).\n",
+                    status=411, content_type="text/plain; charset=utf-8"))
             return self.get_response(request)
         try:
             length = int(raw)
