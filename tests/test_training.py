@@ -79,6 +79,7 @@ def test_train_cli_classifier_kd_through_the_worker(celery_worker, team, owner, 
     assert "validation_source" in page and digest in page and "{query}" in page
     assert "hx-get" not in page  # finished: no more polling
     a = ModelArtifact.objects.get(training_run=run)
+    assert f"artifact:{a.pk}" in page  # the reference a later run's --student takes
     r = client.get(reverse("training_artifact_download", kwargs={"slug": project.slug, "artifact_id": a.pk}))
     z = zipfile.ZipFile(io.BytesIO(b"".join(r.streaming_content)))
     assert any(name.endswith("classifier/config.json") or name.endswith("/config.json") for name in z.namelist())
