@@ -340,7 +340,9 @@ def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
     page.wait_for_url(re.compile(r"/evaluation/\d+/"))
     ev = Evaluation.objects.get(project=project)
     assert wait_job(ev.job_id, timeout=300).status == "succeeded"
-    page.wait_for_selector("table.eval-results", timeout=30_000)
+    # Results appear row by row while the job runs; the verdict box is drawn only by the finished
+    # page (the self-poll swaps it in within 3 s of the job's end), so count rows after it.
+    page.wait_for_selector("section.verdict-box", timeout=30_000)
     assert page.locator("table.eval-results tbody tr").count() >= 2
     # Drawn charts (their SVG): htmx's settle step may reset Plotly's class on swapped content.
     page.wait_for_selector("div.chart[id^=chart-] svg.main-svg")
