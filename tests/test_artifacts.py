@@ -168,6 +168,24 @@ def test_export_refuses_other_kinds_and_unsupported_architectures(project, merge
     assert not list(folder.parent.glob("*.gguf*"))
 
 
+@pytest.mark.django_db
+def test_a_gguf_student_needs_its_endpoint_url(project, owner):
+    from projects.models import ModelArtifact
+    from projects.services import InvalidInput
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="gpt-4o-mini",
+                             api_key_env="OPENAI_API_KEY", user=owner)
+    art = ModelArtifact.objects.create(project=project, kind="gguf", path="x/student-f16.gguf")
+    with pytest.raises(InvalidInput, match=rf"^student_url: a gguf student is served by llama.cpp .*--model_alias "
+                                           rf"artifact-{art.pk}`\); give its URL"):
+        deployment_create(project=project, name="s", teacher=teacher, user=owner, student_artifact=art.pk)
+    dep = deployment_create(project=project, name="s", teacher=teacher, user=owner, student_artifact=art.pk,
+                            student_url="https://llama.example.com/v1")
+    assert (dep.student_artifact_id, dep.student_url, dep.student_model) == (art.pk, "https://llama.example.com/v1", "")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_cli_export_q8_0_shows_on_the_run_page_and_replaces_an_earlier_export(project, owner, merged_student, client):
     from projects.models import ModelArtifact
