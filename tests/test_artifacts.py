@@ -143,6 +143,7 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
     while not (logs := list(RequestLog.objects.filter(deployment=dep))) and time.time() < deadline:
         time.sleep(0.1)
     assert [(x.route, x.status) for x in logs] == [("student", 200)]
+    copy.unlink()  # 540 MB; pytest keeps recent tmp folders
 
 
 @pytest.mark.django_db
