@@ -187,6 +187,32 @@ def test_login_create_project_and_overview(page, owner):
     assert project.team.slug == "acme-support"
 
 
+def test_settings_edit_a_quality_check(page, owner, project):
+    """Ids used: Settings #checks-form #id_checks-min_length #id_checks-max_length; errors
+    p.error inside the field's div."""
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/settings/")
+    assert page.input_value("#id_checks-min_length") == "1"
+    # A bad value comes back as an error at its field, and nothing is saved (a value out of
+    # range the browser itself refuses, through the input's min/max).
+    page.fill("#id_checks-min_length", "50")
+    page.fill("#id_checks-max_length", "10")
+    page.click("#checks-form button[type=submit]")
+    page.wait_for_selector("#checks-form .field.has-error p.error")
+    assert page.inner_text("#checks-form .field.has-error label") == "Maximum length (characters)"
+    assert "at least the minimum length (50)" in page.inner_text("#checks-form .field.has-error")
+    project.refresh_from_db()
+    assert project.checks == {}
+    page.fill("#id_checks-max_length", "4000")
+    page.fill("#id_checks-min_length", "12")
+    page.click("#checks-form button[type=submit]")
+    page.wait_for_selector("text=Quality checks saved")
+    assert page.input_value("#id_checks-min_length") == "12"
+    shot(page, "settings-quality-checks")
+    project.refresh_from_db()
+    assert project.checks["min_length"] == 12 and project.checks["max_length"] == 4000
+
+
 def test_jobs_page_shows_a_job_finish(page, owner, project, celery_worker):
     """A job queued on the real worker: the jobs list links to it, and its page's progress bar
     (htmx, polling every 2 s) reaches 'Succeeded' without a reload. Ids: #job-<id>-progress."""
