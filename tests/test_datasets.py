@@ -146,3 +146,32 @@ def test_cli_dataset_versions_and_export_version(project, owner, tmp_path, setti
     r = distill("export", "--version", str(v.pk), "--out", str(tmp_path / "bad.jsonl"))
     assert (r.returncode, r.stderr) == (1, f"error: dataset version {v.pk}: its file no longer matches sha256 {v.sha256}\n")
     assert not (tmp_path / "bad.jsonl").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["classifier-kd", "sft-lora"])
+def test_a_run_trains_on_its_frozen_version_not_on_later_review_decisions(project, owner, media, method):
+    from projects import selectors
+    from workers.runs.training import _rows_from_samples, training_rows
+
+    samples = _curated(project)
+    before = _rows_from_samples(list(selectors.curated_samples(project)), method, project.labels)
+    run = training_start(project=project, method=method, user=owner, preset="seed")
+    review_decide(sample=samples[0], user=owner, decision="edit", edited_response="lost_or_stolen_card",
+                  expected_version=0)
+    review_decide(sample=samples[2], user=owner, decision="reject", expected_version=0)
+    now = _rows_from_samples(list(selectors.curated_samples(project)), method, project.labels)
+    assert len(now) == 2 and len(before) == 3
+    train, val, source = training_rows(run=TrainingRun.objects.get(pk=run.pk))
+    assert source == "holdout" and sorted(train + val, key=lambda r: r.query) == sorted(before, key=lambda r: r.query)
+    first = next(r for r in train + val if r.query == "My card has not arrived")
+    assert first.answer == "card_arrival"
+    if method == "sft-lora":  # the edit is in the curated dataset now, not in the run's rows
+        assert next(r for r in now if r.query == "My card has not arrived").answer == "lost_or_stolen_card"
+    if method == "classifier-kd":
+        assert first.label_probs == {"card_arrival": 0.8, "lost_or_stolen_card": 0.1, "refund_not_showing_up": 0.1}
+    # A version file changed on disk fails the run's rows with the reason.
+    path = Path(media) / run.dataset_version.path
+    path.write_bytes(path.read_bytes().replace(b"card_arrival", b"card_arrivel"))
+    with pytest.raises(InvalidState, match="no longer matches sha256"):
+        training_rows(run=TrainingRun.objects.get(pk=run.pk))
