@@ -89,7 +89,7 @@ def project_checks(request, slug: str):
     if request.method != "POST":
         return redirect("project_settings", slug=project.slug)
     checks_form = _checks_form(project, request.POST)
-    status = 200
+    status = 400  # unless saved: the form comes back with its errors
     if not can_write:
         checks_form.add_error(None, "Your role in this team is read-only (viewer); ask an owner for member access.")
         status = 403
@@ -101,8 +101,6 @@ def project_checks(request, slug: str):
         else:
             messages.success(request, "Quality checks saved; the next generation run uses them.")
             return redirect("project_settings", slug=project.slug)
-    if status == 200:
-        status = 400
     form = ProjectForm(editing=True, initial=ProjectForm.initial_for(project))
     return render(request, "projects/form.html",
                   {"form": form, "checks_form": checks_form, "project": project, "section": "settings",
