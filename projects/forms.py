@@ -10,6 +10,7 @@ from django import forms
 from projects.models import TaskType, Teacher, TrainingMethod
 from projects.services import ServiceError
 from projects.services import security
+from projects.services.projects import MAX_ANSWER_CHARS
 from workers.pipeline.training import PRESET_DESCRIPTIONS
 
 
@@ -121,6 +122,72 @@ class ProjectForm(forms.Form):
         return kwargs
 
     idempotency_key = idempotency_key_field()
+
+
+class QualityChecksForm(forms.Form):
+    """The quality checks a teacher answer must pass (rejection sampling), in project Settings.
+    Bounds come from ``projects.services.projects``; the judge is checked there too
+    (``project_checks_judge``), so an error names its field here."""
+
+    min_length = forms.IntegerField(min_value=0, max_value=MAX_ANSWER_CHARS, label="Minimum length (characters)",
+                                    help_text="Answers shorter than this (after trimming spaces) are rejected.")
+    max_length = forms.IntegerField(min_value=1, max_value=MAX_ANSWER_CHARS, label="Maximum length (characters)",
+                                    help_text="Answers longer than this are rejected.")
+    min_confidence = forms.FloatField(min_value=0, max_value=1, label="Minimum confidence (probability 0-1)",
+                                      help_text="Classification with soft labels: an answer whose top label's "
+                                                "probability is under this goes to review instead of the dataset.")
+    refusal = forms.BooleanField(required=False, label="Reject refusals",
+                                 help_text="Reject answers that open with a refusal (\"I'm sorry\", \"As an AI\", ... "
+                                           "and the phrases below).")
+    refusal_phrases = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
+                                      label="More refusal phrases",
+                                      help_text="One per line; an answer opening with one (any case) is a refusal.")
+    judge = forms.CharField(max_length=300, required=False, label="LLM judge",
+                            help_text="Blank: no judge. A teacher of this project by name, or a model to load as a local "
+                                      "judge: a bundled name (smollm2-135m-instruct), a Hugging Face id org/name, or "
+                                      "artifact:ID of this project.")
+    judge_rubric = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False, label="Judge rubric",
+                                   help_text="How the judge scores 1-5. Blank: the default rubric.")
+    judge_min_score = forms.IntegerField(min_value=1, max_value=5, label="Judge threshold (score 1-5)",
+                                         help_text="Answers the judge scores under this are rejected.")
+
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.project = project
+
+    @staticmethod
+    def initial_for(project) -> dict:
+        """The form's initial values: ``project``'s effective checks (defaults filled in)."""
+        from workers.pipeline.checks import effective_checks
+
+        e = effective_checks(project.checks, project.task_type)
+        return {"min_length": e["min_length"], "max_length": e["max_length"], "min_confidence": e["min_confidence"],
+                "refusal": e["refusal"], "refusal_phrases": "\n".join(e["refusal_phrases"]),
+                "judge": e["judge_teacher"] or e["judge_model"] or "", "judge_rubric": e["judge_rubric"],
+                "judge_min_score": e["judge_min_score"]}
+
+    def clean_refusal_phrases(self) -> list[str]:
+        return [p.strip() for p in (self.cleaned_data.get("refusal_phrases") or "").splitlines() if p.strip()]
+
+    def clean_judge(self) -> str:
+        from projects.services.projects import project_checks_judge
+
+        value = (self.cleaned_data.get("judge") or "").strip()
+        if value and self.project is not None:
+            _checked(lambda v: project_checks_judge(project=self.project, judge=v), value)
+        return value
+
+    def clean(self):
+        d = super().clean()
+        lo, hi = d.get("min_length"), d.get("max_length")
+        if lo is not None and hi is not None and hi < lo:
+            self.add_error("max_length", f"Must be at least the minimum length ({lo}).")
+        return d
+
+    def changes(self) -> dict:
+        """The ``changes`` for ``project_checks_update``: every setting of the form."""
+        return {k: self.cleaned_data[k] for k in ("min_length", "max_length", "min_confidence", "refusal",
+                                                  "refusal_phrases", "judge", "judge_rubric", "judge_min_score")}
 
 
 class UploadForm(forms.Form):

@@ -419,10 +419,37 @@ class TrainingMethod(models.TextChoices):
     LOGIT_KD = "logit-kd", "Token-level logit KD"
 
 
+class DatasetVersion(models.Model):
+    """A frozen snapshot of a project's curated dataset, written when a training run starts
+    (``projects.services.datasets.dataset_version_freeze``): the exported file (``format``, e.g.
+    ``hf-jsonl``) at ``path`` (relative to MEDIA_ROOT), its ``sha256`` (of the file's bytes,
+    unique per project: the same data is one version), ``rows`` and ``size_bytes``. ``number``
+    counts a project's versions from 1."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="dataset_versions")
+    number = models.IntegerField()
+    sha256 = models.CharField(max_length=64)
+    rows = models.IntegerField()
+    size_bytes = models.BigIntegerField(default=0)
+    format = models.CharField(max_length=20)
+    path = models.CharField(max_length=500)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [models.UniqueConstraint(fields=["project", "sha256"], name="datasetversion_project_sha256_unique"),
+                       models.UniqueConstraint(fields=["project", "number"], name="datasetversion_project_number_unique")]
+
+    def __str__(self) -> str:
+        return f"v{self.number}"
+
+
 class TrainingRun(RunBase):
     """A student trained from the curated dataset. ``hyperparams`` holds every setting used
     (LoRA rank, alpha, target modules, learning rate, epochs, temperature, KD alpha, ...).
-    ``dataset_sha256`` is the content hash of the curated dataset it was trained on."""
+    ``dataset_sha256`` is the content hash of the curated dataset it was trained on;
+    ``dataset_version`` the frozen file of that dataset (see DatasetVersion)."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
     job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_run")
@@ -433,6 +460,8 @@ class TrainingRun(RunBase):
     stop_reason = models.CharField(max_length=300, blank=True, default="")
     dataset_sha256 = models.CharField(max_length=64, blank=True, default="")
     dataset_rows = models.IntegerField(default=0)
+    dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                        related_name="training_runs")
     student_prompt_template = models.TextField(blank=True, default="")
     teacher_prompt_template = models.TextField(blank=True, default="")
     preflight = models.JSONField(default=dict, blank=True)

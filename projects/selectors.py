@@ -438,6 +438,33 @@ def training_runs(project: Project):
     return TrainingRun.objects.filter(project=project).select_related("job", "created_by")
 
 
+def dataset_versions(project: Project) -> list:
+    """The project's dataset versions, newest first, each with ``run_ids``: the training runs
+    that used it (ids, ascending)."""
+    from projects.models import DatasetVersion, TrainingRun
+
+    versions = list(DatasetVersion.objects.filter(project=project).order_by("-number"))
+    runs: dict[int, list[int]] = {}
+    for vid, rid in (TrainingRun.objects.filter(dataset_version__in=versions).order_by("id")
+                     .values_list("dataset_version_id", "id")):
+        runs.setdefault(vid, []).append(rid)
+    for v in versions:
+        v.run_ids = runs.get(v.pk, [])
+    return versions
+
+
+def dataset_version_for_user(user, slug: str, version_id: int):
+    """The dataset version ``version_id`` of project ``slug`` if one of the user's teams owns
+    it; Http404 otherwise (the same for another team's version as for none)."""
+    from projects.models import DatasetVersion
+
+    project = project_for_user(user, slug)
+    try:
+        return DatasetVersion.objects.select_related("project").get(pk=version_id, project=project)
+    except DatasetVersion.DoesNotExist:
+        raise Http404("No such dataset version") from None
+
+
 def training_run_for_user(user, slug: str, run_id: int):
     """The training run ``run_id`` of project ``slug`` if one of the user's teams owns it;
     Http404 otherwise."""

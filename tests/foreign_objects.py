@@ -35,12 +35,15 @@ def _review(*, project, team, user) -> dict:
 
 
 def _training(*, project, team, user) -> dict:
-    from projects.models import ModelArtifact, TrainingRun
+    from projects.models import DatasetVersion, ModelArtifact, TrainingRun
 
-    run = TrainingRun.objects.create(project=project, method="sft-lora", student_model="smollm2-135m-instruct")
+    version = DatasetVersion.objects.create(project=project, number=1, sha256="0" * 64, rows=1, format="hf-jsonl",
+                                            path=f"datasets/{project.slug}/{'0' * 64}.jsonl")
+    run = TrainingRun.objects.create(project=project, method="sft-lora", student_model="smollm2-135m-instruct",
+                                     dataset_version=version)
     art = ModelArtifact.objects.create(project=project, training_run=run, kind="adapter",
                                        path=f"artifacts/{project.slug}/run-{run.pk}/adapter")
-    return {"run_id": run.pk, "artifact_id": art.pk}
+    return {"run_id": run.pk, "artifact_id": art.pk, "version_id": version.pk}
 
 
 def _evaluation(*, project, team, user) -> dict:

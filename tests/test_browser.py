@@ -187,6 +187,54 @@ def test_login_create_project_and_overview(page, owner):
     assert project.team.slug == "acme-support"
 
 
+def test_settings_edit_a_quality_check(page, owner, project):
+    """Ids used: Settings #checks-form #id_checks-min_length #id_checks-max_length; errors
+    p.error inside the field's div."""
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/settings/")
+    assert page.input_value("#id_checks-min_length") == "1"
+    # A bad value comes back as an error at its field, and nothing is saved (a value out of
+    # range the browser itself refuses, through the input's min/max).
+    page.fill("#id_checks-min_length", "50")
+    page.fill("#id_checks-max_length", "10")
+    page.click("#checks-form button[type=submit]")
+    page.wait_for_selector("#checks-form .field.has-error p.error")
+    assert page.inner_text("#checks-form .field.has-error label") == "Maximum length (characters)"
+    assert "at least the minimum length (50)" in page.inner_text("#checks-form .field.has-error")
+    project.refresh_from_db()
+    assert project.checks == {}
+    page.fill("#id_checks-max_length", "4000")
+    page.fill("#id_checks-min_length", "12")
+    page.click("#checks-form button[type=submit]")
+    page.wait_for_selector("text=Quality checks saved")
+    assert page.input_value("#id_checks-min_length") == "12"
+    shot(page, "settings-quality-checks")
+    project.refresh_from_db()
+    assert project.checks["min_length"] == 12 and project.checks["max_length"] == 4000
+
+
+def test_dataset_version_listed_and_downloaded(page, owner, project, settings, tmp_path):
+    """Ids used: Students #dataset-versions, row #dataset-version-<id> with its Download link."""
+    from projects.models import TrainingRun
+    from projects.services.datasets import dataset_version_freeze
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    _samples(project)
+    version = dataset_version_freeze(project=project, user=owner)
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6",
+                                     status="succeeded", dataset_version=version, dataset_rows=version.rows)
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/training/#datasets")
+    row = page.locator(f"#dataset-version-{version.pk}")
+    assert version.sha256 in row.inner_text() and f"Run {run.pk}" in row.inner_text()
+    assert row.locator("td.num").first.inner_text() == "12"
+    shot(page, "students-dataset-versions")
+    with page.expect_download() as info:
+        row.locator("text=Download").click()
+    path = info.value.path()
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == version.sha256
+
+
 def test_jobs_page_shows_a_job_finish(page, owner, project, celery_worker):
     """A job queued on the real worker: the jobs list links to it, and its page's progress bar
     (htmx, polling every 2 s) reaches 'Succeeded' without a reload. Ids: #job-<id>-progress."""

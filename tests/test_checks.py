@@ -117,6 +117,26 @@ def test_refusal_check_off():
     assert check_refusal(Answer("I'm sorry, no."), GEN, {"refusal": False}) is None
 
 
+def test_refusal_custom_phrases_case_insensitive_at_the_start():
+    s = {"refusal_phrases": ["Computer says no", "  "]}
+    assert check_refusal(Answer("  computer SAYS no, try later"), GEN, s) == \
+        CheckResult("refusal", False, "opens with the refusal phrase 'Computer says no'")
+    assert check_refusal(Answer("The computer says no."), GEN, s) == CheckResult("refusal", True)
+    # Built-in phrases still apply; with the check off, custom phrases are ignored too.
+    assert check_refusal(Answer("I cannot help"), GEN, s).passed is False
+    assert check_refusal(Answer("Computer says no"), GEN, {**s, "refusal": False}) is None
+
+
+def test_effective_checks_fills_defaults_and_keeps_unknown_keys():
+    from workers.pipeline.checks import effective_checks
+
+    e = effective_checks({"min_length": 5, "custom": 1}, "classification")
+    assert e == {"min_length": 5, "max_length": 4000, "min_confidence": 0.5, "refusal": True, "refusal_phrases": [],
+                 "duplicate": False, "judge_teacher": None, "judge_model": None, "judge_rubric": "",
+                 "judge_min_score": 3, "custom": 1}
+    assert effective_checks(None, "generation")["duplicate"] is True
+
+
 # --- unicode escapes -----------------------------------------------------------------------------
 
 def test_unicode_escape_in_plain_text_fails():

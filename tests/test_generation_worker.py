@@ -153,3 +153,34 @@ def test_ensemble_of_api_teachers_votes_on_the_label(celery_worker, team, owner)
     finally:
         for s in servers:
             s.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_bundled_model_named_as_judge_grades_every_answer(celery_worker, team, owner, stub):
+    """The judge set in the quality checks as a model (not a teacher) is loaded on the worker
+    as a local judge: every answer carries its score."""
+    import re
+
+    from projects.models import GenerationRun, Sample
+    from projects.services.generation import generation_start, teacher_create
+    from projects.services.projects import project_checks_update
+
+    stub.answer = lambda text: f"Your card {text} arrives in 3 to 5 working days."
+    project = banking_project(team, owner)
+    project.task_type = "generation"
+    project.save()
+    add_queries(project, [("card one", None), ("card two", None)])
+    teacher_create(project=project, name="api", provider="openai", model="gpt-stub", base_url=stub.base_url)
+    checks = project_checks_update(project=project, user=owner, changes={
+        "judge": "smollm2-135m-instruct", "judge_min_score": 1, "judge_rubric": "Score 5 if it answers the question."})
+    assert checks["judge_model"] == "smollm2-135m-instruct" and checks["judge_teacher"] is None
+    run = generation_start(project=project, user=owner)
+    job = wait_job(run.job.pk, timeout=540)
+    assert job.status == "succeeded", (job.message, job.error)
+    samples = list(Sample.objects.filter(run=GenerationRun.objects.get(pk=run.pk)))
+    assert len(samples) == 2
+    for s in samples:
+        judge = [c for c in s.checks if c["name"] == "judge"]
+        assert len(judge) == 1, s.checks
+        assert re.fullmatch(r"judge score [1-5]/5|the judge gave no score from 1 to 5", judge[0]["reason"]), judge
+        assert s.status == ("accepted" if judge[0]["passed"] else "rejected")

@@ -7,7 +7,8 @@ from projects.cli import CliError, finish_job
 from projects.models import Job, Project, TaskType, Team
 from projects.services import InvalidState
 from projects.services.jobs import job_cancel
-from projects.services.projects import (MAX_FEW_SHOT_BYTES, MAX_SCHEMA_BYTES, project_create, project_parse_few_shot,
+from projects.services.projects import (MAX_FEW_SHOT_BYTES, MAX_RUBRIC_CHARS, MAX_SCHEMA_BYTES,
+                                        project_checks_update, project_create, project_parse_few_shot,
                                         project_parse_schema)
 from projects.services.teams import team_create, user_create
 
@@ -72,6 +73,23 @@ def register(sub) -> None:
     p.add_argument("--few-shot-file", help="JSONL of {query, answer} examples")
     p.set_defaults(handler=cmd_project_create)
 
+    p = project.add_parser("checks", help="show or change the quality checks a teacher answer must pass")
+    p.add_argument("--project", required=True)
+    p.add_argument("--min-length", type=int, help="minimum answer length in characters")
+    p.add_argument("--max-length", type=int, help="maximum answer length in characters")
+    p.add_argument("--min-confidence", type=float, help="minimum top-label probability (0-1), soft labels only")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--refusal-phrases-file", help="more refusal phrases, one per line (turns the refusal check on)")
+    g.add_argument("--refusal-check", action="store_true", help="turn the refusal check on")
+    g.add_argument("--no-refusal-check", action="store_true", help="turn the refusal check off")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--judge", help="LLM judge: a teacher of the project by name, or a model (bundled name, "
+                   "Hugging Face id org/name, artifact:ID of this project)")
+    g.add_argument("--no-judge", action="store_true", help="remove the LLM judge")
+    p.add_argument("--judge-rubric-file", help="the judge's rubric (UTF-8 text)")
+    p.add_argument("--judge-threshold", type=int, help="lowest judge score accepted (1-5)")
+    p.set_defaults(handler=cmd_project_checks)
+
     p = sub.add_parser("job", help="a job's state; --wait blocks until it ends; --cancel asks it to stop")
     p.add_argument("id", type=int)
     p.add_argument("--wait", action="store_true")
@@ -114,6 +132,41 @@ def cmd_project_create(o: dict) -> dict:
     project = project_create(team=team, name=o["name"], task_type=o["task_type"], labels=labels,
                              output_schema=schema, instructions=instructions, few_shot=few_shot)
     return {"project": project.slug, "id": project.pk, "task_type": project.task_type, "labels": project.labels}
+
+
+def cmd_project_checks(o: dict) -> dict:
+    """``{project, checks}``: the effective settings after the change (defaults filled in);
+    without options it only prints them."""
+    project = get_project(o["project"])
+    changes: dict = {}
+    for opt, key in (("min_length", "min_length"), ("max_length", "max_length"), ("min_confidence", "min_confidence"),
+                     ("judge", "judge"), ("judge_threshold", "judge_min_score")):
+        if o.get(opt) is not None:
+            changes[key] = o[opt]
+    if o.get("refusal_phrases_file"):
+        text = _read_file(o["refusal_phrases_file"], "--refusal-phrases-file", 256 * 1024)
+        changes["refusal"] = True
+        changes["refusal_phrases"] = [x.strip() for x in text.splitlines() if x.strip()]
+    elif o.get("refusal_check"):
+        changes["refusal"] = True
+    elif o.get("no_refusal_check"):
+        changes["refusal"] = False
+    if o.get("no_judge"):
+        changes["judge"] = None
+    if o.get("judge_rubric_file"):
+        changes["judge_rubric"] = _read_file(o["judge_rubric_file"], "--judge-rubric-file", MAX_RUBRIC_CHARS * 4)
+    # The CLI names options, not keys: "min_length: ..." becomes "--min-length: ...".
+    option_of = {"min_length": "--min-length", "max_length": "--max-length", "min_confidence": "--min-confidence",
+                 "refusal_phrases": "--refusal-phrases-file", "judge": "--judge", "judge_rubric": "--judge-rubric-file",
+                 "judge_min_score": "--judge-threshold"}
+    from projects.services import InvalidInput
+
+    try:
+        checks = project_checks_update(project=project, changes=changes)
+    except InvalidInput as exc:
+        key, sep, rest = str(exc).partition(": ")
+        raise CliError(f"{option_of[key]}: {rest}" if sep and key in option_of else str(exc)) from None
+    return {"project": project.slug, "checks": checks}
 
 
 def job_summary(job: Job) -> dict:

@@ -37,7 +37,7 @@ def run_summary(run: TrainingRun) -> dict:
             for a in ModelArtifact.objects.filter(training_run=run).order_by("kind")]
     return {"run": run.pk, "job": run.job_id, "status": run.status, "method": run.method,
             "student": run.student_model, "preset": run.preset, "dataset_rows": run.dataset_rows,
-            "dataset_sha256": run.dataset_sha256, "train_loss": run.train_loss, "best_val_loss": run.best_val_loss,
+            "dataset_sha256": run.dataset_sha256, "dataset_version": run.dataset_version_id, "train_loss": run.train_loss, "best_val_loss": run.best_val_loss,
             "stop_reason": run.stop_reason, "artifacts": arts}
 
 

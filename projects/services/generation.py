@@ -379,6 +379,22 @@ def _teacher_config(t: Teacher, *, resolve: bool = False):
                          cache_dir=str(settings.MODEL_CACHE_DIR))
 
 
+def judge_model_config(*, project: Project, ref: str):
+    """The TeacherConfig of a local LLM judge named by a model reference (the project's
+    ``checks["judge_model"]``), for the worker: resolved with ``model_ref_resolve`` (a ``merged``
+    artifact of THIS project, or a name the operator's policy allows now), greedy (temperature
+    0), at most 8 new tokens (a score from 1 to 5). Raises RunStopped (``refused``) when the
+    reference is refused now."""
+    from workers.pipeline.teachers import RunStopped, TeacherConfig
+
+    try:
+        model, policy = model_ref_resolve(project=project, ref=ref, field="checks.judge_model", kinds=LOCAL_TEACHER_KINDS)
+    except (InvalidInput, InvalidState) as exc:
+        raise RunStopped("refused", f"judge: {exc}") from None
+    return TeacherConfig(id=0, name=f"judge {ref}", provider=Teacher.Provider.TRANSFORMERS, model=model, policy=policy,
+                         temperature=0.0, max_tokens=8, cache_dir=str(settings.MODEL_CACHE_DIR))
+
+
 def _configs(run: GenerationRun, *, resolve: bool = False) -> dict:
     return {t.pk: _teacher_config(t, resolve=resolve) for t in run.teachers.order_by("id")}
 

@@ -242,3 +242,131 @@ def project_update(
     project.save(update_fields=["name", "task_type", "instructions", "labels", "output_schema", "few_shot", "checks",
                                 "split_train", "split_validation", "split_test", "updated_at"])
     return project
+
+
+# --- Quality checks ---------------------------------------------------------------------------
+
+#: Bounds of the quality-check settings (see ``workers.pipeline.checks`` for what each one does).
+MAX_ANSWER_CHARS = 1_000_000
+MAX_REFUSAL_PHRASES = 200
+MAX_REFUSAL_PHRASE_CHARS = 200
+MAX_RUBRIC_CHARS = 8000
+#: The keys ``project_checks_update`` manages; any other key in ``Project.checks`` is kept.
+CHECK_KEYS = ("min_length", "max_length", "min_confidence", "refusal", "refusal_phrases", "judge", "judge_rubric",
+              "judge_min_score")
+
+
+def _int_setting(field: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InvalidInput(f"{field}: must be a whole number, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise InvalidInput(f"{field}: must be between {lo} and {hi}, got {int(value)}")
+    return int(value)
+
+
+def project_checks_judge(*, project: Project, judge: str) -> dict:
+    """Where the LLM judge comes from: ``{"judge_teacher": name}`` when ``judge`` names a
+    teacher of ``project`` (a teacher's name wins over a model of the same name), else
+    ``{"judge_model": ref}`` for a model reference the worker loads as a local judge, checked
+    by ``security.model_ref_check`` (a bundled name, a Hugging Face id, ``artifact:<id>`` of a
+    ``merged`` artifact of THIS project, or a folder under ``DISTILLHUB_MODEL_DIRS``);
+    ``{}`` for blank. Raises InvalidInput naming ``judge``."""
+    from projects.models import Teacher
+    from projects.services.security import model_ref_check
+
+    judge = (judge or "").strip()
+    if not judge:
+        return {}
+    if len(judge) > 300:
+        raise InvalidInput(f"judge: at most 300 characters, got {len(judge)}")
+    if Teacher.objects.filter(project=project, name=judge).exists():
+        return {"judge_teacher": judge}
+    return {"judge_model": model_ref_check(project=project, ref=judge, field="judge", kinds=("merged",))}
+
+
+def project_checks_validate(*, project: Project, changes: dict) -> dict:
+    """Check new quality-check settings and return ``Project.checks`` as it will be stored:
+    the current checks with ``changes`` applied. ``changes`` maps keys of ``CHECK_KEYS`` to
+    values; a value of None resets that setting to its default (``judge`` None or blank
+    removes the judge). ``judge`` is a teacher name or a model reference (see
+    ``project_checks_judge``), stored as ``judge_teacher`` or ``judge_model``.
+
+    Bounds: ``min_length`` 0 to ``MAX_ANSWER_CHARS`` characters, ``max_length`` 1 to
+    ``MAX_ANSWER_CHARS`` and not under ``min_length``, ``min_confidence`` a probability in
+    [0, 1], ``refusal`` a bool, ``refusal_phrases`` at most ``MAX_REFUSAL_PHRASES`` non-blank
+    strings of at most ``MAX_REFUSAL_PHRASE_CHARS`` characters, ``judge_rubric`` at most
+    ``MAX_RUBRIC_CHARS`` characters, ``judge_min_score`` a whole number 1-5. Raises
+    InvalidInput naming the setting at fault (an unknown key too)."""
+    unknown = sorted(set(changes) - set(CHECK_KEYS))
+    if unknown:
+        raise InvalidInput(f"{unknown[0]}: not a quality-check setting (one of {', '.join(CHECK_KEYS)})")
+    out = dict(project.checks or {})
+
+    def put(key: str, value) -> None:
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+
+    for key, value in changes.items():
+        if key in ("min_length", "max_length"):
+            put(key, None if value is None else _int_setting(key, value, 0 if key == "min_length" else 1, MAX_ANSWER_CHARS))
+        elif key == "min_confidence":
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or not 0 <= value <= 1:
+                    raise InvalidInput(f"min_confidence: must be a probability between 0 and 1, got {value!r}")
+                value = float(value)
+            put(key, value)
+        elif key == "refusal":
+            if value is not None and not isinstance(value, bool):
+                raise InvalidInput(f"refusal: must be true or false, got {value!r}")
+            put(key, value)
+        elif key == "refusal_phrases":
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                    raise InvalidInput("refusal_phrases: must be a list of phrases")
+                value = list(dict.fromkeys(p.strip() for p in value if p.strip()))
+                if len(value) > MAX_REFUSAL_PHRASES:
+                    raise InvalidInput(f"refusal_phrases: at most {MAX_REFUSAL_PHRASES} phrases, got {len(value)}")
+                for i, p in enumerate(value, 1):
+                    if len(p) > MAX_REFUSAL_PHRASE_CHARS:
+                        raise InvalidInput(f"refusal_phrases: phrase {i} is {len(p)} characters, over the limit of "
+                                           f"{MAX_REFUSAL_PHRASE_CHARS}")
+            put(key, value or None)
+        elif key == "judge":
+            out.pop("judge_teacher", None)
+            out.pop("judge_model", None)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"judge: must be a teacher name or a model name, got {value!r}")
+            out.update(project_checks_judge(project=project, judge=value or ""))
+        elif key == "judge_rubric":
+            if value is not None:
+                if not isinstance(value, str):
+                    raise InvalidInput("judge_rubric: must be text")
+                value = value.strip()
+                if len(value) > MAX_RUBRIC_CHARS:
+                    raise InvalidInput(f"judge_rubric: {len(value)} characters, over the limit of {MAX_RUBRIC_CHARS}")
+            put(key, value or None)
+        elif key == "judge_min_score":
+            put(key, None if value is None else _int_setting(key, value, 1, 5))
+    lo, hi = int(out.get("min_length", 1)), int(out.get("max_length", 4000))
+    if hi < lo:
+        raise InvalidInput(f"max_length: {hi} is under min_length {lo}")
+    return out
+
+
+def project_checks_update(*, project: Project, changes: dict, user=None) -> dict:
+    """Change ``project``'s quality-check settings (see ``project_checks_validate`` for the keys,
+    their bounds and None as "default"); the next generation run's workers read them. Returns
+    the effective settings, defaults filled in (``workers.pipeline.checks.effective_checks``).
+    Raises NotAllowed for viewers, InvalidInput naming the setting at fault (nothing is saved)."""
+    from workers.pipeline.checks import effective_checks
+
+    ensure_can_write(user=user, team=project.team)
+    checks = project_checks_validate(project=project, changes=changes)
+    from django.utils import timezone
+
+    Project.objects.filter(pk=project.pk).update(checks=checks, updated_at=timezone.now())
+    project.checks = checks
+    return effective_checks(checks, project.task_type)

@@ -19,6 +19,7 @@ from django.utils import timezone
 from projects import selectors
 from projects.models import JOB_ENDED, Job, JobStatus, Project, Teacher, TrainingMethod, TrainingRun
 from projects.services import InvalidInput, InvalidState
+from projects.services.datasets import dataset_version_freeze
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
@@ -62,7 +63,9 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     """Create a TrainingRun and its Job, and queue ``training_run_task`` on the ``gpu`` queue
     after commit. ``overrides``: hyperparameters that replace the preset's (see
     ``workers.pipeline.training.PRESETS``). The curated dataset's sha256 and row count, every
-    hyperparameter used and both prompt templates are stored on the run.
+    hyperparameter used and both prompt templates are stored on the run, and the curated
+    dataset is frozen as a DatasetVersion (``datasets.dataset_version_freeze``: an existing
+    version with the same bytes is reused) that the run links to.
 
     ``student_model``: a bundled name, a Hugging Face id ``org/name``, ``artifact:<id>`` (a
     ``merged`` artifact of THIS project for the causal methods, a ``classifier`` one for
@@ -110,10 +113,11 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
         if earlier is not None:
             earlier.reused = True
             return earlier
+        version = dataset_version_freeze(project=project, user=user)
         job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user)
         run = TrainingRun.objects.create(
             project=project, job=job, method=method, student_model=student_model, preset=preset,
-            hyperparams=hp, dataset_sha256=sha, dataset_rows=n,
+            hyperparams=hp, dataset_sha256=sha, dataset_rows=n, dataset_version=version,
             student_prompt_template=prompts.student_template(spec) if method != "classifier-kd" else "{query}",
             teacher_prompt_template=prompts.teacher_template(spec),
             created_by=user if (user is not None and user.is_authenticated) else None, idempotency_key=key,

@@ -6,9 +6,9 @@ from django.shortcuts import redirect, render
 from django.urls import path
 
 from projects import selectors
-from projects.forms import ProjectForm
+from projects.forms import ProjectForm, QualityChecksForm
 from projects.services import ServiceError
-from projects.services.projects import project_create, project_update
+from projects.services.projects import project_checks_update, project_create, project_update
 
 
 def _add_service_error(form, exc) -> None:
@@ -52,6 +52,13 @@ def project_overview(request, slug: str):
     )
 
 
+CHECKS_PREFIX = "checks"
+
+
+def _checks_form(project, data=None) -> QualityChecksForm:
+    return QualityChecksForm(data, project=project, prefix=CHECKS_PREFIX, initial=QualityChecksForm.initial_for(project))
+
+
 def project_settings(request, slug: str):
     """Edit the task definition. Viewers see the form read-only (a POST answers 403)."""
     project = selectors.project_for_user(request.user, slug)
@@ -71,7 +78,33 @@ def project_settings(request, slug: str):
                 messages.success(request, "Project settings saved.")
                 return redirect("project_settings", slug=project.slug)
     return render(request, "projects/form.html",
-                  {"form": form, "project": project, "section": "settings", "can_write": can_write}, status=status)
+                  {"form": form, "checks_form": _checks_form(project), "project": project, "section": "settings",
+                   "can_write": can_write}, status=status)
+
+
+def project_checks(request, slug: str):
+    """Save the quality-check settings (the second form of the Settings page). Viewers get 403."""
+    project = selectors.project_for_user(request.user, slug)
+    can_write = selectors.user_can_write(request.user, project.team)
+    if request.method != "POST":
+        return redirect("project_settings", slug=project.slug)
+    checks_form = _checks_form(project, request.POST)
+    status = 400  # unless saved: the form comes back with its errors
+    if not can_write:
+        checks_form.add_error(None, "Your role in this team is read-only (viewer); ask an owner for member access.")
+        status = 403
+    elif checks_form.is_valid():
+        try:
+            project_checks_update(project=project, user=request.user, changes=checks_form.changes())
+        except ServiceError as exc:
+            _add_service_error(checks_form, exc)
+        else:
+            messages.success(request, "Quality checks saved; the next generation run uses them.")
+            return redirect("project_settings", slug=project.slug)
+    form = ProjectForm(editing=True, initial=ProjectForm.initial_for(project))
+    return render(request, "projects/form.html",
+                  {"form": form, "checks_form": checks_form, "project": project, "section": "settings",
+                   "can_write": can_write}, status=status)
 
 
 urlpatterns = [
@@ -79,4 +112,5 @@ urlpatterns = [
     path("projects/new/", project_new, name="project_new"),
     path("p/<slug:slug>/", project_overview, name="project_overview"),
     path("p/<slug:slug>/settings/", project_settings, name="project_settings"),
+    path("p/<slug:slug>/settings/checks/", project_checks, name="project_checks"),
 ]

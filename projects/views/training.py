@@ -18,6 +18,7 @@ from projects import charts, selectors
 from projects.forms import TrainForm
 from projects.services import ServiceError
 from projects.views import call_service, refresh_when_ended
+from projects.services.datasets import dataset_version_file
 from projects.services.training import presets_table, training_cancel, training_resume, training_start
 
 
@@ -32,6 +33,7 @@ def _list(request, project, form, status: int = 200):
     return render(request, "training/list.html", {
         "project": project, "section": "training", "form": form,
         "runs": selectors.training_runs(project)[:100],
+        "dataset_versions": selectors.dataset_versions(project),
         "presets": _presets_rows(),
         "can_write": selectors.user_can_write(request.user, project.team),
     }, status=status)
@@ -135,6 +137,17 @@ def training_artifact_download(request, slug: str, artifact_id: int):
     return FileResponse(tmp, as_attachment=True, filename=f"{name}.zip", content_type="application/zip")
 
 
+def dataset_version_download(request, slug: str, version_id: int):
+    """Download a frozen dataset version: its file's bytes as stored (they hash to its sha256)."""
+    version = selectors.dataset_version_for_user(request.user, slug, version_id)
+    try:
+        path = dataset_version_file(version=version)
+    except ServiceError:
+        raise Http404("The dataset version's file is missing") from None
+    return FileResponse(open(path, "rb"), as_attachment=True, content_type="application/jsonl",
+                        filename=f"{slug}-dataset-v{version.number}-{version.sha256[:12]}.jsonl")
+
+
 urlpatterns = [
     path("p/<slug:slug>/training/", training_page, name="training_page"),
     path("p/<slug:slug>/training/start/", training_start_view, name="training_start"),
@@ -144,4 +157,6 @@ urlpatterns = [
     path("p/<slug:slug>/training/runs/<int:run_id>/resume/", training_run_resume, name="training_run_resume"),
     path("p/<slug:slug>/training/artifacts/<int:artifact_id>/download/", training_artifact_download,
          name="training_artifact_download"),
+    path("p/<slug:slug>/datasets/<int:version_id>/download/", dataset_version_download,
+         name="dataset_version_download"),
 ]

@@ -5,14 +5,20 @@ Each check is a small pure function ``check_x(answer, task, settings) -> CheckRe
 ``Verdict``. Settings come from ``TaskSpec.checks`` (the project's ``checks`` dict):
 
 - ``min_length`` (characters, default 1) and ``max_length`` (default 4000)
-- ``refusal`` (bool, default true): reject answers that open with a refusal phrase
+- ``refusal`` (bool, default true): reject answers that open with a refusal phrase: one of the
+  built-in ones (``REFUSAL_PATTERNS``) or one of ``refusal_phrases`` (list of strings, default
+  none; compared case-insensitively after leading whitespace)
 - ``min_confidence`` (probability, default 0.5): for classification answers that carry label
   probabilities (soft labels), reject when the top label's probability is below it, so an
   uncertain teacher answer goes to human review instead of the dataset
 - ``duplicate`` (bool, default true for summarization and generation): reject an answer that is
   word-for-word the same as another answer already seen in the run
-- ``judge_teacher`` (teacher name), ``judge_rubric`` (text), ``judge_min_score`` (1-5, default 3):
-  the optional LLM-judge check; its messages and score parsing live here, the call in generation.py
+- ``judge_teacher`` (a teacher of the project, by name) or ``judge_model`` (a model reference
+  the worker loads as a local judge), ``judge_rubric`` (text), ``judge_min_score`` (1-5, default
+  3): the optional LLM-judge check; its messages and score parsing live here, the call in
+  generation.py
+
+``effective_checks`` fills in these defaults, for pages and the CLI.
 """
 from __future__ import annotations
 
@@ -99,12 +105,18 @@ def check_length(a: Answer, task: TaskSpec, s: dict) -> CheckResult:
 
 
 def check_refusal(a: Answer, task: TaskSpec, s: dict) -> CheckResult | None:
-    """The answer does not open with a refusal phrase ("I'm sorry", "As an AI", ...)."""
+    """The answer does not open with a refusal phrase: a built-in one ("I'm sorry", "As an AI",
+    ...) or one of ``s["refusal_phrases"]`` (case-insensitive, after leading whitespace)."""
     if not s.get("refusal", True):
         return None
     m = REFUSAL_PATTERNS.match(a.text or "")
     if m:
         return CheckResult("refusal", False, f"opens with a refusal phrase: {m.group(0).strip()!r}")
+    opening = (a.text or "").lstrip().casefold()
+    for phrase in s.get("refusal_phrases") or ():
+        p = str(phrase).strip()
+        if p and opening.startswith(p.casefold()):
+            return CheckResult("refusal", False, f"opens with the refusal phrase {p!r}")
     return CheckResult("refusal", True)
 
 
@@ -189,6 +201,21 @@ def check_duplicate(a: Answer, task: TaskSpec, s: dict, seen: set[str] | None) -
     if normalise_for_duplicate(a.text or "") in seen:
         return CheckResult("duplicate", False, "the same answer was already given to another query")
     return CheckResult("duplicate", True)
+
+
+def effective_checks(checks: dict | None, task_type: str) -> dict:
+    """Every setting ``run_checks`` and the judge read, with its default where ``checks`` (a
+    project's ``checks`` dict) leaves it out: ``{min_length, max_length, min_confidence,
+    refusal, refusal_phrases, duplicate, judge_teacher, judge_model, judge_rubric,
+    judge_min_score}``. Keys it does not know are kept as they are."""
+    s = dict(checks or {})
+    out = {"min_length": int(s.get("min_length", 1)), "max_length": int(s.get("max_length", 4000)),
+           "min_confidence": float(s.get("min_confidence", 0.5)), "refusal": bool(s.get("refusal", True)),
+           "refusal_phrases": list(s.get("refusal_phrases") or []),
+           "duplicate": bool(s.get("duplicate", task_type in ("summarization", "generation"))),
+           "judge_teacher": s.get("judge_teacher") or None, "judge_model": s.get("judge_model") or None,
+           "judge_rubric": s.get("judge_rubric") or "", "judge_min_score": int(s.get("judge_min_score", 3))}
+    return {**s, **out}
 
 
 def run_checks(answer: Answer, task: TaskSpec, *, seen: set[str] | None = None) -> Verdict:

@@ -27,7 +27,7 @@ from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Query, Sam
 from projects.selectors import project_task_spec
 from projects.services.generation import (DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE, GenerationStopped,
                                           _configs, _count_done_groups, _effective_n, _group_rows,
-                                          _refresh_counters, _run_query_ids, _teacher_config)
+                                          _refresh_counters, _run_query_ids, _teacher_config, judge_model_config)
 from projects.services.jobs import task_send
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _chunk_groups(run: GenerationRun, query_ids: list[int], *, configs: dict, n_
 
 def _chunk_clients(run: GenerationRun, task) -> tuple[dict, object]:
     """``({teacher id: client}, judge client or None)``; raises RunStopped when a teacher's
-    settings are refused now or the judge teacher is missing."""
+    settings are refused now, the judge teacher is missing or the judge model is refused."""
     from workers.pipeline.teachers import RunStopped, make_client
 
     clients = {tid: make_client(cfg, labels=task.labels, task_type=task.task_type)
@@ -241,6 +241,9 @@ def _chunk_clients(run: GenerationRun, task) -> tuple[dict, object]:
         if jt is None:
             raise RunStopped("judge_missing", f"checks.judge_teacher: no teacher named {judge_name!r}")
         judge = make_client(_teacher_config(jt, resolve=True), labels=(), task_type="generation")
+    elif (task.checks or {}).get("judge_model"):
+        judge = make_client(judge_model_config(project=run.project, ref=task.checks["judge_model"]), labels=(),
+                            task_type="generation")
     return clients, judge
 
 

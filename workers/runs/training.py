@@ -2,7 +2,8 @@
 metrics and artifacts). Starting, cancelling and resuming a run are request-side writes in
 ``projects.services.training``.
 
-Validation rows: curated samples (accepted, on train-split queries) are the training rows.
+Training rows: the run's frozen dataset version (the curated samples, accepted on train-split
+queries, as they were when the run started).
 Validation loss and fidelity use samples of the project's *validation*-split queries that the
 checks (or a human) accepted, when there are any; otherwise a deterministic hold-out of the train
 rows (every 10th row in curated order, ``workers.pipeline.training.split_validation``) is used
@@ -11,15 +12,18 @@ and the run's preflight says ``"validation_source": "holdout"``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
 from django.db.models import Q
 
 from projects import selectors
-from projects.models import Job, JobStatus, ModelArtifact, Sample, Split, TrainingMethod, TrainingMetric, TrainingRun
+from projects.models import DatasetVersion, Job, JobStatus, ModelArtifact, Sample, Split, TrainingMethod, TrainingMetric, TrainingRun
 from projects.services import InvalidInput, InvalidState
+from projects.services.datasets import dataset_version_file
 from projects.services.security import model_ref_resolve
 from projects.services.training import _local_teacher, _student_kinds, run_checkpoint_dir, run_output_dir
 from workers.pipeline.training import TrainingRefused, TrainRow, TrainSpec, split_validation
@@ -52,40 +56,86 @@ def _accepted(qs):
     return qs.filter(Q(review_status="accepted") | Q(review_status__isnull=True, status="accepted"))
 
 
+@dataclass
+class _Item:
+    """One curated answer, from a Sample or a row of a frozen dataset version: ``query_key``
+    groups a query's answers (classifier-kd); ``reference`` is the query's gold answer or label."""
+
+    query_key: object
+    query: str
+    reference: str | None
+    answer: str
+    label: str | None
+    label_probs: dict | None
+
+
+def _items_from_samples(samples) -> list[_Item]:
+    return [_Item(query_key=s.query_id, query=s.query.text, reference=s.query.reference, answer=s.final_response or "",
+                  label=s.parsed if isinstance(s.parsed, str) else None, label_probs=s.label_probs) for s in samples]
+
+
+def _items_from_version(version: DatasetVersion) -> list[_Item]:
+    """The rows of a frozen dataset version (hf-jsonl, see ``projects.selectors.curated_export_lines``),
+    checked against its sha256 while read. Raises InvalidState when its file is missing or changed."""
+    path = dataset_version_file(version=version)
+    h = hashlib.sha256()
+    rows = []
+    with open(path, "rb") as f:
+        for line in f:
+            h.update(line)
+            rows.append(json.loads(line))
+    if h.hexdigest() != version.sha256:
+        raise InvalidState(f"dataset version {version.pk}: its file no longer matches sha256 {version.sha256}")
+    refs = dict(Sample.objects.filter(id__in=[r["sample_id"] for r in rows]).values_list("id", "query__reference"))
+    return [_Item(query_key=r["query"], query=r["query"], reference=refs.get(r["sample_id"]), answer=r["answer"],
+                  label=r["label"], label_probs={p["label"]: p["prob"] for p in r["label_probs"]} or None)
+            for r in rows]
+
+
 def _rows_from_samples(samples, method: str, labels: list[str]) -> list[TrainRow]:
-    """Causal methods: one row per sample (its final answer). classifier-kd: one row per query,
-    the label the human gold (Query.reference when it is a label) else the teacher's label, the
-    soft labels averaged over the query's samples (an ensemble's members)."""
+    return _rows_from_items(_items_from_samples(samples), method, labels)
+
+
+def _rows_from_items(items: list[_Item], method: str, labels: list[str]) -> list[TrainRow]:
+    """Causal methods: one row per answer (its final text). classifier-kd: one row per query,
+    the label the human gold (the query's reference when it is a label) else the teacher's
+    label, the soft labels averaged over the query's answers (an ensemble's members)."""
     if method != "classifier-kd":
-        return [TrainRow(query=s.query.text, answer=s.final_response or "",
-                         label=s.parsed if isinstance(s.parsed, str) else None) for s in samples]
-    by_query: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_query.setdefault(s.query_id, []).append(s)
+        return [TrainRow(query=it.query, answer=it.answer, label=it.label) for it in items]
+    by_query: dict[object, list[_Item]] = {}
+    for it in items:
+        by_query.setdefault(it.query_key, []).append(it)
     rows = []
     for group in by_query.values():
-        q = group[0].query
+        first = group[0]
         probs: dict[str, float] = {}
-        with_probs = [s.label_probs for s in group if isinstance(s.label_probs, dict) and s.label_probs]
+        with_probs = [it.label_probs for it in group if isinstance(it.label_probs, dict) and it.label_probs]
         for lp in with_probs:
             for k, v in lp.items():
                 probs[k] = probs.get(k, 0.0) + float(v) / len(with_probs)
         votes: dict[str, int] = {}
-        for s in group:
-            if isinstance(s.parsed, str) and s.parsed in labels:
-                votes[s.parsed] = votes.get(s.parsed, 0) + 1
+        for it in group:
+            if isinstance(it.label, str) and it.label in labels:
+                votes[it.label] = votes.get(it.label, 0) + 1
         teacher_label = max(probs, key=probs.get) if probs else (max(votes, key=votes.get) if votes else None)
-        gold = q.reference if q.reference in labels else None
-        rows.append(TrainRow(query=q.text, answer=gold or teacher_label or "", label=gold or teacher_label,
+        gold = first.reference if first.reference in labels else None
+        rows.append(TrainRow(query=first.query, answer=gold or teacher_label or "", label=gold or teacher_label,
                              teacher_label=teacher_label, label_probs=probs or None))
     return rows
 
 
 def training_rows(*, run: TrainingRun) -> tuple[list[TrainRow], list[TrainRow], str]:
-    """(train rows, validation rows, validation source: ``validation-split`` or ``holdout``)."""
+    """(train rows, validation rows, validation source: ``validation-split`` or ``holdout``).
+    The train rows are the run's frozen dataset version (the curated dataset as it was when the
+    run started, whatever was reviewed since); a run without one (made before versions existed)
+    reads the curated dataset as it is now. Raises InvalidState when the version's file is
+    missing or changed."""
     project = run.project
     labels = list(project.labels or [])
-    train = _rows_from_samples(list(selectors.curated_samples(project)), run.method, labels)
+    if run.dataset_version_id is not None:
+        train = _rows_from_items(_items_from_version(run.dataset_version), run.method, labels)
+    else:
+        train = _rows_from_samples(list(selectors.curated_samples(project)), run.method, labels)
     val_qs = _accepted(Sample.objects.filter(run__project=project, query__split=Split.VALIDATION, query__golden=False)
                        ).select_related("query").order_by("id")
     val = _rows_from_samples(list(val_qs), run.method, labels)
