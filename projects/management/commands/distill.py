@@ -15,7 +15,7 @@ from projects.cli import CliError, emit
 from projects.services import ServiceError
 
 # Verb modules under projects/cli/; each one that exists is registered.
-VERB_MODULES = ["foundation", "ingest", "generation", "review", "training", "evaluation", "demo", "serving"]
+VERB_MODULES = ["foundation", "ingest", "generation", "review", "training", "sweeps", "evaluation", "demo", "serving"]
 
 
 class Command(BaseCommand):

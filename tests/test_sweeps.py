@@ -1,0 +1,127 @@
+"""Hyperparameter sweeps through the service, the Optuna study in the test PostgreSQL, the real
+Celery worker and the CLI: a grid over classifier-kd on minilm-l6 with a tiny dataset."""
+import json
+import os
+
+import optuna
+import pytest
+from django.core.management import call_command
+from optuna.trial import TrialState
+
+from projects.models import JobStatus, Sweep, TrainingRun
+from projects.services import InvalidInput, InvalidState
+from projects.services.sweeps import optuna_storage, optuna_storage_url, sweep_advance, sweep_start, sweep_study
+from tests.test_training import curated_banking
+
+os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
+
+TINY = {"max_steps": 4, "eval_steps": 2, "per_device_train_batch_size": 8, "early_stopping_patience": 0,
+        "logging_steps": 2}
+
+
+def _end(run: TrainingRun, *, status: str, best_val_loss=None, stop_reason: str = "") -> None:
+    """What the worker writes when a trial's job ends (the worker itself runs in the last test)."""
+    TrainingRun.objects.filter(pk=run.pk).update(status=status, best_val_loss=best_val_loss, stop_reason=stop_reason)
+
+
+@pytest.mark.django_db
+def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data):
+    project = curated_banking(team, owner, shared_data, n_labels=4, train_per_label=4, val_per_label=2)
+    assert optuna_storage_url().startswith("postgresql+psycopg://") and optuna_storage_url().endswith("/test_dh_sweeps")
+    sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
+                        space={"alpha": {"values": ["0.3", "0.7"]}, "temperature": {"values": [2, 4]}},
+                        n_trials=3, fixed=TINY, user=owner)
+    assert (sweep.status, sweep.n_trials, sweep.fixed["max_steps"]) == ("running", 3, 4)
+    assert sweep.space == {"alpha": {"values": [0.3, 0.7]}, "temperature": {"values": [2.0, 4.0]}}
+    [first] = sweep.trials.all()
+    study = sweep_study(sweep=sweep)
+    [t0] = study.get_trials()
+    assert (t0.number, t0.state, first.sweep_trial) == (0, TrialState.RUNNING, 0)
+    assert first.hyperparams["alpha"] == t0.params["alpha"] and first.hyperparams["max_steps"] == 4
+    assert first.status == "queued" and first.job.status == "queued"
+    # Nothing has ended: a (redelivered) advance changes nothing.
+    assert sweep_advance(sweep_id=sweep.pk) == {"sweep": sweep.pk, "status": "running", "told": [], "started": None}
+    _end(first, status="succeeded", best_val_loss=0.8125)
+    res = sweep_advance(sweep_id=sweep.pk)
+    assert res["told"] == [0] and res["started"] is not None
+    second = TrainingRun.objects.get(pk=res["started"])
+    assert second.sweep_trial == 1
+    _end(second, status="failed", stop_reason="pruned: validation fidelity fell for 2 consecutive evaluations")
+    res = sweep_advance(sweep_id=sweep.pk)
+    assert res["told"] == [1]
+    assert sweep_advance(sweep_id=sweep.pk)["told"] == []  # idempotent
+    third = TrainingRun.objects.get(pk=res["started"])
+    _end(third, status="succeeded", best_val_loss=0.5)
+    assert sweep_advance(sweep_id=sweep.pk) == {"sweep": sweep.pk, "status": "succeeded", "told": [2], "started": None}
+    trials = sweep_study(sweep=sweep).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.value for t in trials] == [0.8125, None, 0.5]
+    assert trials[1].user_attrs["stop_reason"].startswith("pruned:")
+    # Three distinct grid points, each the hyperparameters its run trained with.
+    points = {(t.params["alpha"], t.params["temperature"]) for t in trials}
+    assert len(points) == 3
+    for t in trials:
+        run = TrainingRun.objects.get(sweep=sweep, sweep_trial=t.number)
+        assert (run.hyperparams["alpha"], run.hyperparams["temperature"]) == (t.params["alpha"], t.params["temperature"])
+    from projects.selectors import sweep_trials
+
+    table = sweep_trials(Sweep.objects.get(pk=sweep.pk))
+    assert table["best"]["trial"] == 2 and table["best"]["value"] == 0.5 and table["params"] == ["alpha", "temperature"]
+    assert [r["state"] for r in table["trials"]] == ["COMPLETE", "PRUNED", "COMPLETE"]
+
+
+@pytest.mark.django_db
+def test_sweep_refuses_bad_spaces_and_leaves_nothing_behind(team, owner, viewer, shared_data):
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    before = len(optuna.get_all_study_names(storage=optuna_storage()))
+    cases = [
+        (dict(search="grid", space={"alpha": {"values": [0.2, 1.2]}}), "'alpha' must be in \\[0, 1\\]"),
+        (dict(search="grid", space={"alpha": {"values": [0.2]}}, n_trials=2), "the grid has 1 points"),
+        (dict(search="random", space={"alpha": {"low": 0.1, "high": 0.9}}, fixed={"alpha": 0.5}),
+         "alpha is both fixed and swept"),
+        (dict(search="tpe", space={"lora_r": {"low": 4, "high": 16}}), "'lora_r' is not a setting of classifier-kd"),
+        (dict(search="random", space={"alpha": {"low": 0.1, "high": 0.9}}, fixed={"max_steps": 0.5}),
+         "'max_steps'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(InvalidInput, match=msg):
+            sweep_start(project=project, method="classifier-kd", user=owner, **kw)
+    empty = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=0, val_per_label=0)
+    with pytest.raises(InvalidState, match="curated dataset is empty"):
+        sweep_start(project=empty, method="classifier-kd", search="grid", space={"alpha": {"values": [0.5]}}, user=owner)
+    assert not Sweep.objects.exists() and not TrainingRun.objects.exists()
+    assert len(optuna.get_all_study_names(storage=optuna_storage())) == before  # the study was removed too
+    from projects.services import NotAllowed
+
+    with pytest.raises(NotAllowed):
+        sweep_start(project=project, method="classifier-kd", search="grid", space={"alpha": {"values": [0.5]}},
+                    user=viewer)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep_cli_grid_through_the_worker(celery_worker, team, owner, shared_data, capsys):
+    project = curated_banking(team, owner, shared_data, n_labels=4, train_per_label=4, val_per_label=2)
+    args = ["distill", "sweep", "--project", project.slug, "--method", "classifier-kd", "--student", "minilm-l6",
+            "--search", "grid", "--param", "learning_rate=1e-4,3e-4", "--param", "alpha=0.5"]
+    for k, v in TINY.items():
+        args += ["--set", f"{k}={v}"]
+    call_command(*args, "--wait", "--json")
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert res["status"] == "succeeded", res
+    assert len(res["trials"]) == 2 and all(t["state"] == "COMPLETE" for t in res["trials"])
+    assert {t["params"]["learning_rate"] for t in res["trials"]} == {1e-4, 3e-4}
+    sweep = Sweep.objects.get(pk=res["sweep"])
+    # The study lives in the test PostgreSQL: read it back through a fresh Optuna storage.
+    trials = optuna.load_study(study_name=sweep.study_name, storage=optuna_storage_url()).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    for t in trials:
+        run = TrainingRun.objects.get(sweep=sweep, sweep_trial=t.number)
+        assert run.status == JobStatus.SUCCEEDED and run.best_val_loss is not None
+        assert t.value == run.best_val_loss and t.user_attrs["run_id"] == run.pk
+        assert run.hyperparams["learning_rate"] == t.params["learning_rate"] and run.hyperparams["max_steps"] == 4
+        assert sorted(t.intermediate_values) == [2, 4]  # the validation losses, by step
+        assert min(t.intermediate_values.values()) == pytest.approx(run.best_val_loss)
+    best = min(trials, key=lambda t: t.value)
+    assert res["best"]["trial"] == best.number and res["best"]["value"] == best.value
+    assert any(line.startswith("*") for line in out)  # the human table marks the best trial
