@@ -6,6 +6,7 @@ import os
 import optuna
 import pytest
 from django.core.management import call_command
+from django.urls import reverse
 from optuna.trial import TrialState
 
 from projects.models import JobStatus, Sweep, TrainingRun
@@ -25,7 +26,7 @@ def _end(run: TrainingRun, *, status: str, best_val_loss=None, stop_reason: str 
 
 
 @pytest.mark.django_db
-def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data):
+def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data, client):
     project = curated_banking(team, owner, shared_data, n_labels=4, train_per_label=4, val_per_label=2)
     assert optuna_storage_url().startswith("postgresql+psycopg://") and optuna_storage_url().endswith("/test_dh_sweeps")
     sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
@@ -68,6 +69,16 @@ def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data)
     table = sweep_trials(Sweep.objects.get(pk=sweep.pk))
     assert table["best"]["trial"] == 2 and table["best"]["value"] == 0.5 and table["params"] == ["alpha", "temperature"]
     assert [r["state"] for r in table["trials"]] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert [r["fidelity"] for r in table["trials"]] == [None, None, None]  # no metrics were logged here
+    # The sweep page: one table, the best row highlighted, the charts, no more polling.
+    client.force_login(owner)
+    page = client.get(reverse("sweep_page", kwargs={"slug": project.slug, "sweep_id": sweep.pk})).content.decode()
+    assert "sweep-trials" in page and page.count('class="best"') == 1 and "0.5000" in page and "0.8125" in page
+    assert "Best: trial 2" in page and "pruned" in page and "fell for 2 consecutive" in page
+    assert "plotly/plotly.min.js" in page and 'id="chart-objective"' in page and 'id="chart-parallel"' in page
+    assert "hx-get" not in page
+    listing = client.get(reverse("training_page", kwargs={"slug": project.slug})).content.decode()
+    assert f"Sweep {sweep.pk}" in listing and "Start a sweep" in listing
 
 
 @pytest.mark.django_db
@@ -96,6 +107,34 @@ def test_sweep_refuses_bad_spaces_and_leaves_nothing_behind(team, owner, viewer,
     with pytest.raises(NotAllowed):
         sweep_start(project=project, method="classifier-kd", search="grid", space={"alpha": {"values": [0.5]}},
                     user=viewer)
+
+
+@pytest.mark.django_db
+def test_sweep_form_on_the_students_page(team, owner, shared_data, client):
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    client.force_login(owner)
+    url = reverse("sweep_start", kwargs={"slug": project.slug})
+    form = {"method": "classifier-kd", "student_model": "minilm-l6", "preset": "fast", "search": "grid",
+            "space": "temperature=2,200\nalpha=0.5", "fixed": "max_steps=4", "divergence_patience": "2"}
+    r = client.post(url, form)
+    assert r.status_code == 400 and "hyperparameter &#x27;temperature&#x27; must be in [0.01, 100], got 200" in r.content.decode()
+    r = client.post(url, {**form, "space": "temperature=2,4:8"})
+    assert r.status_code == 400 and "&#x27;temperature&#x27; is a range; a grid search needs a list" in r.content.decode()
+    r = client.post(url, {**form, "space": "alpha=0.5\ntemperature"})
+    assert r.status_code == 400 and "line 2: param: &#x27;temperature&#x27; is not NAME=V1,V2" in r.content.decode()
+    assert not Sweep.objects.exists()
+    r = client.post(url, {**form, "space": "temperature=2,4\nalpha=0.5"})
+    sweep = Sweep.objects.get()
+    assert r.status_code == 302 and r["Location"] == reverse("sweep_page", kwargs={"slug": project.slug, "sweep_id": sweep.pk})
+    assert (sweep.n_trials, sweep.fixed, sweep.divergence_patience) == (2, {"max_steps": 4}, 2)
+    [run] = sweep.trials.all()
+    assert run.hyperparams["temperature"] in (2.0, 4.0) and run.hyperparams["max_steps"] == 4
+    page = client.get(r["Location"]).content.decode()
+    assert "hx-get" in page and "Cancel sweep" in page  # a trial is queued: the table polls
+    r = client.post(reverse("sweep_cancel", kwargs={"slug": project.slug, "sweep_id": sweep.pk}))
+    sweep.refresh_from_db()
+    run.refresh_from_db()
+    assert sweep.status == "cancelled" and run.status == "cancelled" and run.job.status == "cancelled"
 
 
 @pytest.mark.django_db(transaction=True)
