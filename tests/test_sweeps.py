@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 
 from projects.models import JobStatus, Sweep, TrainingRun
 from projects.services import InvalidInput, InvalidState
-from projects.services.sweeps import optuna_storage, optuna_storage_url, sweep_advance, sweep_start, sweep_study
+from projects.services.sweeps import (optuna_storage, optuna_storage_url, sweep_advance, sweep_start, sweep_study,
+                                     sweeps_stalled)
 from tests.test_training import curated_banking
 
 os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
@@ -40,9 +41,11 @@ def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data,
     assert (t0.number, t0.state, first.sweep_trial) == (0, TrialState.RUNNING, 0)
     assert first.hyperparams["alpha"] == t0.params["alpha"] and first.hyperparams["max_steps"] == 4
     assert first.status == "queued" and first.job.status == "queued"
+    assert sweeps_stalled() == []  # its first trial is queued
     # Nothing has ended: a (redelivered) advance changes nothing.
     assert sweep_advance(sweep_id=sweep.pk) == {"sweep": sweep.pk, "status": "running", "told": [], "started": None}
     _end(first, status="succeeded", best_val_loss=0.8125)
+    assert sweeps_stalled() == [sweep.pk]  # no trial active: beat's catch-up would advance it
     res = sweep_advance(sweep_id=sweep.pk)
     assert res["told"] == [0] and res["started"] is not None
     second = TrainingRun.objects.get(pk=res["started"])

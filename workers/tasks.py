@@ -203,6 +203,18 @@ def sweep_advance_task(sweep_id: int) -> dict:
     return sweep_advance(sweep_id=sweep_id)
 
 
+@shared_task(name="workers.tasks.sweep_catch_up_task")
+def sweep_catch_up_task() -> list[int]:
+    """Periodic (beat, every 5 minutes): advance every running sweep that has no active trial
+    (its advance after a trial's end was lost); returns their ids."""
+    from projects.services.sweeps import sweep_advance, sweeps_stalled
+
+    stalled = sweeps_stalled()
+    for pk in stalled:
+        sweep_advance(sweep_id=pk)
+    return stalled
+
+
 # --- Evaluation -----------------------------------------------------------------------------
 
 

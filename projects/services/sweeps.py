@@ -229,6 +229,13 @@ def sweep_advance(*, sweep_id: int) -> dict:
         return {"sweep": sweep.pk, "status": sweep.status, "told": told, "started": run.pk if run else None}
 
 
+def sweeps_stalled() -> list[int]:
+    """Ids of running sweeps with no queued or running trial: their advance after a trial's end
+    was lost, or is about to run (advancing them again is harmless)."""
+    active = TrainingRun.objects.filter(sweep__isnull=False).exclude(status__in=JOB_ENDED).values("sweep_id")
+    return list(Sweep.objects.filter(status__in=ACTIVE).exclude(pk__in=active).values_list("pk", flat=True))
+
+
 def sweep_cancel(*, sweep: Sweep, user=None) -> Sweep:
     """Stop a sweep: no further trial is asked, and its active trial is cancelled (it ends
     within seconds; the study then records it as failed). Raises NotAllowed for viewers and
