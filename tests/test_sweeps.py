@@ -167,3 +167,58 @@ def test_sweep_cli_grid_through_the_worker(celery_worker, team, owner, shared_da
     best = min(trials, key=lambda t: t.value)
     assert res["best"]["trial"] == best.number and res["best"]["value"] == best.value
     assert any(line.startswith("*") for line in out)  # the human table marks the best trial
+
+
+def swapped_validation(team, owner, shared_data, *, per_label=8):
+    """Two labels; the validation queries repeat training queries with the teacher's label
+    swapped, so the better the student learns the training rows, the less it agrees with the
+    teacher on validation: its fidelity falls as it trains."""
+    import csv
+
+    from projects.models import GenerationRun, Query, Sample, Teacher
+    from projects.services.projects import project_create
+
+    rows = list(csv.DictReader(open(shared_data / "banking77" / "train.csv", encoding="utf-8")))
+    labels = sorted({r["category"] for r in rows})[:2]
+    project = project_create(team=team, user=owner, name="Swapped", task_type="classification", labels=labels,
+                             instructions="Classify the banking customer's message.")
+    teacher = Teacher.objects.create(project=project, name="t", provider="openai", model="gpt-x")
+    gen = GenerationRun.objects.create(project=project, status="succeeded")
+    gen.teachers.add(teacher)
+    picked = [r for l in labels for r in [r for r in rows if r["category"] == l][:per_label]]
+    for i, r in enumerate(picked):
+        for split, label in (("train", r["category"]), ("validation", labels[1 - labels.index(r["category"])])):
+            q = Query.objects.create(project=project, text=r["text"] + ("" if split == "train" else " ?"),
+                                     text_hash=f"{split}{i}", split=split, reference=label)
+            probs = {l: (0.95 if l == label else 0.05) for l in labels}
+            Sample.objects.create(run=gen, query=q, teacher=teacher, response=label, parsed=label,
+                                  label_probs=probs, status="accepted")
+    return project
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trial_whose_fidelity_falls_is_pruned(celery_worker, team, owner, shared_data):
+    from tests.conftest import wait_job
+
+    project = swapped_validation(team, owner, shared_data)
+    sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
+                        space={"learning_rate": {"values": [3e-4]}}, divergence_patience=1,
+                        fixed={"max_steps": 12, "eval_steps": 1, "per_device_train_batch_size": 4,
+                               "early_stopping_patience": 0, "logging_steps": 1}, user=owner)
+    [run] = sweep.trials.all()
+    job = wait_job(run.job_id, timeout=240)
+    run.refresh_from_db()
+    assert job.status == "failed" and run.stop_reason.startswith("pruned: validation fidelity fell for 1 "), run.stop_reason
+    fid = [m.fidelity for m in run.metrics.filter(split="validation").order_by("step")]
+    assert len(fid) < 12 and fid[-1] < fid[-2]  # stopped at the first fall, before the last step
+    assert not run.artifacts.exists()
+    import time
+
+    deadline = time.time() + 60
+    while Sweep.objects.get(pk=sweep.pk).status == "running":
+        assert time.time() < deadline, "the sweep did not end"
+        time.sleep(0.3)
+    sweep.refresh_from_db()
+    [t] = sweep_study(sweep=sweep).get_trials()
+    assert t.state == TrialState.PRUNED and t.user_attrs["stop_reason"] == run.stop_reason
+    assert sweep.status == "failed" and sweep.stop_reason == "no trial completed"
