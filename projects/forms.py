@@ -396,7 +396,11 @@ class TrainForm(forms.Form):
 
 class SweepForm(forms.Form):
     """A hyperparameter sweep's settings: the method, student and preset as for Train, the
-    search, the space (one swept hyperparameter per line) and the settings every trial shares."""
+    search, the space (one swept hyperparameter per line) and the settings every trial shares.
+    Its fields carry the prefix ``sweep`` (ids ``id_sweep-method``, ...): it shares the Students
+    page with the Train form, whose field ids it would otherwise repeat."""
+
+    prefix = "sweep"
 
     method = forms.ChoiceField(choices=TrainForm.METHOD_CHOICES)
     student_model = forms.CharField(max_length=300, required=False,

@@ -2,6 +2,7 @@
 Celery worker and the CLI: a grid over classifier-kd on minilm-l6 with a tiny dataset."""
 import json
 import os
+import re
 
 import optuna
 import pytest
@@ -117,16 +118,17 @@ def test_sweep_form_on_the_students_page(team, owner, shared_data, client):
     project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
     client.force_login(owner)
     url = reverse("sweep_start", kwargs={"slug": project.slug})
-    form = {"method": "classifier-kd", "student_model": "minilm-l6", "preset": "fast", "search": "grid",
-            "space": "temperature=2,200\nalpha=0.5", "fixed": "max_steps=4", "divergence_patience": "2"}
+    form = {"sweep-method": "classifier-kd", "sweep-student_model": "minilm-l6", "sweep-preset": "fast",
+            "sweep-search": "grid", "sweep-space": "temperature=2,200\nalpha=0.5", "sweep-fixed": "max_steps=4",
+            "sweep-divergence_patience": "2"}
     r = client.post(url, form)
     assert r.status_code == 400 and "hyperparameter &#x27;temperature&#x27; must be in [0.01, 100], got 200" in r.content.decode()
-    r = client.post(url, {**form, "space": "temperature=2,4:8"})
+    r = client.post(url, {**form, "sweep-space": "temperature=2,4:8"})
     assert r.status_code == 400 and "&#x27;temperature&#x27; is a range; a grid search needs a list" in r.content.decode()
-    r = client.post(url, {**form, "space": "alpha=0.5\ntemperature"})
+    r = client.post(url, {**form, "sweep-space": "alpha=0.5\ntemperature"})
     assert r.status_code == 400 and "line 2: param: &#x27;temperature&#x27; is not NAME=V1,V2" in r.content.decode()
     assert not Sweep.objects.exists()
-    r = client.post(url, {**form, "space": "temperature=2,4\nalpha=0.5"})
+    r = client.post(url, {**form, "sweep-space": "temperature=2,4\nalpha=0.5"})
     sweep = Sweep.objects.get()
     assert r.status_code == 302 and r["Location"] == reverse("sweep_page", kwargs={"slug": project.slug, "sweep_id": sweep.pk})
     assert (sweep.n_trials, sweep.fixed, sweep.divergence_patience) == (2, {"max_steps": 4}, 2)
@@ -134,6 +136,9 @@ def test_sweep_form_on_the_students_page(team, owner, shared_data, client):
     assert run.hyperparams["temperature"] in (2.0, 4.0) and run.hyperparams["max_steps"] == 4
     page = client.get(r["Location"]).content.decode()
     assert "hx-get" in page and "Cancel sweep" in page  # a trial is queued: the table polls
+    listing = client.get(reverse("training_page", kwargs={"slug": project.slug})).content.decode()
+    ids = re.findall(r'id="(id_[^"]+)"', listing)
+    assert len(ids) == len(set(ids)) and "id_sweep-space" in ids  # the Train and Sweep forms share the page
     r = client.post(reverse("sweep_cancel", kwargs={"slug": project.slug, "sweep_id": sweep.pk}))
     sweep.refresh_from_db()
     run.refresh_from_db()
