@@ -194,9 +194,9 @@ def sweep_figures(*, trials: list[dict], params: list[str]) -> dict:
         dims.append(dict(label="validation loss", values=[t["value"] for t in done]))
         if all(t["fidelity"] is not None for t in done):
             dims.append(dict(label="fidelity", values=[t["fidelity"] for t in done], range=[0, 1]))
-        fig = go.Figure(go.Parcoords(line=dict(color=[t["value"] for t in done], colorscale="Viridis_r",
-                                               showscale=True), dimensions=dims))
-        fig.update_layout(title="Hyperparameters against validation loss and fidelity (completed trials)",
-                          margin=dict(t=60, b=30, l=60, r=40), height=360)
+        fig = go.Figure(go.Parcoords(line=dict(color=[t["value"] for t in done], colorscale="Viridis_r"),
+                                     dimensions=dims))
+        fig.update_layout(title="Hyperparameters, validation loss, fidelity", margin=dict(t=90, b=30, l=60, r=60),
+                          height=380)
         out["parallel"] = _fig(fig)
     return out
