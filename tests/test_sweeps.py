@@ -50,7 +50,7 @@ def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data,
     res = sweep_advance(sweep_id=sweep.pk)
     assert res["told"] == [0] and res["started"] is not None
     second = TrainingRun.objects.get(pk=res["started"])
-    assert second.sweep_trial == 1
+    assert second.sweep_trial == 1 and second.created_by == owner == first.created_by
     _end(second, status="failed", stop_reason="pruned: validation fidelity fell for 2 consecutive evaluations")
     res = sweep_advance(sweep_id=sweep.pk)
     assert res["told"] == [1]
@@ -160,7 +160,10 @@ def test_sweep_cli_grid_through_the_worker(celery_worker, team, owner, shared_da
     assert {t["params"]["learning_rate"] for t in res["trials"]} == {1e-4, 3e-4}
     sweep = Sweep.objects.get(pk=res["sweep"])
     # The study lives in the test PostgreSQL: read it back through a fresh Optuna storage.
-    trials = optuna.load_study(study_name=sweep.study_name, storage=optuna_storage_url()).get_trials()
+    from sqlalchemy.pool import NullPool
+
+    fresh = optuna.storages.RDBStorage(optuna_storage_url(), engine_kwargs={"poolclass": NullPool})
+    trials = optuna.load_study(study_name=sweep.study_name, storage=fresh).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     for t in trials:
         run = TrainingRun.objects.get(sweep=sweep, sweep_trial=t.number)

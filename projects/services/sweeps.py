@@ -204,7 +204,10 @@ def _ask_next(sweep: Sweep, study, *, user=None, raise_errors: bool = False) -> 
             trial.set_user_attr("stop_reason", f"an identical training run ({run.pk}) was already active")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             continue
-        TrainingRun.objects.filter(pk=run.pk).update(sweep=sweep, sweep_trial=trial.number)
+        # Later trials are started by the worker (user None, a trusted caller); each is
+        # attributed to whoever started the sweep.
+        TrainingRun.objects.filter(pk=run.pk).update(sweep=sweep, sweep_trial=trial.number,
+                                                     created_by=sweep.created_by_id)
         trial.set_user_attr("run_id", run.pk)
         return run
 

@@ -19,7 +19,7 @@ VERB_MODULES = ["foundation", "ingest", "generation", "review", "training", "swe
 
 
 class Command(BaseCommand):
-    help = "Run a step of the distillation loop: team, user, project, import, teacher, generate, export, train, evaluate, job, demo."
+    help = "Run a step of the distillation loop: team, user, project, import, teacher, generate, export, train, sweep, evaluate, job, demo."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
