@@ -230,3 +230,19 @@ def test_a_trial_whose_fidelity_falls_is_pruned(celery_worker, team, owner, shar
     [t] = sweep_study(sweep=sweep).get_trials()
     assert t.state == TrialState.PRUNED and t.user_attrs["stop_reason"] == run.stop_reason
     assert sweep.status == "failed" and sweep.stop_reason == "no trial completed"
+
+
+@pytest.mark.django_db
+def test_sweep_cli_refuses_a_bad_param_naming_it(team, owner, shared_data, capsys):
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    base = ["distill", "sweep", "--project", project.slug, "--method", "classifier-kd"]
+    for extra, msg in ((["--param", "alpha=0.3,1.5"], "error: space: a value of hyperparameter 'alpha' must be in [0, 1], got 1.5"),
+                       (["--param", "alpha"], "error: --param: 'alpha' is not NAME=V1,V2 or NAME=LOW:HIGH[:log]"),
+                       (["--param", "alpha=0.3", "--param", "alpha=0.5"], "error: --param: 'alpha' given twice"),
+                       (["--search", "random", "--param", "alpha=0.1:0.9", "--trials", "500"],
+                        "error: n_trials: give 1 to 200, got 500")):
+        with pytest.raises(SystemExit) as info:
+            call_command(*base, *extra, "--json")
+        assert info.value.code == 1
+        assert msg in capsys.readouterr().err
+    assert not Sweep.objects.exists()
