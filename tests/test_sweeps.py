@@ -232,6 +232,20 @@ def test_a_trial_whose_fidelity_falls_is_pruned(celery_worker, team, owner, shar
     assert sweep.status == "failed" and sweep.stop_reason == "no trial completed"
 
 
+def test_optuna_storage_url_follows_the_database_settings(settings):
+    from django.db import connections
+
+    s = connections["default"].settings_dict
+    saved = dict(s)
+    try:
+        s.update(USER="dh", PASSWORD="p@ss/word", HOST="db.internal", PORT="6432", NAME="distill",
+                 OPTIONS={"sslmode": "require", "pool": True})
+        assert optuna_storage_url() == "postgresql+psycopg://dh:p%40ss%2Fword@db.internal:6432/distill?sslmode=require"
+    finally:
+        s.clear()
+        s.update(saved)
+
+
 @pytest.mark.django_db
 def test_sweep_cli_refuses_a_bad_param_naming_it(team, owner, shared_data, capsys):
     project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)

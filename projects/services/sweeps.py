@@ -32,15 +32,21 @@ ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def optuna_storage_url() -> str:
-    """The SQLAlchemy URL (``postgresql+psycopg://user:pw@host:port/name``) of Django's default
-    database, as the current process sees it (the test database under pytest)."""
+    """The SQLAlchemy URL (``postgresql+psycopg://user:pw@host:port/name[?sslmode=...]``) of
+    Django's default database, as the current process sees it (the test database under pytest)."""
     from django.db import connections
     from sqlalchemy.engine import URL
 
     s = connections["default"].settings_dict
+    # The libpq connection settings DATABASE_URL carries (``?sslmode=require`` ...) apply too.
+    query = {k: str(v) for k, v in (s.get("OPTIONS") or {}).items() if k in _LIBPQ_OPTIONS}
     return URL.create("postgresql+psycopg", username=s.get("USER") or None, password=s.get("PASSWORD") or None,
                       host=s.get("HOST") or None, port=int(s["PORT"]) if s.get("PORT") else None,
-                      database=s["NAME"]).render_as_string(hide_password=False)
+                      database=s["NAME"], query=query).render_as_string(hide_password=False)
+
+
+_LIBPQ_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
+                  "target_session_attrs", "options")
 
 
 @lru_cache(maxsize=4)
