@@ -135,7 +135,7 @@ def _tell_ended(sweep: Sweep, study) -> list[int]:
     running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
         return []
-    storage = study._storage  # the RDBStorage the study was loaded with
+    storage = optuna_storage()  # the one the study was loaded with; FrozenTrial._trial_id is its row id
     told = []
     runs = {r.sweep_trial: r for r in TrainingRun.objects.filter(sweep=sweep, sweep_trial__isnull=False)}
     for number, ft in sorted(running.items()):
