@@ -15,6 +15,9 @@ dedicated database, ``<your database>_bench_sweep`` (created if missing and migr
 
     python bench/sweep.py [--quick] [--trials N] [--steps N]
 
+Its data folder (checkpoints and artifacts of every trial, about 0.6 GB a trial) is a temporary
+one, removed at the end unless ``BENCH_KEEP=1``.
+
 Last line: one JSON object with ``trials``, ``wall_s``, ``trial_job_s_total``,
 ``overhead_s_per_trial``, ``gap_s_mean``, ``steps_per_trial``.
 """
@@ -148,6 +151,10 @@ def main() -> None:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
+        if not os.environ.get("BENCH_KEEP"):  # the trials' checkpoints and artifacts: GBs
+            import shutil
+
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
