@@ -262,6 +262,8 @@ CELERY_BEAT_SCHEDULE = {
     "search-index-catch-up": {"task": "workers.tasks.ingest_search_catch_up_task", "schedule": 300.0},
     # Serving: harvest gateway logs, the promote rule, continuous distillation.
     "serving-tick": {"task": "workers.tasks.serving_tick_task", "schedule": 60.0},
+    # Sweeps: advances a sweep whose advance after a trial's end was lost (broker down, worker killed).
+    "sweep-catch-up": {"task": "workers.tasks.sweep_catch_up_task", "schedule": 300.0},
 }
 
 LOGGING = {

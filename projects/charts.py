@@ -155,3 +155,48 @@ def training_loss_figure(metrics: list[dict]) -> dict:
         legend={"orientation": "h", "y": -0.2},
     )
     return _fig(fig)
+
+
+# --- Sweeps -----------------------------------------------------------------------------------
+
+
+def sweep_figures(*, trials: list[dict], params: list[str]) -> dict:
+    """``{"objective": ..., "parallel": ...}`` for a sweep's trials (``selectors.sweep_trials``
+    rows): the best validation loss per trial (the best trial highlighted, pruned and failed
+    trials marked at zero height with their state), and parallel coordinates of the swept
+    hyperparameters against validation loss and fidelity for the completed trials. Empty when
+    no trial has a value yet."""
+    import plotly.graph_objects as go
+
+    out: dict = {}
+    done = [t for t in trials if t["value"] is not None]
+    if not trials:
+        return out
+    colours = ["#d62728" if t["best"] else ("#1f77b4" if t["value"] is not None else "#bbbbbb") for t in trials]
+    fig = go.Figure(go.Bar(
+        x=[f"trial {t['trial']}" for t in trials], y=[t["value"] or 0 for t in trials], marker_color=colours,
+        text=[f"{t['value']:.4f}" if t["value"] is not None else t["state"].lower() for t in trials],
+        textposition="auto",
+        hovertext=[", ".join(f"{k}={v}" for k, v in t["params"].items()) for t in trials]))
+    fig.update_layout(title="Best validation loss per trial (lower is better; best in red)",
+                      yaxis_title="validation loss", margin=dict(t=40, b=50, l=60, r=10), height=320)
+    out["objective"] = _fig(fig)
+    if len(done) >= 2:
+        dims = []
+        for p in params:
+            vals = [t["params"].get(p) for t in done]
+            if all(isinstance(v, (int, float)) for v in vals):
+                dims.append(dict(label=p, values=vals))
+            else:  # a text choice: its position in the list of choices seen
+                keys = sorted({str(v) for v in vals})
+                dims.append(dict(label=p, values=[keys.index(str(v)) for v in vals],
+                                 tickvals=list(range(len(keys))), ticktext=keys))
+        dims.append(dict(label="validation loss", values=[t["value"] for t in done]))
+        if all(t["fidelity"] is not None for t in done):
+            dims.append(dict(label="fidelity", values=[t["fidelity"] for t in done], range=[0, 1]))
+        fig = go.Figure(go.Parcoords(line=dict(color=[t["value"] for t in done], colorscale="Viridis_r"),
+                                     dimensions=dims))
+        fig.update_layout(title="Hyperparameters, validation loss, fidelity", margin=dict(t=90, b=30, l=60, r=60),
+                          height=380)
+        out["parallel"] = _fig(fig)
+    return out

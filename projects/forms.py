@@ -459,3 +459,62 @@ class TrainForm(forms.Form):
         return hp
 
     idempotency_key = idempotency_key_field()
+
+
+class SweepForm(forms.Form):
+    """A hyperparameter sweep's settings: the method, student and preset as for Train, the
+    search, the space (one swept hyperparameter per line) and the settings every trial shares.
+    Its fields carry the prefix ``sweep`` (ids ``id_sweep-method``, ...): it shares the Students
+    page with the Train form, whose field ids it would otherwise repeat."""
+
+    prefix = "sweep"
+
+    method = forms.ChoiceField(choices=TrainForm.METHOD_CHOICES)
+    student_model = forms.CharField(max_length=300, required=False,
+                                    help_text="As for Train; blank: the method's default.")
+    preset = forms.ChoiceField(choices=[(p, f"{p} ({d})") for p, d in PRESET_DESCRIPTIONS.items()])
+    search = forms.ChoiceField(choices=[("grid", "Grid (every combination)"), ("random", "Random"),
+                                        ("tpe", "Bayesian (Optuna TPE)")])
+    space = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4}), label="Search space",
+        help_text="One hyperparameter per line: name=v1,v2,... (values; a grid takes only these) or "
+                  "name=low:high, name=low:high:log (a range, random/TPE), e.g. learning_rate=1e-4,3e-4 "
+                  "and alpha=0.3,0.7; ranges are checked against the settings table below.")
+    fixed = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, label="Every trial",
+                            help_text="Settings all trials share, one key=value per line (e.g. max_steps=50).")
+    n_trials = forms.IntegerField(required=False, min_value=1, max_value=200, label="Trials",
+                                  help_text="Grid: blank runs every point; random/TPE: blank is 10.")
+    divergence_patience = forms.IntegerField(
+        min_value=0, max_value=100, initial=2, label="Prune after",
+        help_text="Stop a trial whose validation divergence from the teacher (falling fidelity, else rising "
+                  "loss) grows this many evaluations in a row; 0: never.")
+    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0, required=False)
+
+    def clean_space(self) -> dict:
+        from workers.pipeline.sweeps import SweepRefused, parse_param_text
+
+        out: dict = {}
+        for i, line in enumerate(self.cleaned_data.get("space", "").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                name, spec = parse_param_text(line.strip())
+            except SweepRefused as exc:
+                raise forms.ValidationError(f"line {i}: {exc}") from None
+            if name in out:
+                raise forms.ValidationError(f"line {i}: {name!r} is given twice")
+            out[name] = spec
+        if not out:
+            raise forms.ValidationError("give at least one hyperparameter, e.g. learning_rate=1e-4,3e-4")
+        return out
+
+    def clean_fixed(self) -> dict:
+        out = {}
+        for i, line in enumerate(self.cleaned_data.get("fixed", "").splitlines(), 1):
+            if not line.strip():
+                continue
+            if "=" not in line:
+                raise forms.ValidationError(f"line {i}: write key=value")
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+        return out

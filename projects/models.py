@@ -445,6 +445,40 @@ class DatasetVersion(models.Model):
         return f"v{self.number}"
 
 
+class SweepSearch(models.TextChoices):
+    GRID = "grid", "Grid"
+    RANDOM = "random", "Random"
+    TPE = "tpe", "Bayesian (TPE)"
+
+
+class Sweep(RunBase):
+    """A hyperparameter sweep: ``n_trials`` training runs of one method, student and preset, each
+    with hyperparameters an Optuna study asks for (``search``: grid, random or TPE), minimising
+    the trial's best validation loss. ``space``: ``{name: {"values": [...]}`` or ``{"low", "high",
+    "log"}}`` (see ``workers.pipeline.sweeps``); ``fixed``: overrides every trial shares (e.g.
+    ``max_steps``). The trials are TrainingRuns with ``sweep`` set; the study (``study_name``)
+    lives in the same PostgreSQL through Optuna's RDBStorage. ``divergence_patience``: a trial
+    whose validation student-teacher divergence grows for that many consecutive evaluations is
+    stopped and pruned (0: off). ``status`` is the sweep's own (it has no Job: each trial has)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="sweeps")
+    method = models.CharField(max_length=20, choices=TrainingMethod.choices)
+    student_model = models.CharField(max_length=300)
+    preset = models.CharField(max_length=40, default="fast")
+    search = models.CharField(max_length=10, choices=SweepSearch.choices)
+    space = models.JSONField(default=dict)
+    fixed = models.JSONField(default=dict, blank=True)
+    n_trials = models.IntegerField()
+    objective = models.CharField(max_length=40, default="best_val_loss")
+    divergence_patience = models.IntegerField(default=2)
+    seed = models.IntegerField(default=0)
+    study_name = models.CharField(max_length=200, unique=True)
+    stop_reason = models.CharField(max_length=300, blank=True, default="")
+
+    class Meta(RunBase.Meta):
+        pass
+
+
 class TrainingRun(RunBase):
     """A student trained from the curated dataset. ``hyperparams`` holds every setting used
     (LoRA rank, alpha, target modules, learning rate, epochs, temperature, KD alpha, ...).
@@ -469,9 +503,13 @@ class TrainingRun(RunBase):
     best_val_loss = models.FloatField(null=True, blank=True)
     best_step = models.IntegerField(null=True, blank=True)
     output_dir = models.CharField(max_length=500, blank=True, default="")
+    # A sweep's trial: its sweep and its Optuna trial number (unique within the sweep).
+    sweep = models.ForeignKey(Sweep, null=True, blank=True, on_delete=models.SET_NULL, related_name="trials")
+    sweep_trial = models.IntegerField(null=True, blank=True)
 
     class Meta(RunBase.Meta):
-        constraints = [models.UniqueConstraint(fields=["project", "idempotency_key"],
+        constraints = [models.UniqueConstraint(fields=["sweep", "sweep_trial"], name="trainingrun_sweep_trial_unique"),
+                       models.UniqueConstraint(fields=["project", "idempotency_key"],
                                                name="trainingrun_project_idempotency_key_unique")]
 
 

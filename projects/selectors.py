@@ -495,3 +495,64 @@ def training_metrics(run) -> list[dict]:
 
     return list(TrainingMetric.objects.filter(run=run).order_by("step", "split").values(
         "split", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"))
+
+
+# --- Sweeps ---------------------------------------------------------------------------------
+
+
+def sweeps(project: Project):
+    """The project's hyperparameter sweeps, newest first."""
+    from projects.models import Sweep
+
+    return Sweep.objects.filter(project=project).select_related("created_by")
+
+
+def sweep_for_user(user, slug: str, sweep_id: int):
+    """The sweep ``sweep_id`` of project ``slug`` if one of the user's teams owns it; Http404
+    otherwise."""
+    from projects.models import Sweep
+
+    project = project_for_user(user, slug)
+    try:
+        return Sweep.objects.select_related("project", "project__team").get(pk=sweep_id, project=project)
+    except Sweep.DoesNotExist:
+        raise Http404("No such sweep") from None
+
+
+def sweep_trials(sweep) -> dict:
+    """The sweep side by side: ``{"trials": [...], "best": trial or None, "params": [names]}``.
+    Each trial: ``trial`` (Optuna's number), ``state`` (Optuna's: RUNNING, COMPLETE, PRUNED,
+    FAIL), ``value`` (the objective the study was told: best validation loss), ``params`` (the
+    swept hyperparameters), ``run`` (TrainingRun id or None), ``status`` (the run's),
+    ``best_val_loss``, ``fidelity`` (validation fidelity at the run's best step, else its last),
+    ``train_loss``, ``global_step`` (last logged step), ``stop_reason``. ``best``: the COMPLETE
+    trial of lowest value. Reads the Optuna study from the same database."""
+    from projects.models import TrainingMetric, TrainingRun
+    from projects.services.sweeps import sweep_study
+
+    study = sweep_study(sweep=sweep)
+    runs = {r.sweep_trial: r for r in TrainingRun.objects.filter(sweep=sweep)}
+    val: dict[int, list] = {}
+    for m in TrainingMetric.objects.filter(run__sweep=sweep, split="validation").order_by("step").values(
+            "run_id", "step", "fidelity"):
+        val.setdefault(m["run_id"], []).append(m)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        run = runs.get(t.number)
+        fid = None
+        if run is not None and val.get(run.pk):
+            at_best = [m for m in val[run.pk] if m["step"] == run.best_step]
+            fid = (at_best or val[run.pk])[-1]["fidelity"]
+        rows.append({
+            "trial": t.number, "state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
+            "params": dict(t.params), "run": run.pk if run else None, "status": run.status if run else "",
+            "best_val_loss": run.best_val_loss if run else None, "fidelity": fid,
+            "train_loss": run.train_loss if run else None,
+            "global_step": val[run.pk][-1]["step"] if run is not None and val.get(run.pk) else None,
+            "stop_reason": (run.stop_reason if run else "") or t.user_attrs.get("stop_reason", ""),
+        })
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    best = min(done, key=lambda r: r["value"]) if done else None
+    for r in rows:
+        r["best"] = best is not None and r["trial"] == best["trial"]
+    return {"trials": rows, "best": best, "params": list(sweep.space)}

@@ -370,6 +370,36 @@ def test_training_shows_the_loss_chart(page, owner, project, celery_worker):
 
 
 
+def test_sweep_compares_its_trials(page, owner, project, celery_worker):
+    """Students page: details#sweep-form (opened by its summary "Start a sweep") with
+    #id_sweep-method, #id_sweep-student_model, #id_sweep-search, #id_sweep-space, #id_sweep-fixed
+    and the button "Start sweep"; the sweep's page shows section#sweep-live (data-status, polled
+    while a trial runs) with table.sweep-trials (one row per trial, the best tr.best) and the
+    plotly charts #chart-objective and #chart-parallel."""
+    _samples(project)
+    login(page, owner.username)
+    page.goto(f"/p/{project.slug}/training/")
+    page.click("#sweep-form summary")
+    page.select_option("#id_sweep-method", "classifier-kd")
+    page.fill("#id_sweep-student_model", "minilm-l6")
+    page.select_option("#id_sweep-search", "grid")
+    page.fill("#id_sweep-space", "learning_rate=1e-4,3e-4")
+    page.fill("#id_sweep-fixed", "max_steps=3\neval_steps=1\nper_device_train_batch_size=4")
+    page.fill("#id_sweep-divergence_patience", "0")
+    shot(page, "15-sweep-form")
+    page.click("#sweep-form button:has-text('Start sweep')")
+    page.wait_for_selector("#sweep-live")
+    page.wait_for_selector("#sweep-live[data-status=succeeded], #sweep-live[data-status=failed]", timeout=300_000)
+    assert page.get_attribute("#sweep-live", "data-status") == "succeeded"
+    assert page.locator("table.sweep-trials tbody tr").count() == 2
+    assert page.locator("table.sweep-trials tr.best").count() == 1
+    page.wait_for_selector("#chart-objective svg.main-svg")
+    page.wait_for_selector("#chart-parallel svg.main-svg")
+    assert "Best: trial" in page.inner_text("#sweep-live")
+    page.wait_for_timeout(500)
+    shot(page, "16-sweep-trials")
+
+
 def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
     """Evaluation page (evaluation branch): form.eval-form with #id_split, #id_limit and the
     button "Evaluate"; the evaluation's page polls itself until done, then shows

@@ -190,6 +190,31 @@ def training_run_task(self, job_id: int) -> None:
     run_job(job_id, lambda job, reporter: training_execute(job=job, reporter=reporter), task_id=self.request.id or "")
 
 
+# --- Sweeps ---------------------------------------------------------------------------------
+
+
+@shared_task(name="workers.tasks.sweep_advance_task")
+def sweep_advance_task(sweep_id: int) -> dict:
+    """A sweep's trial ended (default queue): tell its Optuna study the trial's value and ask
+    the next trial, or end the sweep (``projects.services.sweeps.sweep_advance``; idempotent, so
+    a redelivered message changes nothing)."""
+    from projects.services.sweeps import sweep_advance
+
+    return sweep_advance(sweep_id=sweep_id)
+
+
+@shared_task(name="workers.tasks.sweep_catch_up_task")
+def sweep_catch_up_task() -> list[int]:
+    """Periodic (beat, every 5 minutes): advance every running sweep that has no active trial
+    (its advance after a trial's end was lost); returns their ids."""
+    from projects.services.sweeps import sweep_advance, sweeps_stalled
+
+    stalled = sweeps_stalled()
+    for pk in stalled:
+        sweep_advance(sweep_id=pk)
+    return stalled
+
+
 # --- Evaluation -----------------------------------------------------------------------------
 
 

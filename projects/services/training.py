@@ -187,6 +187,10 @@ def _sync_run(job: Job) -> None:
     elif job.status == JobStatus.FAILED and not run.stop_reason:
         fields["stop_reason"] = (job.error or job.message).strip().splitlines()[0][:300] if (job.error or job.message) else "failed"
     TrainingRun.objects.filter(pk=run.pk).update(**fields)
+    if run.sweep_id is not None:  # a sweep's trial: its sweep tells the study and asks the next
+        from projects.services.sweeps import sweep_ended_trial_hook
+
+        sweep_ended_trial_hook(run=run)
 
 
 def presets_table() -> dict:

@@ -15,7 +15,7 @@ from django.urls import path
 from django.views.decorators.http import require_POST
 
 from projects import charts, selectors
-from projects.forms import TrainForm
+from projects.forms import SweepForm, TrainForm
 from projects.services import ServiceError
 from projects.views import call_service, refresh_when_ended
 from projects.services.datasets import dataset_version_file
@@ -29,14 +29,26 @@ def training_page(request, slug: str):
     return _list(request, project, form)
 
 
-def _list(request, project, form, status: int = 200):
+def _list(request, project, form, status: int = 200, sweep_form=None):
+    if sweep_form is None:
+        sweep_form = SweepForm(initial={
+            "method": "classifier-kd" if project.task_type == "classification" else "sft-lora", "preset": "fast",
+            "search": "grid", "space": "learning_rate=1e-4,3e-4\nalpha=0.3,0.7", "divergence_patience": 2})
     return render(request, "training/list.html", {
-        "project": project, "section": "training", "form": form,
+        "project": project, "section": "training", "form": form, "sweep_form": sweep_form,
+        "sweeps": selectors.sweeps(project)[:50],
         "runs": selectors.training_runs(project)[:100],
         "dataset_versions": selectors.dataset_versions(project),
         "presets": _presets_rows(),
         "can_write": selectors.user_can_write(request.user, project.team),
     }, status=status)
+
+
+def render_training_list(request, project, *, sweep_form, status: int = 200):
+    """The Students page with ``sweep_form`` (bound, with its errors) under Sweeps."""
+    form = TrainForm(initial={"method": "classifier-kd" if project.task_type == "classification" else "sft-lora",
+                              "preset": "fast"}, project=project)
+    return _list(request, project, form, status=status, sweep_form=sweep_form)
 
 
 def _presets_rows() -> list[dict]:

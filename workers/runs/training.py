@@ -150,9 +150,10 @@ def training_execute(*, job: Job, reporter) -> dict:
     rows, train, write TrainingMetric rows through the report callback, then ModelArtifact rows
     with size and sha256. Returns the job's result ``{"run", "train_loss", "best_val_loss",
     "artifacts": [...], ...}``. Raises what the pipeline raises (the job fails with its message)."""
+    from workers.pipeline.sweeps import prune_reason
     from workers.pipeline.training import TrainingStopped, train
 
-    run = TrainingRun.objects.select_related("project").get(pk=job.payload["run_id"])
+    run = TrainingRun.objects.select_related("project", "sweep").get(pk=job.payload["run_id"])
     resume = job.payload.get("resume_from_checkpoint")
     TrainingRun.objects.filter(pk=run.pk).update(status=JobStatus.RUNNING)
     # Checked again here, right before loading: a row that somehow holds a free path or another
@@ -176,11 +177,21 @@ def training_execute(*, job: Job, reporter) -> dict:
                      resume_from_checkpoint=resume, teacher_model=teacher_model,
                      cache_dir=str(settings.MODEL_CACHE_DIR), policy=policy)
 
+    # A sweep's trial stops early (pruned) once its validation divergence from the teacher has
+    # grown for the sweep's ``divergence_patience`` evaluations in a row (see
+    # workers.pipeline.sweeps.prune_reason); the evaluations logged before a resume count too.
+    patience = run.sweep.divergence_patience if run.sweep is not None else 0
+    evals = {m.step: (m.loss, m.fidelity) for m in TrainingMetric.objects.filter(run=run, split="validation")}
+    pruned = {"reason": ""}
+
     def report(event: str, data: dict) -> None:
         if event == "metric":
             TrainingMetric.objects.update_or_create(
                 run=run, step=int(data["step"]), split=data["split"],
                 defaults={k: data.get(k) for k in ("epoch", "loss", "learning_rate", "grad_norm", "fidelity")})
+            if patience and data["split"] == "validation":
+                evals[int(data["step"])] = (data.get("loss"), data.get("fidelity"))
+                pruned["reason"] = prune_reason([evals[k] for k in sorted(evals)], patience)
             reporter.report()
         elif event == "preflight":
             pf = {**data, "validation_source": val_source, "train_rows": len(train_rows),
@@ -190,8 +201,13 @@ def training_execute(*, job: Job, reporter) -> dict:
         elif event == "progress":
             reporter.report(data.get("progress"), data.get("message"))
 
+    def check_stop() -> None:
+        reporter.check_cancel()
+        if pruned["reason"]:
+            raise TrainingStopped(pruned["reason"])
+
     try:
-        result = train(spec, report=report, check_stop=reporter.check_cancel)
+        result = train(spec, report=report, check_stop=check_stop)
     except (TrainingRefused, TrainingStopped) as exc:
         TrainingRun.objects.filter(pk=run.pk).update(stop_reason=str(exc)[:300])
         raise

@@ -15,11 +15,13 @@ from projects.cli import CliError, emit
 from projects.services import ServiceError
 
 # Verb modules under projects/cli/; each one that exists is registered.
-VERB_MODULES = ["foundation", "ingest", "generation", "review", "training", "artifacts", "evaluation", "demo", "serving"]
+VERB_MODULES = ["foundation", "ingest", "generation", "review", "training", "sweeps", "artifacts", "evaluation", "demo",
+                "serving"]
 
 
 class Command(BaseCommand):
-    help = "Run a step of the distillation loop: team, user, project, import, teacher, generate, export, train, export-gguf, evaluate, job, demo."
+    help = ("Run a step of the distillation loop: team, user, project, import, teacher, generate, export, train, sweep, "
+            "export-gguf, evaluate, job, demo.")
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
