@@ -343,6 +343,37 @@ def _hi(model):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_gateway_preloads_a_new_classifier_student_before_its_first_request(project, owner, teacher_stub,
+                                                                            classifier_folder):
+    """On each refresh the gateway loads (and runs once) the classifier students of deployments
+    it has not seen, in the background, so the first request routed to one does not load it."""
+    from django.conf import settings
+
+    import gateway.app as G
+    from gateway import upstream
+    from projects.models import ModelArtifact, TrainingRun
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    deployment_create(project=project, name="support-intents", teacher=teacher, user=owner, student_artifact=art,
+                      student_share=1.0)
+    path = str(classifier_folder.resolve())
+    upstream._CLASSIFIERS.pop(path, None)
+    with _in_process():
+        assert path in G.GW.warming
+        deadline = time.time() + 120
+        while path not in upstream._CLASSIFIERS:
+            assert time.time() < deadline, "the classifier student was not preloaded"
+            time.sleep(0.1)
+    G.GW.warming.discard(path)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_upstream_error_bodies_are_never_echoed_to_clients(project, owner, internal):
     from projects.models import RequestLog
     from projects.services.deployments import deployment_create, gateway_key_create
