@@ -709,4 +709,6 @@ def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(
     # The logged teacher answers (teacher, fallback and any shadow routes) became accepted samples.
     h = res["harvest"]
     assert h["requests"] >= routes.get("fallback", 0) + routes.get("teacher", 0) and h["rejected"] == 0
-    assert h["accepted"] == h["requests"] == Sample.objects.filter(run_id=h["run"], status="accepted").count()
+    assert h["accepted"] == h["requests"] == Sample.objects.filter(run_id__in=h["runs"], status="accepted").count()
+    harvested = set(Sample.objects.filter(run_id__in=h["runs"]).values_list("query__text", flat=True))
+    assert {a["query"] for a in res["answers"] if a["route"] != "student"} <= harvested

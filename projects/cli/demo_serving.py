@@ -58,7 +58,7 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
     local teacher is served), create a team key, ask the ``DEMO_QUERIES`` through the gateway at
     ``gateway_url`` (ends in ``/v1``), then add the logged teacher answers to the project's data
     (``deployment_harvest``) and print the route counts. Returns ``{deployment, key_prefix, key,
-    threshold, answers: [{query, answer, route}], routes: {route: n}, harvest: {run, requests,
+    threshold, answers: [{query, answer, route}], routes: {route: n}, harvest: {runs, requests,
     accepted, rejected}}``. Raises InvalidState when the demo has not produced a classifier
     student yet."""
     import logging
@@ -93,6 +93,11 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
            f"key {row.prefix}… created.")
     time.sleep(wait_s)  # the gateway reloads keys and deployments every few seconds
     client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=2, timeout=120)
+    from django.db.models import Max
+
+    from projects.models import RequestLog
+
+    since = RequestLog.objects.filter(deployment=dep).aggregate(m=Max("id"))["m"] or 0
     answers = []
     for i, q in enumerate(DEMO_QUERIES):
         try:
@@ -106,7 +111,7 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
                         "route": raw.headers.get("x-distillhub-route")})
         report(f"  [{answers[-1]['route']:>8}] {q} -> {answers[-1]['answer']}")
     routes = Counter(a["route"] for a in answers)
-    harvest = _harvest(dep, n=len(answers), wait_s=max(wait_s, 1.0) * 6)
+    harvest = _harvest(dep, n=len(answers), since=since, wait_s=max(wait_s, 1.0) * 6)
     report(f"Routes: {routes['student']} answered by the student, {routes['fallback']} fell back to the teacher "
            f"(confidence under {threshold:g}), {routes['teacher']} routed to the teacher.")
     report(f"Harvested {harvest['requests']} logged teacher answers as production-traffic samples: "
@@ -115,16 +120,24 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
             "routes": dict(routes), "harvest": harvest}
 
 
-def _harvest(dep: Deployment, *, n: int, wait_s: float) -> dict:
-    """Wait (up to ``wait_s``) until the gateway has written the ``n`` answered requests to the
-    request log (it flushes every second), then harvest the logged teacher answers."""
+def _harvest(dep: Deployment, *, n: int, since: int, wait_s: float) -> dict:
+    """Wait (up to ``wait_s``) until the gateway has written the ``n`` answered requests after
+    request-log id ``since`` (it flushes every second), harvest the logged teacher answers, and
+    sum up every production-traffic run that took requests after ``since`` (Celery beat's
+    ``serving-tick`` may have harvested some of them first). Returns ``{runs, requests,
+    accepted, rejected}``."""
     import time
 
-    from projects.models import RequestLog
-    from projects.services.serving_loop import deployment_harvest
+    from projects.models import GenerationRun, RequestLog
+    from projects.services.serving_loop import SOURCE, deployment_harvest
 
     deadline = time.time() + wait_s
-    while (RequestLog.objects.filter(deployment=dep).exclude(route="shadow").count() < n
+    while (RequestLog.objects.filter(deployment=dep, id__gt=since).exclude(route="shadow").count() < n
            and time.time() < deadline):
         time.sleep(0.2)
-    return deployment_harvest(deployment=dep)
+    deployment_harvest(deployment=dep)
+    runs = list(GenerationRun.objects.filter(project=dep.project, options__source=SOURCE,
+                                             options__deployment=dep.slug, options__last_request__gt=since)
+                .order_by("id").values("id", "accepted", "rejected"))
+    acc, rej = sum(r["accepted"] for r in runs), sum(r["rejected"] for r in runs)
+    return {"runs": [r["id"] for r in runs], "requests": acc + rej, "accepted": acc, "rejected": rej}
