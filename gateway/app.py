@@ -70,6 +70,7 @@ class Gateway:
         self.refreshed_at = 0.0
         self.rng = random.Random()
         self.max_body_bytes = int(_env_float("GATEWAY_MAX_BODY_BYTES", 1_000_000))
+        self.warming: set[str] = set()
 
     async def refresh(self) -> None:
         try:
@@ -77,6 +78,26 @@ class Gateway:
             self.refreshed_at = time.time()
         except Exception as exc:  # noqa: BLE001 - keep serving from the last snapshot
             log.warning("gateway refresh failed, serving the last snapshot: %s", exc)
+            return
+        self.warm_classifiers()
+
+    def warm_classifiers(self) -> None:
+        """Load the in-process classifier students of new deployments in the background (and
+        answer once), so the first request routed to one does not wait seconds for the model to
+        load. A folder that fails to load is not retried here; the requests report it."""
+        for r in self.snapshot.routes.values():
+            path = getattr(r.student, "artifact_path", None)
+            if path and path not in self.warming:
+                self.warming.add(path)
+                self.spawn(self._warm(path))
+
+    async def _warm(self, path: str) -> None:
+        from gateway.upstream import classify_text
+
+        try:  # one answer, not just the load: the first forward pass also sets up torch's kernels
+            await asyncio.to_thread(classify_text, path, "warm-up")
+        except Exception as exc:  # noqa: BLE001 - the request that needs it reports the error (no retry)
+            log.warning("could not preload the classifier student at %s: %s", path, exc)
 
     async def refresh_forever(self) -> None:
         while True:

@@ -5,7 +5,10 @@ llama.cpp server.
 Each answer carries its confidence in an extension field, ``"distillhub": {"confidence": x}``:
 a classifier's top-label probability, or a causal LM's mean token log-probability of its own
 answer (natural log; also as ``choices[0].logprobs`` when the request asks for ``logprobs``).
-A local (transformers) teacher is served the same way. Requests are answered one at a time (the
+A local (transformers) teacher is served the same way; for a classification project it scores
+the project's labels and answers the most probable one, as generation's local teacher does
+(``workers.pipeline.teachers.LocalTeacher``), so its answers pass the label check when they are
+harvested from the request log. Requests are answered one at a time (the
 model holds a lock); run more copies behind the gateway for more throughput, or use vLLM."""
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ class ServeTarget:
     """What to serve: ``kind`` is ``classifier`` or a causal-LM artifact kind (``merged``,
     ``int8``, ``adapter``, ``base``); ``path`` a folder or model name; ``name`` the model id
     it answers to; ``policy`` the ``workers.pipeline.security.SecurityPolicy`` that allows
-    loading ``path`` (None: the operator's, from the environment)."""
+    loading ``path`` (None: the operator's, from the environment); ``labels``: a classification
+    project's label set, which a served teacher scores instead of generating free text (empty:
+    generate)."""
 
     kind: str
     path: str
     name: str
     policy: object = None
+    labels: tuple[str, ...] = ()
 
 
 def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
@@ -65,7 +71,8 @@ def serve_target(*, artifact_id: int | None = None, teacher: str | None = None):
         path, policy = model_ref_resolve(project=t.project, ref=t.model, field="--teacher", kinds=("merged",))
     except InvalidState as exc:
         raise InvalidInput(f"--teacher: {exc}") from None
-    return ServeTarget(kind="base", path=path, name=t.model or t.name, policy=policy)
+    labels = tuple(t.project.labels or ()) if t.project.task_type == "classification" else ()
+    return ServeTarget(kind="base", path=path, name=t.model or t.name, policy=policy, labels=labels)
 
 
 class Model:
@@ -84,7 +91,10 @@ class Model:
             self.lm = load_cached(target.path, kind=target.kind, policy=target.policy)
 
     def answer(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0) -> dict:
-        """``{text, finish_reason, input_tokens, output_tokens, confidence, token_logprobs}``."""
+        """``{text, finish_reason, input_tokens, output_tokens, confidence, token_logprobs}`` (and
+        ``label_probs`` from a classifier or a label-scoring teacher). ``confidence``: a
+        classifier's top-label probability, otherwise the mean token log-probability of the
+        answer (natural log)."""
         if self.lm is None:
             from gateway.routing import last_user_text
             from gateway.upstream import classify_text
@@ -92,6 +102,15 @@ class Model:
             r = classify_text(self.target.path, last_user_text(messages) or "")
             return {"text": r.text, "finish_reason": "stop", "input_tokens": r.input_tokens, "output_tokens": 1,
                     "confidence": r.confidence, "token_logprobs": None, "label_probs": r.extra.get("label_probs")}
+        if self.target.labels:
+            # Scored, not sampled (as generation's LocalTeacher): the answer is always a label.
+            probs = self.lm.score_labels(messages, list(self.target.labels))
+            label = max(self.target.labels, key=probs.get)  # max keeps the first on ties
+            lps = answer_logprobs(self.lm, messages, label)
+            conf = sum(lp for _, lp in lps) / len(lps) if lps else None
+            return {"text": label, "finish_reason": "stop",
+                    "input_tokens": len(self.lm._encode(self.lm.chat_text(messages))), "output_tokens": len(lps) + 1,
+                    "confidence": conf, "token_logprobs": lps, "label_probs": probs}
         g = self.lm.generate(messages, max_new_tokens=max_tokens, temperature=temperature)
         lps = answer_logprobs(self.lm, messages, g.text)
         conf = sum(lp for _, lp in lps) / len(lps) if lps else None

@@ -18,7 +18,7 @@ def _by_route(rows: list[dict], key: str, routes=("student", "teacher", "fallbac
     return out
 
 
-def _lines(title: str, ytitle: str, series: dict, *, dash: str | None = None, yrange=None):
+def _lines(title: str, ytitle: str, series: dict, *, dash: str | None = None, yrange=None, xrange=None):
     import plotly.graph_objects as go
 
     if not series:
@@ -31,6 +31,10 @@ def _lines(title: str, ytitle: str, series: dict, *, dash: str | None = None, yr
     fig.update_layout(title=title, yaxis_title=ytitle, margin=dict(t=40, b=40, l=60, r=10), height=300)
     if yrange:
         fig.update_yaxes(range=yrange)
+    if xrange:
+        # The whole window on the time axis: with one bucket of traffic, plotly's own range would
+        # span a millisecond around it.
+        fig.update_xaxes(range=[x.isoformat() for x in xrange])
     return _fig(fig)
 
 
@@ -40,6 +44,7 @@ def deployment_figures(*, series: dict) -> dict:
     student-routed requests), latency p50/p95 per route (ms), cost per 1K requests per route
     (USD), requests per bucket per route."""
     rows = series["rows"]
+    x = (series["start"], series["end"]) if series.get("start") and series.get("end") else None
     agreement = _by_route(rows, "agreement", routes=("shadow",))
     buckets: dict = {}
     for r in rows:
@@ -55,11 +60,11 @@ def deployment_figures(*, series: dict) -> dict:
         latency[f"{route} p95"] = (xs, ys)
     return {
         "agreement": _lines("Live agreement (shadow)", "agreement", {"shadow": agreement["shadow"]}
-                            if "shadow" in agreement else {}, yrange=[0, 1.05]),
+                            if "shadow" in agreement else {}, yrange=[0, 1.05], xrange=x),
         "fallback_rate": _lines("Fallback rate", "fallback / student-routed",
-                                {"fallback": (list(fb), list(fb.values()))} if fb else {}, yrange=[0, 1.05]),
-        "latency": _lines("Latency at the gateway", "ms", latency),
-        "cost": _lines("Cost per 1K requests", "USD per 1,000", _by_route(rows, "cost_per_1k")),
+                                {"fallback": (list(fb), list(fb.values()))} if fb else {}, yrange=[0, 1.05], xrange=x),
+        "latency": _lines("Latency at the gateway", "ms", latency, xrange=x),
+        "cost": _lines("Cost per 1K requests", "USD per 1,000", _by_route(rows, "cost_per_1k"), xrange=x),
         "traffic": _lines(f"Requests per {series['bucket']}", "requests",
-                          _by_route(rows, "n", routes=("student", "teacher", "fallback", "shadow"))),
+                          _by_route(rows, "n", routes=("student", "teacher", "fallback", "shadow")), xrange=x),
     }

@@ -99,8 +99,14 @@ def deployment_live_figures(*, deployment: Deployment, recent: int = 2000) -> di
 def deployment_timeseries(*, deployment: Deployment, hours: float = 24.0) -> dict:
     """Per time bucket (a minute, an hour or a day, whichever gives at most a few hundred
     points over ``hours``) and route: ``{"bucket": "minute"|"hour"|"day", "rows": [{t, route,
-    n, p50, p95, cost_per_1k, agreement, errors}]}``; ``agreement`` only on shadow rows."""
+    n, p50, p95, cost_per_1k, agreement, errors}], "start": datetime, "end": datetime}``;
+    ``agreement`` only on shadow rows; ``start``/``end`` the window (the charts' time axis)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
     bucket = "minute" if hours <= 6 else ("hour" if hours <= 24 * 14 else "day")
+    end = timezone.now()
     with connection.cursor() as cur:
         cur.execute(f"""SELECT date_trunc('{bucket}', created_at) AS t, route, count(*),
                               percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
@@ -115,7 +121,7 @@ def deployment_timeseries(*, deployment: Deployment, hours: float = 24.0) -> dic
                  "cost_per_1k": float(c) if c is not None else None,
                  "agreement": float(a) if a is not None else None, "errors": e}
                 for t, r, n, p50, p95, c, a, e in cur.fetchall()]
-    return {"bucket": bucket, "rows": rows}
+    return {"bucket": bucket, "rows": rows, "start": end - timedelta(hours=hours), "end": end}
 
 
 def recent_requests(*, deployment: Deployment, limit: int = 50):

@@ -52,3 +52,8 @@ class DeploymentForm(forms.Form):
 
 class GatewayKeyForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="What uses it, e.g. support-bot-prod.")
+
+    def __init__(self, *args, **kwargs):
+        # Its own element ids (id_key_name): the deployment form on the same page has a `name` too.
+        kwargs.setdefault("auto_id", "id_key_%s")
+        super().__init__(*args, **kwargs)

@@ -428,6 +428,148 @@ def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
     shot(page, "15-evaluation")
 
 
+def _stub_teacher_answer(text: str) -> str:
+    t = text.lower()
+    if "refund" in t:
+        return "refund_not_showing_up"
+    if "stole" in t or "lost" in t:
+        return "lost_or_stolen_card"
+    return "card_arrival"
+
+
+SERVING_QUERIES = ["My card has not arrived yet", "Someone stole my card", "Where is my refund?",
+                   "The card you posted never came", "I lost my card on the bus", "Refund missing after a week",
+                   "When does my new card get here?", "My card is missing", "The shop refund is not showing",
+                   "Is my card on the way?"]
+
+
+def test_deployment_keys_gateway_monitoring_promote_and_rollback(page, owner, project, celery_worker, gateway):
+    """Deployments pages: the create form (#id_name #id_teacher #id_student_artifact
+    #id_student_share #id_confidence_threshold, button "Deploy"); the key form (#id_key_name,
+    button "Create key") showing the key once in #new-key-value and the keys table rows
+    #key-<id> (td.state, button "Revoke"); the deployment page's #request-counts
+    (span.route-count[data-route] .n), its plotly charts div.chart#chart-<name>, the buttons
+    "Switch to 100 % student" and "Roll back to the previous version", and table#versions
+    (tr[data-version] td.action). Requests go through the real gateway with the openai client."""
+    import time
+    from collections import Counter
+
+    import openai
+
+    from gateway.upstream import classify_text
+    from projects.models import Deployment, GatewayKey, ModelArtifact, RequestLog
+    from projects.services.generation import teacher_create
+    from projects.services.security import artifact_folder
+    from projects.services.training import training_start
+    from tests.openai_stub import StubServer
+
+    # A trained classifier student and an OpenAI-compatible teacher (a loopback stub).
+    _samples(project)
+    tr = training_start(project=project, user=owner, method="classifier-kd", student_model="minilm-l6", preset="fast")
+    assert wait_job(tr.job_id, timeout=300).status == "succeeded"
+    art = ModelArtifact.objects.get(project=project, training_run=tr, kind="classifier")
+    stub = StubServer(answer=_stub_teacher_answer).start()
+    try:
+        teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher", base_url=stub.base_url,
+                       api_key_env="OPENAI_API_KEY", price_in_per_1m=2, price_out_per_1m=8, user=owner)
+        # The user picks a threshold inside the student's confidence range on such queries, so
+        # some answers stand and some fall back (the median of what it gives them).
+        confs = sorted(classify_text(artifact_folder(artifact=art), q).confidence for q in SERVING_QUERIES)
+        threshold = round(confs[len(confs) // 2], 4)
+
+        login(page, owner.username)
+        page.goto(f"/p/{project.slug}/deployments/")
+        assert "No deployments yet" in page.inner_text("main")
+        page.fill("#id_name", "Support bot")
+        page.select_option("#id_teacher", label="gpt")
+        page.select_option("#id_student_artifact", str(art.pk))
+        page.fill("#id_student_share", "0.5")
+        page.fill("#id_confidence_threshold", str(threshold))
+        shot(page, "16-deployment-create")
+        page.click("button:has-text('Deploy')")
+        page.wait_for_url(re.compile(r"/deployments/\d+/$"))
+        dep = Deployment.objects.get(project=project)
+        assert (dep.slug, dep.version, dep.student_artifact_id) == ("support-bot", 1, art.pk)
+        assert dep.student_share == 0.5 and dep.confidence_threshold == pytest.approx(threshold)
+        assert "support-bot" in page.inner_text("h1") and "version 1" in page.inner_text("h1")
+        assert "No requests yet" in page.inner_text("main")
+
+        # A gateway key, shown once; a reload shows the list without it (and makes no second key).
+        page.goto(f"/p/{project.slug}/deployments/")
+        page.fill("#id_key_name", "support-bot-prod")
+        page.click("button:has-text('Create key')")
+        page.wait_for_selector("#new-key-value")
+        raw = page.inner_text("#new-key-value").strip()
+        key = GatewayKey.objects.get(team=project.team)
+        assert raw.startswith(key.prefix) and raw.startswith("dh-") and len(raw) > 40
+        shot(page, "17-gateway-key")
+        page.reload()
+        page.wait_for_selector(f"#key-{key.pk}")
+        assert page.locator("#new-key").count() == 0 and raw not in page.content()
+        assert key.prefix in page.inner_text(f"#key-{key.pk}")
+        assert GatewayKey.objects.filter(team=project.team).count() == 1
+
+        # Requests through the real gateway with the openai client and that key.
+        time.sleep(1.0)  # the gateway reloads keys and deployments every 0.3 s here
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=raw, max_retries=0, timeout=60)
+        routes = []
+        for i, q in enumerate(SERVING_QUERIES):
+            r = client.chat.completions.with_raw_response.create(model="support-bot", user=f"customer-{i}",
+                                                                 messages=[{"role": "user", "content": q}])
+            assert r.parse().choices[0].message.content in LABELS
+            routes.append(r.headers["x-distillhub-route"])
+        counts = Counter(routes)
+        assert set(counts) <= {"student", "fallback", "teacher"} and counts["student"] + counts["fallback"] >= 1
+        deadline = time.time() + 20
+        while RequestLog.objects.filter(deployment=dep).count() < len(routes) and time.time() < deadline:
+            time.sleep(0.2)
+        logs = list(RequestLog.objects.filter(deployment=dep))
+        assert Counter(r.route for r in logs) == counts
+        assert all(r.confidence < threshold for r in logs if r.route == "fallback")
+
+        # The monitoring page: the counts per route and the plotly charts, drawn.
+        page.goto(f"/p/{project.slug}/deployments/{dep.pk}/")
+        assert int(page.inner_text("#request-total")) == len(routes)
+        shown = {page.get_attribute(el, "data-route"): int(page.inner_text(f"{el} .n"))
+                 for el in [f"#request-counts span.route-count[data-route={r}]" for r in counts]}
+        assert shown == dict(counts)
+        page.wait_for_selector("#chart-traffic svg.main-svg")
+        page.wait_for_selector("#chart-latency svg.main-svg")
+        assert page.locator("div.chart[id^=chart-]:has(svg.main-svg)").count() >= 3
+        assert page.locator("table.table tbody tr").count() >= len(routes)  # the recent requests
+        shot(page, "18-deployment-monitoring")
+
+        # Revoke the key in the page: the gateway refuses the next request with 401.
+        page.goto(f"/p/{project.slug}/deployments/")
+        page.click(f"#key-{key.pk} button:has-text('Revoke')")
+        page.wait_for_selector(f"#key-{key.pk} td.state:has-text('revoked')")
+        assert "revoked" in page.inner_text("main")
+        time.sleep(1.0)
+        with pytest.raises(openai.AuthenticationError) as exc:
+            client.chat.completions.create(model="support-bot", messages=[{"role": "user", "content": "hi"}])
+        assert exc.value.status_code == 401
+
+        # Promote, then roll back: one click each; the version history shows both.
+        page.goto(f"/p/{project.slug}/deployments/{dep.pk}/")
+        page.click("button:has-text('Switch to 100 % student')")
+        page.wait_for_selector("#versions tr[data-version='2']")
+        assert page.inner_text("#versions tr[data-version='2'] td.action") == "promote"
+        assert "100 % to the student" in page.inner_text("dl.facts")
+        dep.refresh_from_db()
+        assert (dep.version, dep.student_share) == (2, 1.0)
+        page.click("button:has-text('Roll back to the previous version')")
+        page.wait_for_selector("#versions tr[data-version='3']")
+        actions = [page.inner_text(f"#versions tr[data-version='{v}'] td.action") for v in (3, 2, 1)]
+        assert actions == ["rollback", "promote", "create"]
+        assert "50 % to the student" in page.inner_text("dl.facts")
+        dep.refresh_from_db()
+        assert (dep.version, dep.student_share) == (3, 0.5)
+        assert dep.confidence_threshold == pytest.approx(threshold)
+        shot(page, "19-deployment-versions")
+    finally:
+        stub.stop()
+
+
 # --- the browser tests never vanish silently ----------------------------------------------------
 
 

@@ -343,6 +343,37 @@ def _hi(model):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_gateway_preloads_a_new_classifier_student_before_its_first_request(project, owner, teacher_stub,
+                                                                            classifier_folder):
+    """On each refresh the gateway loads (and runs once) the classifier students of deployments
+    it has not seen, in the background, so the first request routed to one does not load it."""
+    from django.conf import settings
+
+    import gateway.app as G
+    from gateway import upstream
+    from projects.models import ModelArtifact, TrainingRun
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    deployment_create(project=project, name="support-intents", teacher=teacher, user=owner, student_artifact=art,
+                      student_share=1.0)
+    path = str(classifier_folder.resolve())
+    upstream._CLASSIFIERS.pop(path, None)
+    with _in_process():
+        assert path in G.GW.warming
+        deadline = time.time() + 120
+        while path not in upstream._CLASSIFIERS:
+            assert time.time() < deadline, "the classifier student was not preloaded"
+            time.sleep(0.1)
+    G.GW.warming.discard(path)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_upstream_error_bodies_are_never_echoed_to_clients(project, owner, internal):
     from projects.models import RequestLog
     from projects.services.deployments import deployment_create, gateway_key_create
@@ -584,6 +615,42 @@ def test_causal_lm_student_confidence_is_its_mean_token_logprob(gateway, project
     assert teacher_stub.total_completed == 1
 
 
+def test_served_local_teacher_answers_a_label_and_its_answers_are_harvested_as_accepted(gateway, project, owner,
+                                                                                       smollm_server,
+                                                                                       classifier_folder):
+    """A local (transformers) teacher behind `serve-student --teacher` in a classification
+    project scores the labels, as generation's local teacher does, so the teacher answers that
+    the gateway logs pass the label check when harvested (free text failed it)."""
+    from django.conf import settings
+
+    from projects.models import ModelArtifact, Sample, Teacher, TrainingRun
+    from projects.services.deployments import deployment_create, gateway_key_create
+    from projects.services.serving_loop import deployment_harvest
+
+    run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
+    art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
+                                       path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    teacher = Teacher.objects.get(project=project, name="smol")
+    dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
+                            teacher_url=smollm_server.base_url, student_artifact=art, student_share=0.0)
+    _, key = gateway_key_create(team=project.team, name="tests", user=owner)
+    time.sleep(REFRESH_WAIT)
+    client = _client(gateway, key)
+    queries = ["My card still has not arrived.", "Someone stole my card.", "My refund is not on my account."]
+    for q in queries:
+        route, resp = _ask(client, q)
+        assert route == "teacher" and resp.choices[0].message.content in LABELS
+    rows = _wait_logs(dep, 3, timeout=60)
+    assert all(r.teacher_response in LABELS for r in rows)
+    res = deployment_harvest(deployment=dep, user=owner)
+    assert res["requests"] == 3 and res["accepted"] == 3 and res["rejected"] == 0
+    samples = Sample.objects.filter(run_id=res["run"]).order_by("id")
+    assert [s.parsed for s in samples] == [r.teacher_response for r in rows]
+    assert all(s.failed_checks == [] for s in samples)
+    # The teacher got the project's task prompt: the labels are in its system message.
+    assert "refund_not_showing_up" in samples[0].prompt[0]["content"]
+
+
 def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(gateway, teacher_stub,
                                                                                   classifier_folder, capsys):
     """The last step of `make demo` (`distill demo-serve`), against the real gateway: the demo
@@ -593,8 +660,13 @@ def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(
     from django.conf import settings
     from django.core.management import call_command
 
+    from collections import Counter
+
+    from gateway.upstream import classify_text
     from projects.cli.demo_loop import DEMO_PROJECT, DEMO_TEAM, DEMO_TEAM_SLUG
-    from projects.models import ModelArtifact, Project, RequestLog, Team, TrainingRun
+    from projects.cli.demo_serving import DEMO_QUERIES
+    from projects.models import ModelArtifact, Project, Query, RequestLog, Sample, Team, TrainingRun
+    from workers.pipeline.ingest import clean_text, text_hash
     from projects.services.generation import teacher_create
     from projects.services.projects import project_create
     from projects.services.teams import team_create
@@ -605,16 +677,38 @@ def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(
     run = TrainingRun.objects.create(project=project, method="classifier-kd", student_model="minilm-l6", status="succeeded")
     art = ModelArtifact.objects.create(project=project, training_run=run, kind="classifier",
                                        path=str(classifier_folder.relative_to(settings.MEDIA_ROOT)))
+    # Validation queries: the demo derives its confidence threshold from them.
+    val = ["Is my card on its way?", "My wallet was stolen", "Refund missing", "The card never came",
+           "I misplaced my card", "Shop refund not received", "Where is my card?"]
+    for t in val:
+        Query.objects.create(project=project, text=t, text_hash=text_hash(clean_text(t)), split="validation")
     call_command("distill", "demo-serve", "--gateway-url", gateway.base_url, "--json")
     printed = capsys.readouterr().out.strip().splitlines()
     res = json.loads(printed[-1])
-    assert sum(line.startswith("  [") for line in printed) == 6  # each request with its route
-    assert res["deployment"] == "support-intents-demo" and len(res["answers"]) == 6
-    routes = {a["route"] for a in res["answers"]}
-    assert routes <= {"student", "fallback", "teacher"} and routes & {"student", "fallback"}
+    n = len(DEMO_QUERIES)
+    assert sum(line.startswith("  [") for line in printed) == n  # each request with its route
+    assert res["deployment"] == "support-intents-demo" and len(res["answers"]) == n
+    # The threshold is the median top-label probability over the validation queries.
+    confs = sorted(classify_text(str(classifier_folder), t).confidence for t in val)
+    assert res["threshold"] == pytest.approx(confs[len(val) // 2], abs=1e-3) and 1 / 3 < res["threshold"] < 1
+    assert any(f"validation queries" in line and f"{res['threshold']:g}" in line for line in printed)
+    # Routes are mixed: some student answers stand, some fall back under the threshold.
+    routes = res["routes"]
+    assert routes.get("student", 0) >= 1 and routes.get("fallback", 0) >= 1, routes
+    assert sum(routes.values()) == n and routes == dict(Counter(a["route"] for a in res["answers"]))
+    assert any(line.startswith(f"Routes: {routes.get('student', 0)} answered by the student, "
+                               f"{routes.get('fallback', 0)} fell back") for line in printed)
     assert all(a["answer"] in LABELS for a in res["answers"])
     dep = Project.objects.get(pk=project.pk).deployments.get()
-    assert dep.student_artifact_id == art.pk
-    rows = _wait_logs(dep, 6, timeout=60)
-    assert {r.route for r in rows} >= routes
-    assert RequestLog.objects.filter(deployment=dep, query__startswith="My new card").count() == 1
+    assert dep.student_artifact_id == art.pk and dep.confidence_threshold == res["threshold"]
+    rows = [r for r in _wait_logs(dep, n, timeout=60) if r.route != "shadow"]
+    assert Counter(r.route for r in rows[:n]) == Counter(routes)
+    assert all(r.confidence < res["threshold"] for r in rows if r.route == "fallback")
+    assert all(r.confidence >= res["threshold"] for r in rows if r.route == "student")
+    assert RequestLog.objects.filter(deployment=dep, query__startswith="My new card").exclude(route="shadow").count() == 1
+    # The logged teacher answers (teacher, fallback and any shadow routes) became accepted samples.
+    h = res["harvest"]
+    assert h["requests"] >= routes.get("fallback", 0) + routes.get("teacher", 0) and h["rejected"] == 0
+    assert h["accepted"] == h["requests"] == Sample.objects.filter(run_id__in=h["runs"], status="accepted").count()
+    harvested = set(Sample.objects.filter(run_id__in=h["runs"]).values_list("query__text", flat=True))
+    assert {a["query"] for a in res["answers"] if a["route"] != "student"} <= harvested
