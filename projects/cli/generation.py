@@ -4,7 +4,7 @@ from __future__ import annotations
 from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import GenerationRun, Teacher
-from projects.services.generation import SPLITS
+from projects.services.generation import SELECTIONS, SPLITS
 
 
 def register(sub) -> None:
@@ -31,7 +31,13 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="run the teacher(s) over the train queries with rejection sampling")
     p.add_argument("--project", required=True)
     p.add_argument("--teacher", action="append", default=[], help="teacher name (repeat; default: all)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only N queries (which N: --select)")
+    p.add_argument("--select", default="first", choices=list(SELECTIONS),
+                   help="first: the first N by id; diverse: N that cover the queries (MiniLM embeddings, k-means, "
+                        "the query nearest each centroid), with a near-duplicate report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diverse selection")
+    p.add_argument("--duplicate-threshold", type=float, default=0.95,
+                   help="cosine similarity at or above which two queries are near-duplicates (diverse only)")
     p.add_argument("--samples-per-query", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--budget-usd", type=float, default=None)
@@ -59,7 +65,10 @@ def run_summary(run: GenerationRun) -> dict:
     return {"run": run.pk, "job": job.pk if job else None, "status": job.status if job else run.status,
             "accepted": run.accepted, "rejected": run.rejected, "failed": run.failed,
             "input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_usd": float(run.cost_usd),
-            "stop_reason": run.stop_reason}
+            "stop_reason": run.stop_reason, "selection": (run.options or {}).get("selection", "first"),
+            "queries": (run.options or {}).get("queries"),
+            "near_duplicates": {k: v for k, v in ((run.options or {}).get("near_duplicates") or {}).items()
+                                if k != "examples"} or None}
 
 
 def cmd_generate(o: dict) -> dict:
@@ -74,6 +83,7 @@ def cmd_generate(o: dict) -> dict:
     else:
         run = generation_start(project=project, teachers=o["teacher"] or None, limit=o["limit"],
                                samples_per_query=o["samples_per_query"], concurrency=o["concurrency"],
-                               budget_usd=o["budget_usd"], split=o["split"])
+                               budget_usd=o["budget_usd"], split=o["split"], selection=o["select"],
+                               seed=o["seed"], duplicate_threshold=o["duplicate_threshold"])
     return finish_job(o, run.job.pk, lambda: run_summary(run), f"generation run {run.pk}",
                       lambda: GenerationRun.objects.get(pk=run.pk).stop_reason)
