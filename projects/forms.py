@@ -276,6 +276,34 @@ class GenerateForm(forms.Form):
     idempotency_key = idempotency_key_field()
 
 
+class TeacherTuneForm(forms.Form):
+    """Domain-tune a local teacher on the golden references (``teacher_tune_start``): which
+    teacher, the training method and preset, an optional step cap and the new teacher's name."""
+
+    teacher = forms.ModelChoiceField(queryset=None, label="Local teacher",
+                                     help_text="A local (transformers) teacher of this project.",
+                                     error_messages={"invalid_choice": "That is not a local teacher of this project."})
+    method = forms.ChoiceField(choices=[("sft-lora", "SFT with LoRA (sft-lora)"), ("sft-full", "Full SFT (sft-full)")],
+                               initial="sft-lora")
+    preset = forms.ChoiceField(choices=[(p, f"{p} ({d})") for p, d in PRESET_DESCRIPTIONS.items()], initial="fast")
+    max_steps = forms.IntegerField(required=False, min_value=1, max_value=1_000_000, label="Max steps",
+                                   help_text="Stop after this many optimizer steps (blank: the preset's epochs).")
+    name = forms.CharField(required=False, max_length=100, label="Name of the tuned teacher",
+                           help_text="Blank: <teacher>-tuned.")
+    idempotency_key = idempotency_key_field()
+
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["teacher"].queryset = Teacher.objects.filter(
+            project=project, provider=Teacher.Provider.TRANSFORMERS).order_by("id")
+
+    def service_kwargs(self) -> dict:
+        d = self.cleaned_data
+        return {"teacher": d["teacher"], "method": d["method"], "preset": d["preset"], "name": d.get("name") or "",
+                "overrides": {"max_steps": d["max_steps"]} if d.get("max_steps") else None,
+                "idempotency_key": d.get("idempotency_key")}
+
+
 class ResumeForm(forms.Form):
     """Resume a stopped generation run, optionally with a new budget (Django's DecimalField
     refuses NaN, Infinity and numbers over its digits)."""

@@ -5,6 +5,7 @@ from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import GenerationRun, Teacher
 from projects.services.generation import SELECTIONS, SPLITS
+from workers.pipeline.training import PRESET_NAMES
 
 
 def register(sub) -> None:
@@ -27,6 +28,18 @@ def register(sub) -> None:
     p.add_argument("--price-out", type=float, default=0.0, help="USD per 1M output tokens")
     p.add_argument("--member", action="append", default=[], help="ensemble member teacher name (repeat)")
     p.set_defaults(handler=cmd_teacher_add)
+
+    p = teacher.add_parser("tune", help="domain-tune a local teacher on the project's golden references "
+                                        "(gpu queue), then register it as a new teacher")
+    p.add_argument("--project", required=True)
+    p.add_argument("--teacher", required=True, help="a local (transformers) teacher of the project")
+    p.add_argument("--name", default="", help="name of the tuned teacher (default: <teacher>-tuned)")
+    p.add_argument("--method", default="sft-lora", choices=["sft-lora", "sft-full"])
+    p.add_argument("--preset", default="fast", choices=list(PRESET_NAMES))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter (repeatable), e.g. --set max_steps=50")
+    p.add_argument("--wait", action="store_true", help="block until the run ends; exit 1 if it failed or was cancelled")
+    p.set_defaults(handler=cmd_teacher_tune)
 
     p = sub.add_parser("generate", help="run the teacher(s) over the train queries with rejection sampling")
     p.add_argument("--project", required=True)
@@ -56,6 +69,26 @@ def cmd_teacher_add(o: dict) -> dict:
                        top_logprobs=o["top_logprobs"], price_in_per_1m=o["price_in"], price_out_per_1m=o["price_out"],
                        members=o["member"] or None, timeout_s=o["timeout"])
     return {"teacher": t.name, "id": t.pk, "provider": t.provider, "model": t.model}
+
+
+def cmd_teacher_tune(o: dict) -> dict:
+    """``teacher tune``: prints the training run's keys (``run``, ``job``, ``status``,
+    ``train_loss``, ``artifacts``, ...) plus ``teacher`` (the tuned teacher's name, once the run
+    succeeded; null before) and ``model`` (its ``artifact:ID``)."""
+    from projects.cli.training import overrides_from_sets, run_summary as training_summary
+    from projects.models import TrainingRun
+    from projects.services.training import teacher_tune_start
+
+    project = get_project(o["project"])
+    run = teacher_tune_start(project=project, teacher=o["teacher"], method=o["method"], preset=o["preset"],
+                             overrides=overrides_from_sets(o["set"]), name=o["name"])
+
+    def summary() -> dict:
+        t = Teacher.objects.filter(project=project, options__tuned_by_run=run.pk).first()
+        return {**training_summary(run), "teacher": t.name if t else None, "model": t.model if t else None}
+
+    return finish_job(o, run.job_id, summary, f"teacher tuning run {run.pk}",
+                      lambda: TrainingRun.objects.get(pk=run.pk).stop_reason)
 
 
 def run_summary(run: GenerationRun) -> dict:
