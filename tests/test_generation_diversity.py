@@ -80,3 +80,23 @@ def test_diverse_run_asks_the_chosen_queries_and_resume_reuses_them(celery_worke
     after = list(Sample.objects.filter(run=run))
     assert sorted(s.query_id for s in after) == chosen and not {s.pk for s in after} & set(lost)
     assert run.accepted + run.rejected == 4 and run.failed == 0
+
+
+def test_generate_form_takes_the_selection(owner_client, team, owner):
+    from projects.models import GenerationRun
+    from projects.services.generation import teacher_create
+
+    project = banking_project(team, owner)
+    add_queries(project, [("card missing", "card_arrival"), ("exchange rate?", "exchange_rate")])
+    teacher_create(project=project, name="smol", provider="transformers", user=owner)
+    page = owner_client.get(f"/p/{project.slug}/generation/").content.decode()
+    assert '<option value="diverse">' in page and 'name="duplicate_threshold"' in page
+    url = f"/p/{project.slug}/generation/start/"
+    base = {"limit": 1, "samples_per_query": 1, "concurrency": 4}
+    r = owner_client.post(url, {**base, "selection": "nearest"}, follow=True)
+    assert "selection: Select a valid choice" in r.content.decode() and GenerationRun.objects.count() == 0
+    r = owner_client.post(url, {**base, "selection": "diverse", "duplicate_threshold": 0.9}, follow=True)
+    run = GenerationRun.objects.get()
+    assert (run.options["selection"], run.options["duplicate_threshold"], run.limit) == ("diverse", 0.9, 1)
+    body = r.content.decode()
+    assert "Selection: <strong>diverse</strong>" in body and "choosing" in body
