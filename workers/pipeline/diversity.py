@@ -78,7 +78,7 @@ def embed_texts(texts: list[str], *, model: str = ENCODER, cache_dir=None, polic
 
 def select_diverse(embeddings: np.ndarray, n: int, *, seed: int = 0) -> list[int]:
     """Positions of ``n`` rows of ``embeddings`` (shape ``(m, d)``) that cover the space: k-means
-    with k = n (k-means++ seeding, ``n_init=4``, ``random_state=seed``), then per cluster the row
+    with k = n (k-means++ seeding, ``n_init=4`` (1 above n = 256), ``random_state=seed``), then per cluster the row
     nearest its centroid (Zhdanov 2019). Returns ``min(n, m)`` distinct positions, ascending.
     When two clusters would pick the same row (identical rows), the next nearest free row of the
     cluster is taken. Raises DiversityError when ``n < 1``."""
@@ -96,7 +96,8 @@ def select_diverse(embeddings: np.ndarray, n: int, *, seed: int = 0) -> list[int
     x = np.asarray(embeddings, dtype=np.float64)
     with warnings.catch_warnings():  # fewer distinct rows than n: handled below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(x)
+        # k-means costs about m * n * d per iteration and per init: one init for large n.
+        km = KMeans(n_clusters=n, n_init=4 if n <= 256 else 1, random_state=seed).fit(x)
     chosen: list[int] = []
     taken: set[int] = set()
     for c in range(n):

@@ -32,8 +32,9 @@ from projects.services.jobs import task_send
 
 log = logging.getLogger(__name__)
 
-#: Largest pool embedded for a ``diverse`` selection; a larger split is first subsampled (seeded,
-#: uniformly) to this many candidates, and the near-duplicate report covers those candidates.
+#: Largest pool embedded for a ``diverse`` selection (or twice the run's limit, if more); a larger
+#: split is first subsampled (seeded, uniformly) to that many candidates, and the near-duplicate
+#: report covers those candidates.
 DIVERSE_MAX_CANDIDATES = 20000
 #: Near-duplicate groups (and queries per group) kept on the run as examples for its page.
 DUPLICATE_EXAMPLE_GROUPS, DUPLICATE_EXAMPLE_SIZE = 5, 3
@@ -143,8 +144,8 @@ def select_queries_diverse(*, run: GenerationRun) -> dict:
     """Choose the run's queries once (``diverse`` selection, ``workers.pipeline.diversity``) and
     store them with the near-duplicate report in ``run.options``; returns the new options.
 
-    Pool: the run's split, by id; over ``DIVERSE_MAX_CANDIDATES`` queries a seeded uniform
-    subsample of that size. ``limit`` missing or not below the pool size: every pool query is
+    Pool: the run's split, by id; over ``max(DIVERSE_MAX_CANDIDATES, 2 * limit)`` queries a
+    seeded uniform subsample of that size. ``limit`` missing or not below the pool size: every pool query is
     kept (only the report is new). Stored keys: ``selected_query_ids`` (ascending) and
     ``near_duplicates`` = ``{threshold, scanned, pairs, groups, queries, examples: [[{id, text}]]}``.
     Deterministic for ``options["seed"]``, so a worker killed before the write chooses the same."""
@@ -155,8 +156,10 @@ def select_queries_diverse(*, run: GenerationRun) -> dict:
     opts = dict(run.options or {})
     seed = int(opts.get("seed") or 0)
     pool = list(_split_queries(run.project, opts.get("split", "train")).order_by("id").values_list("id", "text"))
-    if len(pool) > DIVERSE_MAX_CANDIDATES:
-        keep = np.sort(np.random.default_rng(seed).choice(len(pool), DIVERSE_MAX_CANDIDATES, replace=False))
+    # At least twice the limit are kept, so a limit above the cap still gets exactly N queries.
+    cap = max(DIVERSE_MAX_CANDIDATES, 2 * int(run.limit or 0))
+    if len(pool) > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pool), cap, replace=False))
         pool = [pool[int(i)] for i in keep]
     emb = embed_texts([t for _, t in pool], cache_dir=str(settings.MODEL_CACHE_DIR))
     if run.limit and run.limit < len(pool):
