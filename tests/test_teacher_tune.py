@@ -78,6 +78,7 @@ def test_tuned_teacher_is_registered_and_generates(celery_worker, team, owner, s
     assert tuned.provider == "transformers" and tuned.model == f"artifact:{merged.pk}"
     assert tuned.options["tuned_by_run"] == run.pk and tuned.options["tuned_from"] == Teacher.objects.get(name="smol").pk
     assert job.result["tuned_teacher"] == "smol-tuned" and out["model"] == tuned.model
+    assert job.message.endswith(f"; teacher smol-tuned added (artifact:{merged.pk})")
     assert run.hyperparams["max_steps"] == 2
 
     gen = generation_start(project=project, user=owner, teachers=["smol-tuned"])

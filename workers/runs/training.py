@@ -174,5 +174,6 @@ def training_execute(*, job: Job, reporter) -> dict:
             "best_step": result.best_step, "global_step": result.global_step, "stop_reason": result.stop_reason,
             "resumed_from_step": result.resumed_from_step, "artifacts": artifacts,
             **({"tuned_teacher": tuned.name, "tuned_teacher_model": tuned.model} if tuned is not None else {}),
-            "message": f"Trained {result.global_step} steps; train loss {result.train_loss:.4f}"
-            if result.train_loss is not None else f"Trained {result.global_step} steps"}
+            "message": (f"Trained {result.global_step} steps; train loss {result.train_loss:.4f}"
+                        if result.train_loss is not None else f"Trained {result.global_step} steps")
+            + (f"; teacher {tuned.name} added ({tuned.model})" if tuned is not None else "")}
