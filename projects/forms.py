@@ -310,7 +310,16 @@ class GenerateForm(forms.Form):
     teachers = forms.ModelMultipleChoiceField(queryset=None, required=False, widget=forms.CheckboxSelectMultiple,
                                               help_text="None ticked: every teacher except ensemble members and the judge.")
     limit = forms.IntegerField(required=False, min_value=1, max_value=2**31 - 1,
-                               help_text="Only the first N train queries (empty: all).")
+                               help_text="Only N train queries (empty: all); which N: see Selection.")
+    selection = forms.ChoiceField(
+        choices=[("first", "First N by id"), ("diverse", "Diverse: N that cover the queries (MiniLM + k-means)")],
+        initial="first", required=False,
+        help_text="Diverse embeds the queries with the bundled MiniLM, clusters them into N groups and asks the "
+                  "query nearest each group's centre; it also reports near-duplicate queries.")
+    duplicate_threshold = forms.FloatField(required=False, min_value=0.5, max_value=1.0, initial=0.95,
+                                           label="Near-duplicate threshold",
+                                           help_text="Diverse only: cosine similarity at or above which two queries "
+                                                     "count as near-duplicates (default 0.95).")
     samples_per_query = forms.IntegerField(initial=1, min_value=1, max_value=20,
                                            help_text="Rejection sampling: draw up to N answers per query, keep the first "
                                                      "that passes the checks (the best by the judge when one is set).")
@@ -327,9 +336,39 @@ class GenerateForm(forms.Form):
     def service_kwargs(self) -> dict:
         d = self.cleaned_data
         return {"teachers": list(d["teachers"]) or None, "limit": d["limit"], "samples_per_query": d["samples_per_query"],
-                "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None}
+                "concurrency": d["concurrency"], "budget_usd": d["budget_usd"] or None,
+                "selection": d.get("selection") or "first",
+                "duplicate_threshold": d["duplicate_threshold"] if d.get("duplicate_threshold") is not None else 0.95}
 
     idempotency_key = idempotency_key_field()
+
+
+class TeacherTuneForm(forms.Form):
+    """Domain-tune a local teacher on the golden references (``teacher_tune_start``): which
+    teacher, the training method and preset, an optional step cap and the new teacher's name."""
+
+    teacher = forms.ModelChoiceField(queryset=None, label="Local teacher",
+                                     help_text="A local (transformers) teacher of this project.",
+                                     error_messages={"invalid_choice": "That is not a local teacher of this project."})
+    method = forms.ChoiceField(choices=[("sft-lora", "SFT with LoRA (sft-lora)"), ("sft-full", "Full SFT (sft-full)")],
+                               initial="sft-lora")
+    preset = forms.ChoiceField(choices=[(p, f"{p} ({d})") for p, d in PRESET_DESCRIPTIONS.items()], initial="fast")
+    max_steps = forms.IntegerField(required=False, min_value=1, max_value=1_000_000, label="Max steps",
+                                   help_text="Stop after this many optimizer steps (blank: the preset's epochs).")
+    name = forms.CharField(required=False, max_length=100, label="Name of the tuned teacher",
+                           help_text="Blank: <teacher>-tuned.")
+    idempotency_key = idempotency_key_field()
+
+    def __init__(self, *args, project=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["teacher"].queryset = Teacher.objects.filter(
+            project=project, provider=Teacher.Provider.TRANSFORMERS).order_by("id")
+
+    def service_kwargs(self) -> dict:
+        d = self.cleaned_data
+        return {"teacher": d["teacher"], "method": d["method"], "preset": d["preset"], "name": d.get("name") or "",
+                "overrides": {"max_steps": d["max_steps"]} if d.get("max_steps") else None,
+                "idempotency_key": d.get("idempotency_key")}
 
 
 class ResumeForm(forms.Form):

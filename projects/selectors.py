@@ -180,6 +180,30 @@ def curated_dataset_sha256(project: Project) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def golden_reference_queries(project: Project):
+    """The project's golden queries that carry a reference answer (not blank), by id: the rows a
+    local teacher is domain-tuned on (``projects.services.training.teacher_tune_start``)."""
+    from projects.models import Query
+
+    return (Query.objects.filter(project=project, golden=True, reference__isnull=False)
+            .exclude(reference__regex=r"^\s*$").order_by("id"))
+
+
+def golden_references_sha256(project: Project) -> tuple[str, int]:
+    """Content hash of the golden references (sha256 over the canonical JSON ``[query text,
+    reference]`` of each row, in id order) and their count, as ``curated_dataset_sha256``."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    n = 0
+    for text, ref in golden_reference_queries(project).values_list("text", "reference").iterator(chunk_size=2000):
+        h.update(json.dumps([text, ref], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+        n += 1
+    return h.hexdigest(), n
+
+
 # --- Generation -------------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from projects.cli import CliError, finish_job
 from projects.cli.foundation import get_project
 from projects.models import GenerationRun, Teacher
-from projects.services.generation import SPLITS
+from projects.services.generation import SELECTIONS, SPLITS
+from workers.pipeline.training import PRESET_NAMES
 
 
 def register(sub) -> None:
@@ -28,10 +29,28 @@ def register(sub) -> None:
     p.add_argument("--member", action="append", default=[], help="ensemble member teacher name (repeat)")
     p.set_defaults(handler=cmd_teacher_add)
 
+    p = teacher.add_parser("tune", help="domain-tune a local teacher on the project's golden references "
+                                        "(gpu queue), then register it as a new teacher")
+    p.add_argument("--project", required=True)
+    p.add_argument("--teacher", required=True, help="a local (transformers) teacher of the project")
+    p.add_argument("--name", default="", help="name of the tuned teacher (default: <teacher>-tuned)")
+    p.add_argument("--method", default="sft-lora", choices=["sft-lora", "sft-full"])
+    p.add_argument("--preset", default="fast", choices=list(PRESET_NAMES))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter (repeatable), e.g. --set max_steps=50")
+    p.add_argument("--wait", action="store_true", help="block until the run ends; exit 1 if it failed or was cancelled")
+    p.set_defaults(handler=cmd_teacher_tune)
+
     p = sub.add_parser("generate", help="run the teacher(s) over the train queries with rejection sampling")
     p.add_argument("--project", required=True)
     p.add_argument("--teacher", action="append", default=[], help="teacher name (repeat; default: all)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only N queries (which N: --select)")
+    p.add_argument("--select", default="first", choices=list(SELECTIONS),
+                   help="first: the first N by id; diverse: N that cover the queries (MiniLM embeddings, k-means, "
+                        "the query nearest each centroid), with a near-duplicate report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diverse selection")
+    p.add_argument("--duplicate-threshold", type=float, default=0.95,
+                   help="cosine similarity at or above which two queries are near-duplicates (diverse only)")
     p.add_argument("--samples-per-query", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--budget-usd", type=float, default=None)
@@ -52,6 +71,26 @@ def cmd_teacher_add(o: dict) -> dict:
     return {"teacher": t.name, "id": t.pk, "provider": t.provider, "model": t.model}
 
 
+def cmd_teacher_tune(o: dict) -> dict:
+    """``teacher tune``: prints the training run's keys (``run``, ``job``, ``status``,
+    ``train_loss``, ``artifacts``, ...) plus ``teacher`` (the tuned teacher's name, once the run
+    succeeded; null before) and ``model`` (its ``artifact:ID``)."""
+    from projects.cli.training import overrides_from_sets, run_summary as training_summary
+    from projects.models import TrainingRun
+    from projects.services.training import teacher_tune_start
+
+    project = get_project(o["project"])
+    run = teacher_tune_start(project=project, teacher=o["teacher"], method=o["method"], preset=o["preset"],
+                             overrides=overrides_from_sets(o["set"]), name=o["name"])
+
+    def summary() -> dict:
+        t = Teacher.objects.filter(project=project, options__tuned_by_run=run.pk).first()
+        return {**training_summary(run), "teacher": t.name if t else None, "model": t.model if t else None}
+
+    return finish_job(o, run.job_id, summary, f"teacher tuning run {run.pk}",
+                      lambda: TrainingRun.objects.get(pk=run.pk).stop_reason)
+
+
 def run_summary(run: GenerationRun) -> dict:
     """The JSON keys of ``generate``: run, job, status, counters, tokens, cost (USD)."""
     run.refresh_from_db()
@@ -59,7 +98,10 @@ def run_summary(run: GenerationRun) -> dict:
     return {"run": run.pk, "job": job.pk if job else None, "status": job.status if job else run.status,
             "accepted": run.accepted, "rejected": run.rejected, "failed": run.failed,
             "input_tokens": run.input_tokens, "output_tokens": run.output_tokens, "cost_usd": float(run.cost_usd),
-            "stop_reason": run.stop_reason}
+            "stop_reason": run.stop_reason, "selection": (run.options or {}).get("selection", "first"),
+            "queries": (run.options or {}).get("queries"),
+            "near_duplicates": {k: v for k, v in ((run.options or {}).get("near_duplicates") or {}).items()
+                                if k != "examples"} or None}
 
 
 def cmd_generate(o: dict) -> dict:
@@ -74,6 +116,7 @@ def cmd_generate(o: dict) -> dict:
     else:
         run = generation_start(project=project, teachers=o["teacher"] or None, limit=o["limit"],
                                samples_per_query=o["samples_per_query"], concurrency=o["concurrency"],
-                               budget_usd=o["budget_usd"], split=o["split"])
+                               budget_usd=o["budget_usd"], split=o["split"], selection=o["select"],
+                               seed=o["seed"], duplicate_threshold=o["duplicate_threshold"])
     return finish_job(o, run.job.pk, lambda: run_summary(run), f"generation run {run.pk}",
                       lambda: GenerationRun.objects.get(pk=run.pk).stop_reason)

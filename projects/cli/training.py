@@ -46,17 +46,24 @@ def _finish(o: dict, run: TrainingRun) -> dict:
                       lambda: TrainingRun.objects.get(pk=run.pk).stop_reason)
 
 
-def cmd_train(o: dict) -> dict:
-    project = get_project(o["project"])
+def overrides_from_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as hyperparameter overrides: JSON where it parses (numbers,
+    true/false, ["q_proj", "v_proj"]), else the text. Raises CliError for an item without ``=``."""
     overrides: dict = {}
-    for item in o["set"]:
+    for item in items:
         if "=" not in item:
             raise CliError(f"--set: {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
-        try:  # JSON where it parses (numbers, true/false, ["q_proj", "v_proj"]), else the text
+        try:
             overrides[k.strip()] = loads_bounded(v)
         except ValueError:
             overrides[k.strip()] = v
+    return overrides
+
+
+def cmd_train(o: dict) -> dict:
+    project = get_project(o["project"])
+    overrides = overrides_from_sets(o["set"])
     if o.get("epochs") is not None:
         overrides["num_train_epochs"] = o["epochs"]
     run = training_start(project=project, method=o["method"], student_model=o["student"], preset=o["preset"],

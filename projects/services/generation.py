@@ -38,6 +38,9 @@ SPLITS = ("train", "validation", "test", "golden")
 MAX_LIMIT = 2**31 - 1
 #: Artifact kinds a local (transformers) teacher can run: a causal LM folder.
 LOCAL_TEACHER_KINDS = ("merged",)
+#: How a run with a ``limit`` picks its queries: ``first`` N by id, or ``diverse`` (MiniLM
+#: embeddings, k-means, the query nearest each centroid: ``workers.pipeline.diversity``).
+SELECTIONS = ("first", "diverse")
 
 
 def _decimal(field: str, value, *, max_digits: int, decimal_places: int, positive: bool = False) -> Decimal:
@@ -218,13 +221,21 @@ def _split_queries(project: Project, split: str):
 
 def generation_start(*, project: Project, user=None, teachers=None, limit: int | None = None, samples_per_query: int = 1,
                      concurrency: int = 16, budget_usd=None, split: str = "train", queue: str | None = None,
-                     chunk_size: int | None = None, idempotency_key=None) -> GenerationRun:
+                     chunk_size: int | None = None, idempotency_key=None, selection: str = "first",
+                     seed: int = 0, duplicate_threshold: float = 0.95) -> GenerationRun:
     """Start a generation run: every ``split`` query (train by default; ``test``/``golden`` for
-    the evaluation's teacher answers, never part of the curated dataset), first ``limit`` by id,
+    the evaluation's teacher answers, never part of the curated dataset), or ``limit`` of them,
     goes to each teacher (``teachers``: Teacher rows or names; default every teacher that is not
     an ensemble member or the judge). ``samples_per_query`` (1-20) slots per query are drawn by
     rejection sampling at the teacher's temperature; ``concurrency`` (1-512) requests in flight
     per worker; ``budget_usd`` stops the run before its cost would pass the cap.
+
+    ``selection`` decides which ``limit`` queries: ``first`` (the first N by id) or ``diverse``
+    (N that cover the query space: MiniLM embeddings, k-means with k = N, the query nearest each
+    centroid, deterministic for ``seed``; see ``workers.pipeline.diversity``). With ``diverse``
+    the worker also reports near-duplicate queries (cosine similarity >= ``duplicate_threshold``,
+    0-1]). The chosen query ids are computed once by the worker and stored in
+    ``run.options["selected_query_ids"]``, so a resumed run asks exactly the same queries.
 
     The run and its Job are created in one transaction and the coordinator task is queued on
     ``queue`` (default ``teacher``) after commit; ``run.job`` is the Job. Double submits (see
@@ -248,6 +259,18 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
         budget_usd = _decimal("budget_usd", budget_usd, max_digits=12, decimal_places=4, positive=True)
     if chunk_size is not None and not (1 <= int(chunk_size) <= 10000):
         raise InvalidInput(f"chunk_size: {chunk_size} is outside 1-10000")
+    selection = selection or "first"
+    if selection not in SELECTIONS:
+        raise InvalidInput(f"selection: {selection!r} is not one of {', '.join(SELECTIONS)}")
+    try:
+        duplicate_threshold = float(duplicate_threshold)
+        seed = int(seed)
+    except (TypeError, ValueError):
+        raise InvalidInput("duplicate_threshold / seed: not a number") from None
+    if not (0.0 < duplicate_threshold <= 1.0):
+        raise InvalidInput(f"duplicate_threshold: {duplicate_threshold} is outside (0, 1]")
+    if not (0 <= seed <= 2**31 - 1):
+        raise InvalidInput(f"seed: {seed} is outside 0-{2**31 - 1}")
     rows = _resolve_teachers(project, teachers) if teachers else _default_teachers(project)
     if not rows:
         raise InvalidState(f"project {project.slug} has no teacher: add one on the Teacher data page "
@@ -259,6 +282,8 @@ def generation_start(*, project: Project, user=None, teachers=None, limit: int |
         raise InvalidState(f"project {project.slug} is a classification project without labels: set its label set first")
     options = {"split": split, "queue": queue or DEFAULT_QUEUE, "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
                "queries": min(n_queries, int(limit)) if limit else n_queries}
+    if selection == "diverse":  # absent means "first" (runs before this option, and the default)
+        options.update(selection=selection, seed=seed, duplicate_threshold=duplicate_threshold)
     key = idempotency_key_parse(key=idempotency_key)
     budget = Decimal(str(budget_usd)) if budget_usd is not None else None
     params = (int(samples_per_query), int(concurrency), int(limit) if limit else None, budget, options)
@@ -406,6 +431,11 @@ def _effective_n(run: GenerationRun, task, configs) -> dict[int, int]:
 
 
 def _run_query_ids(run: GenerationRun) -> list[int]:
+    """The run's query ids: the stored selection (``options["selected_query_ids"]``, written once
+    by the worker for ``diverse`` runs) when there is one, else the first ``limit`` by id."""
+    stored = (run.options or {}).get("selected_query_ids")
+    if stored is not None:
+        return [int(q) for q in stored]
     qs = _split_queries(run.project, (run.options or {}).get("split", "train")).order_by("id").values_list("id", flat=True)
     if run.limit:
         qs = qs[: run.limit]
@@ -445,5 +475,5 @@ def _refresh_counters(run: GenerationRun) -> dict:
     return fields
 
 
-__all__ = ["teacher_create", "teacher_update", "generation_start", "generation_cancel", "generation_resume",
+__all__ = ["SELECTIONS", "teacher_create", "teacher_update", "generation_start", "generation_cancel", "generation_resume",
            "GenerationStopped"]

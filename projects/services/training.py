@@ -23,7 +23,7 @@ from projects.services.datasets import dataset_version_freeze
 from projects.services.idempotency import idempotency_key_parse, start_find_earlier
 from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
-from projects.services.security import model_ref_check
+from projects.services.security import ARTIFACT_PREFIX, model_ref_check
 from workers.pipeline import prompts
 from workers.pipeline.training import DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, resolve_hyperparams
 
@@ -58,8 +58,16 @@ def _student_kinds(method: str) -> tuple[str, ...]:
     return ("classifier",) if method == TrainingMethod.CLASSIFIER_KD else ("merged",)
 
 
+#: Where a run's training rows come from: the curated dataset (teacher samples), or the golden
+#: queries' reference answers (domain-tuning a local teacher, ``teacher_tune_start``).
+ROWS_SOURCES = ("curated", "golden")
+#: Methods that can domain-tune a local teacher (causal LM in, merged causal LM out).
+TEACHER_TUNE_METHODS = (TrainingMethod.SFT_LORA.value, TrainingMethod.SFT_FULL.value)
+
+
 def training_start(*, project: Project, method: str, student_model: str = "", user=None, preset: str = "fast",
-                   overrides: dict | None = None, idempotency_key=None) -> TrainingRun:
+                   overrides: dict | None = None, idempotency_key=None, rows_source: str = "curated",
+                   teacher_tune: dict | None = None) -> TrainingRun:
     """Create a TrainingRun and its Job, and queue ``training_run_task`` on the ``gpu`` queue
     after commit. ``overrides``: hyperparameters that replace the preset's (see
     ``workers.pipeline.training.PRESETS``). The curated dataset's sha256 and row count, every
@@ -76,9 +84,15 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     with the same method, student, preset, hyperparameters and curated dataset whose job is
     still queued or running; the returned run's ``reused`` says which happened.
 
+    ``rows_source="golden"`` (sft-lora / sft-full only) trains on the golden queries' reference
+    answers instead of the curated dataset, with the teacher's prompt; ``teacher_tune`` (``{"teacher":
+    id, "name": new teacher name}``, set by ``teacher_tune_start``) registers the result as a new
+    local teacher when the run succeeds. Both are recorded in ``run.hyperparams``.
+
     Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, a refused student
-    model, classifier-kd on a non-classification project, logit-kd without a local teacher),
-    InvalidState (no curated rows).
+    model, classifier-kd on a non-classification project, logit-kd without a local teacher,
+    golden rows with a method other than sft-lora/sft-full), InvalidState (no curated rows; no
+    golden references).
     """
     ensure_can_write(user=user, team=project.team)
     if method not in METHODS:
@@ -97,9 +111,23 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
                            "use sft-lora for this task")
     if method == TrainingMethod.LOGIT_KD:
         hp["teacher"] = _local_teacher(project, hp.get("teacher", "")).name
-    sha, n = selectors.curated_dataset_sha256(project)
-    if n == 0:
-        raise InvalidState("the curated dataset is empty: generate teacher data (and review it) before training")
+    if rows_source not in ROWS_SOURCES:
+        raise InvalidInput(f"rows_source: {rows_source!r} is not one of {', '.join(ROWS_SOURCES)}")
+    if rows_source == "golden":
+        if method not in TEACHER_TUNE_METHODS:
+            raise InvalidInput(f"method: training on the golden references takes {' or '.join(TEACHER_TUNE_METHODS)}, "
+                               f"not {method}")
+        sha, n = selectors.golden_references_sha256(project)
+        if n == 0:
+            raise InvalidState(f"project {project.slug} has no golden query with a reference answer: import a golden "
+                               "set with references first (`distill import --golden --reference-column C`)")
+        hp["rows_source"] = "golden"
+        if teacher_tune:
+            hp["teacher_tune"] = {"teacher": int(teacher_tune["teacher"]), "name": str(teacher_tune["name"])}
+    else:
+        sha, n = selectors.curated_dataset_sha256(project)
+        if n == 0:
+            raise InvalidState("the curated dataset is empty: generate teacher data (and review it) before training")
     spec = selectors.project_task_spec(project)
     key = idempotency_key_parse(key=idempotency_key)
     hp_stored = json.loads(json.dumps(hp))  # as the jsonb column gives it back (tuples -> lists)
@@ -113,12 +141,14 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
         if earlier is not None:
             earlier.reused = True
             return earlier
-        version = dataset_version_freeze(project=project, user=user)
+        # A run on the golden references trains on them, not on the curated dataset: no version.
+        version = dataset_version_freeze(project=project, user=user) if rows_source != "golden" else None
         job = job_create(kind=JOB_KIND, team=project.team, project=project, user=user)
         run = TrainingRun.objects.create(
             project=project, job=job, method=method, student_model=student_model, preset=preset,
             hyperparams=hp, dataset_sha256=sha, dataset_rows=n, dataset_version=version,
-            student_prompt_template=prompts.student_template(spec) if method != "classifier-kd" else "{query}",
+            student_prompt_template=(prompts.teacher_template(spec) if rows_source == "golden"
+                                     else prompts.student_template(spec) if method != "classifier-kd" else "{query}"),
             teacher_prompt_template=prompts.teacher_template(spec),
             created_by=user if (user is not None and user.is_authenticated) else None, idempotency_key=key,
         )
@@ -129,6 +159,81 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
         _enqueue(job)
     run.reused = False
     return run
+
+
+def teacher_tune_start(*, project: Project, teacher, user=None, method: str = "sft-lora", preset: str = "fast",
+                       overrides: dict | None = None, name: str = "", idempotency_key=None) -> TrainingRun:
+    """Domain-tune a local teacher before it labels data: train ``teacher`` (a Teacher of
+    ``project`` or its name; provider ``transformers``) with the usual training code
+    (``training_start``, ``method`` sft-lora or sft-full, ``preset`` and ``overrides`` as there)
+    on the golden queries' reference answers, rendered with the teacher's prompt. When the run
+    succeeds the worker registers a new local teacher ``name`` (default ``<teacher>-tuned``)
+    whose model is ``artifact:<id>`` of the run's merged model, with the original's temperature,
+    max tokens and timeout (``teacher_tune_register``). Returns the TrainingRun (its job on the
+    ``gpu`` queue).
+
+    Raises NotAllowed (viewer); InvalidInput when the teacher is not a teacher of the project or
+    not local (an API teacher's weights cannot be trained here), the method is not sft-lora /
+    sft-full, or ``name`` is taken or too long; InvalidState when the project has no golden query
+    with a reference answer."""
+    ensure_can_write(user=user, team=project.team)
+    if not isinstance(teacher, Teacher):
+        found = Teacher.objects.filter(project=project, name=str(teacher or "")).first()
+        if found is None:
+            raise InvalidInput(f"teacher: project {project.slug} has no teacher named {teacher!r}")
+        teacher = found
+    elif teacher.project_id != project.pk:
+        raise InvalidInput(f"teacher: {teacher.name!r} is not a teacher of project {project.slug}")
+    if teacher.provider != Teacher.Provider.TRANSFORMERS:
+        raise InvalidInput(f"teacher: {teacher.name!r} is an {teacher.provider} teacher; only a local (transformers) "
+                           "teacher can be tuned here (its weights must be on this machine)")
+    if method not in TEACHER_TUNE_METHODS:
+        raise InvalidInput(f"method: a teacher is tuned with {' or '.join(TEACHER_TUNE_METHODS)}, not {method!r}")
+    name = (name or "").strip() or f"{teacher.name}-tuned"
+    if len(name) > 100:
+        raise InvalidInput(f"name: at most 100 characters, got {len(name)}")
+    if Teacher.objects.filter(project=project, name=name).exists():
+        raise InvalidInput(f"name: project {project.slug} already has a teacher named {name!r}; choose another name")
+    if selectors.golden_references_sha256(project)[1] == 0:
+        raise InvalidState(f"project {project.slug} has no golden query with a reference answer: import a golden "
+                           "set with references first (`distill import --golden --reference-column C`)")
+    return training_start(project=project, method=method, student_model=teacher.model, user=user, preset=preset,
+                          overrides=overrides, idempotency_key=idempotency_key, rows_source="golden",
+                          teacher_tune={"teacher": teacher.pk, "name": name})
+
+
+def teacher_tune_register(*, run: TrainingRun) -> Teacher | None:
+    """After a teacher-tuning run (``run.hyperparams["teacher_tune"]``) succeeded: add the tuned
+    local teacher, ``model = "artifact:<id>"`` of the run's ``merged`` artifact, copying the
+    original teacher's sampling settings; ``options`` records ``tuned_from`` (teacher id) and
+    ``training_run``. Idempotent: a teacher this run registered already is returned as it is.
+    When the name was taken meanwhile, ``<name>-run<id>`` is used. Returns None for other runs.
+    Raises InvalidState when the run has no merged artifact."""
+    from projects.models import ModelArtifact
+    from projects.services.generation import teacher_create
+
+    tune = (run.hyperparams or {}).get("teacher_tune")
+    if not tune:
+        return None
+    done = Teacher.objects.filter(project=run.project, options__tuned_by_run=run.pk).first()
+    if done is not None:
+        return done
+    art = ModelArtifact.objects.filter(training_run=run, kind="merged").first()
+    if art is None:
+        raise InvalidState(f"training run {run.pk} has no merged model to use as a teacher")
+    source = Teacher.objects.filter(pk=tune["teacher"], project=run.project).first()
+    name = tune["name"]
+    if Teacher.objects.filter(project=run.project, name=name).exists():
+        name = f"{name}-run{run.pk}"[:100]
+    kw = {"temperature": source.temperature, "max_tokens": source.max_tokens, "top_logprobs": source.top_logprobs,
+          "timeout_s": source.timeout_s} if source is not None else {}
+    with transaction.atomic():
+        t = teacher_create(project=run.project, name=name, provider=Teacher.Provider.TRANSFORMERS,
+                           model=f"{ARTIFACT_PREFIX}{art.pk}", **kw)
+        t.options = {**(t.options or {}), "tuned_from": tune["teacher"], "tuned_by_run": run.pk,
+                     "rows_source": "golden"}
+        t.save(update_fields=["options"])
+    return t
 
 
 def _enqueue(job: Job) -> None:

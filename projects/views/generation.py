@@ -9,7 +9,7 @@ from django.urls import path
 from django.views.decorators.http import require_POST
 
 from projects import selectors
-from projects.forms import GenerateForm, ResumeForm, TeacherForm
+from projects.forms import GenerateForm, ResumeForm, TeacherForm, TeacherTuneForm
 from projects.models import Sample
 from projects.services import ServiceError
 from projects.views import call_service, refresh_when_ended
@@ -30,6 +30,7 @@ def generation_page(request, slug: str):
     return render(request, "generation/page.html", _ctx(
         request, project, teachers=project.teachers.prefetch_related("members").order_by("id"), runs=runs,
         teacher_form=TeacherForm(project=project), generate_form=GenerateForm(project=project),
+        tune_form=TeacherTuneForm(project=project), golden_references=selectors.golden_references_sha256(project)[1],
         train_queries=project.queries.filter(split="train", golden=False).count()))
 
 
@@ -91,6 +92,26 @@ def generation_start_view(request, slug: str):
     return redirect("generation_run", slug=project.slug, run_id=run.pk)
 
 
+@require_POST
+def teacher_tune_view(request, slug: str):
+    """Domain-tune a local teacher on the golden references; the run page of the training run."""
+    from projects.services.training import teacher_tune_start
+
+    project = selectors.project_for_user(request.user, slug)
+    form = TeacherTuneForm(request.POST, project=project)
+    if not form.is_valid():
+        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        return redirect("generation_page", slug=project.slug)
+    try:
+        run = teacher_tune_start(project=project, user=request.user, **form.service_kwargs())
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("generation_page", slug=project.slug)
+    messages.success(request, f"Tuning run {run.pk} queued: when it succeeds, the teacher "
+                              f"“{run.hyperparams['teacher_tune']['name']}” appears on the Teacher data page.")
+    return redirect("training_run", slug=project.slug, run_id=run.pk)
+
+
 def generation_run_view(request, slug: str, run_id: int):
     run = selectors.generation_run_for_user(request.user, slug, run_id)
     status = request.GET.get("status", "")
@@ -142,6 +163,7 @@ urlpatterns = [
     path("p/<slug:slug>/generation/teachers/new/", teacher_new, name="teacher_new"),
     path("p/<slug:slug>/generation/teachers/<int:teacher_id>/", teacher_edit, name="teacher_edit"),
     path("p/<slug:slug>/generation/start/", generation_start_view, name="generation_start"),
+    path("p/<slug:slug>/generation/teachers/tune/", teacher_tune_view, name="teacher_tune"),
     path("p/<slug:slug>/generation/runs/<int:run_id>/", generation_run_view, name="generation_run"),
     path("p/<slug:slug>/generation/runs/<int:run_id>/stats/", generation_run_stats, name="generation_run_stats"),
     path("p/<slug:slug>/generation/runs/<int:run_id>/cancel/", generation_run_cancel, name="generation_run_cancel"),

@@ -164,6 +164,10 @@ class TrainSpec:
     teacher_model: str | None = None
     cache_dir: str | None = None
     policy: object | None = None
+    #: ``student``: rows use the student's short prompt (a student in training); ``teacher``:
+    #: the teacher's full prompt (instructions, labels or schema, few-shot), for a local teacher
+    #: domain-tuned on the golden references, which later answers exactly that prompt.
+    prompt_style: str = "student"
 
 
 @dataclass
@@ -437,10 +441,14 @@ def ensure_chat_template(tokenizer, student_model: str, chat_template: str | Non
                               "(e.g. smollm2-135m-instruct) or give the hyperparameter 'chat_template' a Jinja template")
 
 
-def chat_rows(task: TaskSpec, rows: list[TrainRow]) -> list[dict]:
-    """Prompt/completion chat rows for TRL: ``{"prompt": student_messages, "completion":
-    [{"role": "assistant", "content": answer}]}``."""
-    return [{"prompt": prompts.student_messages(task, r.query),
+def chat_rows(task: TaskSpec, rows: list[TrainRow], prompt_style: str = "student") -> list[dict]:
+    """Prompt/completion chat rows for TRL: ``{"prompt": student_messages (or teacher_messages
+    with ``prompt_style="teacher"``), "completion": [{"role": "assistant", "content": answer}]}``.
+    Raises TrainingRefused for another ``prompt_style``."""
+    if prompt_style not in ("student", "teacher"):
+        raise TrainingRefused(f"prompt_style: {prompt_style!r} is not student or teacher")
+    render = prompts.teacher_messages if prompt_style == "teacher" else prompts.student_messages
+    return [{"prompt": render(task, r.query),
              "completion": [{"role": "assistant", "content": r.answer or ""}]} for r in rows]
 
 
@@ -539,8 +547,8 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     # base is frozen, so it is loaded in bf16 (the adapters PEFT adds stay float32).
     model = _sft_model(spec, src, torch.float32 if method == "sft-full" else dtype)
     peft_config = _lora_config(model, hp) if method in ("sft-lora", "logit-kd") else None
-    train_raw = chat_rows(spec.task, spec.train_rows)
-    val_raw = chat_rows(spec.task, spec.val_rows)
+    train_raw = chat_rows(spec.task, spec.train_rows, spec.prompt_style)
+    val_raw = chat_rows(spec.task, spec.val_rows, spec.prompt_style)
     kw = _training_args_kwargs(hp, spec, len(train_raw), bool(val_raw))
     args = SFTConfig(max_length=hp["max_length"], completion_only_loss=True, assistant_only_loss=False,
                      packing=False, dataset_num_proc=None, **kw)

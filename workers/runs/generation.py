@@ -27,10 +27,18 @@ from projects.models import JOB_ENDED, GenerationRun, Job, JobStatus, Query, Sam
 from projects.selectors import project_task_spec
 from projects.services.generation import (DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE, GenerationStopped,
                                           _configs, _count_done_groups, _effective_n, _group_rows,
-                                          _refresh_counters, _run_query_ids, _teacher_config, judge_model_config)
+                                          _refresh_counters, _run_query_ids, _split_queries, _teacher_config,
+                                          judge_model_config)
 from projects.services.jobs import task_send
 
 log = logging.getLogger(__name__)
+
+#: Largest pool embedded for a ``diverse`` selection (or twice the run's limit, if more); a larger
+#: split is first subsampled (seeded, uniformly) to that many candidates, and the near-duplicate
+#: report covers those candidates.
+DIVERSE_MAX_CANDIDATES = 20000
+#: Near-duplicate groups (and queries per group) kept on the run as examples for its page.
+DUPLICATE_EXAMPLE_GROUPS, DUPLICATE_EXAMPLE_SIZE = 5, 3
 
 # On cancel, requests already in flight get this long to finish so answers already paid for
 # are kept; then they are dropped. Cancel therefore takes at most ~1 s (the check) + this.
@@ -89,6 +97,9 @@ def _coordinate(*, job: Job, reporter) -> dict:
     task = project_task_spec(run.project)
     configs = _configs(run)
     n_eff = _effective_n(run, task, configs)
+    if (run.options or {}).get("selection") == "diverse" and "selected_query_ids" not in run.options:
+        reporter.report(0.0, "choosing diverse queries (MiniLM embeddings, k-means)", force=True)
+        run.options = select_queries_diverse(run=run)
     qids = _run_query_ids(run)
     if (run.options or {}).get("queries") != len(qids):
         run.options = {**(run.options or {}), "queries": len(qids)}
@@ -128,6 +139,49 @@ def _coordinate(*, job: Job, reporter) -> dict:
     counters = _refresh_counters(run)
     return {"run": run.pk, **{k: (float(v) if isinstance(v, Decimal) else v) for k, v in counters.items()},
             "message": _progress_message(total, total, counters)}
+
+
+def select_queries_diverse(*, run: GenerationRun) -> dict:
+    """Choose the run's queries once (``diverse`` selection, ``workers.pipeline.diversity``) and
+    store them with the near-duplicate report in ``run.options``; returns the new options.
+
+    Pool: the run's split, by id; over ``max(DIVERSE_MAX_CANDIDATES, 2 * limit)`` queries a
+    seeded uniform subsample of that size. ``limit`` missing or not below the pool size: every pool query is
+    kept (only the report is new). Stored keys: ``selected_query_ids`` (ascending) and
+    ``near_duplicates`` = ``{threshold, scanned, pairs, groups, queries, examples: [[{id, text}]]}``.
+    Deterministic for ``options["seed"]``, so a worker killed before the write chooses the same."""
+    import numpy as np
+
+    from workers.pipeline.diversity import embed_texts, near_duplicates, select_diverse
+
+    opts = dict(run.options or {})
+    seed = int(opts.get("seed") or 0)
+    pool = list(_split_queries(run.project, opts.get("split", "train")).order_by("id").values_list("id", "text"))
+    # At least twice the limit are kept, so a limit above the cap still gets exactly N queries.
+    cap = max(DIVERSE_MAX_CANDIDATES, 2 * int(run.limit or 0))
+    if len(pool) > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pool), cap, replace=False))
+        pool = [pool[int(i)] for i in keep]
+    emb = embed_texts([t for _, t in pool], cache_dir=str(settings.MODEL_CACHE_DIR))
+    if run.limit and run.limit < len(pool):
+        chosen = [pool[i][0] for i in select_diverse(emb, int(run.limit), seed=seed)]
+    else:
+        chosen = [q for q, _ in pool]
+    report = near_duplicates(emb, threshold=float(opts.get("duplicate_threshold") or 0.95))
+    opts["selected_query_ids"] = sorted(chosen)
+    opts["near_duplicates"] = {
+        "threshold": report.threshold, "scanned": len(pool), "pairs": len(report.pairs), "groups": len(report.groups),
+        "queries": sum(len(g) for g in report.groups),
+        "examples": [[{"id": pool[i][0], "text": pool[i][1][:300]} for i in g[:DUPLICATE_EXAMPLE_SIZE]]
+                     for g in report.groups[:DUPLICATE_EXAMPLE_GROUPS]]}
+    opts["queries"] = len(chosen)
+    # Written once: a second coordinator (a redelivered message) keeps the first selection.
+    with transaction.atomic():
+        current = GenerationRun.objects.select_for_update().get(pk=run.pk)
+        if "selected_query_ids" in (current.options or {}):
+            return current.options
+        GenerationRun.objects.filter(pk=run.pk).update(options=opts)
+    return opts
 
 
 def _progress_message(done: int, total: int, c: dict) -> str:

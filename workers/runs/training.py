@@ -25,7 +25,8 @@ from projects.models import DatasetVersion, Job, JobStatus, ModelArtifact, Sampl
 from projects.services import InvalidInput, InvalidState
 from projects.services.datasets import dataset_version_file
 from projects.services.security import model_ref_resolve
-from projects.services.training import _local_teacher, _student_kinds, run_checkpoint_dir, run_output_dir
+from projects.services.training import (_local_teacher, _student_kinds, run_checkpoint_dir, run_output_dir,
+                                        teacher_tune_register)
 from workers.pipeline.training import TrainingRefused, TrainRow, TrainSpec, split_validation
 
 
@@ -129,9 +130,16 @@ def training_rows(*, run: TrainingRun) -> tuple[list[TrainRow], list[TrainRow], 
     The train rows are the run's frozen dataset version (the curated dataset as it was when the
     run started, whatever was reviewed since); a run without one (made before versions existed)
     reads the curated dataset as it is now. Raises InvalidState when the version's file is
-    missing or changed."""
+    missing or changed. A run on the golden references (``hyperparams["rows_source"] ==
+    "golden"``, a teacher being domain-tuned) takes one row per golden query with a reference
+    (answer = the reference) and validates on every 10th of them (``holdout``)."""
     project = run.project
     labels = list(project.labels or [])
+    if (run.hyperparams or {}).get("rows_source") == "golden":
+        rows = [TrainRow(query=text, answer=ref, label=ref if ref in labels else None)
+                for text, ref in selectors.golden_reference_queries(project).values_list("text", "reference")]
+        train, val = split_validation(rows)
+        return train, val, "holdout"
     if run.dataset_version_id is not None:
         train = _rows_from_items(_items_from_version(run.dataset_version), run.method, labels)
     else:
@@ -175,7 +183,8 @@ def training_execute(*, job: Job, reporter) -> dict:
                      train_rows=train_rows, val_rows=val_rows, hyperparams=dict(run.hyperparams),
                      output_dir=str(run_output_dir(run=run)), checkpoint_dir=str(run_checkpoint_dir(run=run)),
                      resume_from_checkpoint=resume, teacher_model=teacher_model,
-                     cache_dir=str(settings.MODEL_CACHE_DIR), policy=policy)
+                     cache_dir=str(settings.MODEL_CACHE_DIR), policy=policy,
+                     prompt_style="teacher" if run.hyperparams.get("rows_source") == "golden" else "student")
 
     # A sweep's trial stops early (pruned) once its validation divergence from the teacher has
     # grown for the sweep's ``divergence_patience`` evaluations in a row (see
@@ -220,6 +229,8 @@ def training_execute(*, job: Job, reporter) -> dict:
         ModelArtifact.objects.update_or_create(training_run=run, kind=a["kind"], defaults={
             "project": run.project, "path": rel, "size_bytes": size, "sha256": sha})
         artifacts.append({"kind": a["kind"], "path": rel, "size_bytes": size, "sha256": sha})
+    run.refresh_from_db()
+    tuned = teacher_tune_register(run=run)  # a teacher-tuning run: its merged model becomes a teacher
     TrainingRun.objects.filter(pk=run.pk).update(
         train_loss=result.train_loss, best_val_loss=result.best_val_loss, best_step=result.best_step,
         stop_reason=result.stop_reason, preflight={**result.preflight, "validation_source": val_source,
@@ -227,5 +238,7 @@ def training_execute(*, job: Job, reporter) -> dict:
     return {"run": run.pk, "train_loss": result.train_loss, "best_val_loss": result.best_val_loss,
             "best_step": result.best_step, "global_step": result.global_step, "stop_reason": result.stop_reason,
             "resumed_from_step": result.resumed_from_step, "artifacts": artifacts,
-            "message": f"Trained {result.global_step} steps; train loss {result.train_loss:.4f}"
-            if result.train_loss is not None else f"Trained {result.global_step} steps"}
+            **({"tuned_teacher": tuned.name, "tuned_teacher_model": tuned.model} if tuned is not None else {}),
+            "message": (f"Trained {result.global_step} steps; train loss {result.train_loss:.4f}"
+                        if result.train_loss is not None else f"Trained {result.global_step} steps")
+            + (f"; teacher {tuned.name} added ({tuned.model})" if tuned is not None else "")}
