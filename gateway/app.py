@@ -24,12 +24,14 @@ import os
 import random
 import time
 import uuid
+from dataclasses import dataclass
 
 import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "distillhub.settings")
 django.setup()
 
+import orjson  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
@@ -37,15 +39,13 @@ from starlette.routing import Route as HttpRoute  # noqa: E402
 
 from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
-from gateway.state import Snapshot, load_snapshot  # noqa: E402
-from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, loads_bounded  # noqa: E402
+from gateway.state import Route, Snapshot, load_snapshot  # noqa: E402
+from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, check_depth, loads_bounded  # noqa: E402
 from gateway.upstream import OWN_CODES, Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
 
 log = logging.getLogger("gateway")
 #: The largest max_tokens a client may ask for (more than any model here can answer).
 MAX_TOKENS = 1_000_000
-# httpx2 logs every request at INFO: a log line per call would cost more than the routing itself.
-logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -102,21 +102,35 @@ async def _read_body(request: Request) -> bytes | Response:
     """The request body, or a 413 error once it passes ``GATEWAY_MAX_BODY_BYTES`` (checked on
     Content-Length first, then on the bytes actually read: a chunked body has no length)."""
     limit = GW.max_body_bytes
-    too_big = _error(413, f"The request body is larger than {limit} bytes (GATEWAY_MAX_BODY_BYTES).",
-                     code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
             return _error(400, "Content-Length: not a number.", code="invalid_request")
         if int(declared) > limit:
-            return too_big
+            return _too_big(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            return too_big
+            return _too_big(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_big(limit: int) -> Response:
+    return _error(413, f"The request body is larger than {limit} bytes (GATEWAY_MAX_BODY_BYTES).",
+                  code="request_too_large")
+
+
+def _loads(raw: bytes):
+    """The parsed body (orjson; on its failure ``loads_bounded`` says why: malformed or too deep).
+    Raises ValueError / JSONTooDeep."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads_bounded(raw)
+    check_depth(value)
+    return value
 
 
 def _auth(request: Request):
@@ -150,13 +164,11 @@ async def healthz(request: Request) -> Response:
 
 
 def _messages_for(route, query: str, who: str) -> list[dict]:
-    from workers.pipeline import prompts
-
+    """The chat messages for ``who`` (teacher or student): the route's fixed prompt part (built
+    once per snapshot) and the query, as in training (``workers.pipeline.prompts``)."""
     if who == "teacher":
-        return prompts.teacher_messages(route.task, query)
-    if route.student_kind == "classifier":
-        return [{"role": "user", "content": query}]
-    return prompts.student_messages(route.task, query)
+        return [*route.teacher_prefix, {"role": "user", "content": query}]
+    return [{"role": "user", "content": route.student_prefix + query}]
 
 
 async def _shadow(route, query: str, student: Reply, key_id: int) -> None:
@@ -176,8 +188,23 @@ async def _shadow(route, query: str, student: Reply, key_id: int) -> None:
                 confidence=student.confidence)
 
 
-async def chat_completions(request: Request) -> Response:
-    t0 = time.perf_counter()
+@dataclass(slots=True)
+class Ask:
+    """One validated chat-completions request: who sent it, the deployment, the query and the
+    options the gateway acts on; ``t0`` its arrival (``time.perf_counter``)."""
+
+    t0: float
+    key_id: int
+    route: Route
+    query: str
+    stream: bool
+    include_usage: bool
+    user: str | None
+    max_tokens: int | None
+
+
+async def _parse(request: Request, t0: float) -> Ask | Response:
+    """The request as an ``Ask``, or the error response (401, 400 naming the field, 404, 413)."""
     who = _auth(request)
     if who is None:
         return _error(401, "Invalid or revoked API key (send Authorization: Bearer <key>).", code="invalid_api_key")
@@ -186,7 +213,7 @@ async def chat_completions(request: Request) -> Response:
     if isinstance(raw, Response):
         return raw
     try:
-        body = loads_bounded(raw)
+        body = _loads(raw)
     except JSONTooDeep:
         return _error(400, f"The request body nests JSON more than {MAX_DEPTH} levels deep.", code="invalid_json")
     except ValueError:
@@ -205,79 +232,110 @@ async def chat_completions(request: Request) -> Response:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         return _error(400, "stream: must be true or false.", code="invalid_stream", param="stream")
-    stream = bool(stream)
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         return _error(400, "stream_options: must be an object, e.g. {\"include_usage\": true}.",
                       code="invalid_stream_options", param="stream_options")
-    user = body.get("user") if isinstance(body.get("user"), str) else None
+    user = body.get("user")
     mt_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(mt_field)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or not 1 <= max_tokens <= MAX_TOKENS):
         return _error(400, f"{mt_field}: must be a whole number from 1 to {MAX_TOKENS}.", code="invalid_max_tokens",
                       param=mt_field)
+    return Ask(t0=t0, key_id=key_id, route=route, query=query, stream=bool(stream),
+               include_usage=bool((stream_options or {}).get("include_usage")),
+               user=user if isinstance(user, str) else None, max_tokens=max_tokens)
 
-    to_student = routing.route_fraction(route.slug, user, GW.rng) < route.student_share
-    answer: Reply | None = None
-    path, error, confidence, student_reply = "teacher", "", None, None
-    if to_student:
-        try:
-            student_reply = await chat(GW.client, route.student, _messages_for(route, query, "student"),
-                                       max_tokens=max_tokens)
-            confidence = student_reply.confidence
-            if routing.below_threshold(confidence, route.confidence_threshold):
-                path = "fallback"
-                error = (f"confidence {confidence:.4g} under {route.confidence_threshold:g}" if confidence is not None
-                         else "the student gave no confidence")
-            else:
-                path, answer = "student", student_reply
-        except UpstreamError as exc:
-            path, error = "fallback", f"student failed: {exc}"
+
+async def _ask_student(ask: Ask) -> tuple[Reply | None, str, str]:
+    """(the student's reply or None, the path: ``student`` or ``fallback``, why it fell back)."""
+    route = ask.route
+    try:
+        reply = await chat(GW.client, route.student, _messages_for(route, ask.query, "student"),
+                           max_tokens=ask.max_tokens)
+    except UpstreamError as exc:
+        return None, "fallback", f"student failed: {exc}"
+    conf = reply.confidence
+    if routing.below_threshold(conf, route.confidence_threshold):
+        return reply, "fallback", (f"confidence {conf:.4g} under {route.confidence_threshold:g}" if conf is not None
+                                   else "the student gave no confidence")
+    return reply, "student", ""
+
+
+def _teacher_failed(ask: Ask, path: str, error: str, confidence: float | None, exc: UpstreamError) -> Response:
+    """Log the failed request and answer with the upstream's status and a generic message: the
+    upstream's own answer stays in the request log (echoing it would hand the client whatever an
+    internal address behind a URL answers)."""
+    route = ask.route
+    GW.logs.add(deployment_id=route.id, key_id=ask.key_id, version=route.version, route=path, status=exc.status,
+                stream=ask.stream, latency_ms=(time.perf_counter() - ask.t0) * 1000.0, query=ask.query,
+                confidence=confidence, error=(f"{error}; " if error else "") + str(exc)[:2000])
+    status = exc.status if 400 <= exc.status < 600 else 502
+    return _error(status, f"The teacher upstream failed (HTTP {status}); see the deployment's request log.",
+                  type_="upstream_error", code=exc.code if exc.code in OWN_CODES else "upstream_error",
+                  headers=exc.headers)
+
+
+def _log_answer(ask: Ask, path: str, answer: Reply, student_reply: Reply | None, error: str) -> None:
+    """One request-log row for an answered request: tokens, cost (the student's too on a
+    fallback), agreement of a fallen-back student with the teacher."""
+    route = ask.route
+    fell_back = path == "fallback" and student_reply is not None
     upstream = route.student if path == "student" else route.teacher
+    GW.logs.add(deployment_id=route.id, key_id=ask.key_id, version=route.version, route=path, status=200,
+                stream=ask.stream, latency_ms=(time.perf_counter() - ask.t0) * 1000.0, upstream_ms=answer.latency_ms,
+                input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
+                confidence=student_reply.confidence if student_reply is not None else None,
+                cost_usd=upstream.cost(answer.input_tokens, answer.output_tokens)
+                + (route.student.cost(student_reply.input_tokens, student_reply.output_tokens) if fell_back else 0.0),
+                agreed=(routing.answers_agree(student_reply.text, answer.text, task_type=route.task.task_type,
+                                              labels=route.task.labels) if fell_back else None),
+                query=ask.query, response=answer.text, teacher_response=answer.text if path != "student" else None,
+                finish_reason=answer.finish_reason, error=error[:2000])
+
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``: validate, route (student or teacher), fall back to the
+    teacher on a failing or unsure student, log, answer (JSON or SSE)."""
+    ask = await _parse(request, time.perf_counter())
+    if isinstance(ask, Response):
+        return ask
+    route = ask.route
+    answer, student_reply, path, error = None, None, "teacher", ""
+    if routing.route_fraction(route.slug, ask.user, GW.rng) < route.student_share:
+        student_reply, path, error = await _ask_student(ask)
+        if path == "student":
+            answer = student_reply
+    confidence = student_reply.confidence if student_reply is not None else None
     if answer is None:
         try:
-            answer = await chat(GW.client, route.teacher, _messages_for(route, query, "teacher"), max_tokens=max_tokens)
+            answer = await chat(GW.client, route.teacher, _messages_for(route, ask.query, "teacher"),
+                                max_tokens=ask.max_tokens)
         except UpstreamError as exc:
-            GW.logs.add(deployment_id=route.id, key_id=key_id, version=route.version, route=path, status=exc.status,
-                        stream=stream, latency_ms=(time.perf_counter() - t0) * 1000.0, query=query,
-                        confidence=confidence, error=(f"{error}; " if error else "") + str(exc)[:2000])
-            # The upstream's own answer stays in the request log: echoing it would hand the
-            # client whatever an internal address behind a URL answers.
-            status = exc.status if 400 <= exc.status < 600 else 502
-            return _error(status, f"The teacher upstream failed (HTTP {status}); see the deployment's request log.",
-                          type_="upstream_error", code=exc.code if exc.code in OWN_CODES else "upstream_error",
-                          headers=exc.headers)
+            return _teacher_failed(ask, path, error, confidence, exc)
     elif route.shadow_share > 0 and GW.rng.random() < route.shadow_share:
-        GW.spawn(_shadow(route, query, answer, key_id))
+        GW.spawn(_shadow(route, ask.query, answer, ask.key_id))
+    _log_answer(ask, path, answer, student_reply, error)
+    return _reply(ask, path, answer, confidence)
 
+
+def _reply(ask: Ask, path: str, answer: Reply, confidence: float | None) -> Response:
+    """The answer as a chat.completion (JSON) or as chat.completion.chunk events (SSE)."""
+    route = ask.route
     created = int(time.time())
     cid = "chatcmpl-" + uuid.uuid4().hex[:24]
     usage = {"prompt_tokens": answer.input_tokens, "completion_tokens": answer.output_tokens,
              "total_tokens": answer.input_tokens + answer.output_tokens}
     ext = {"route": path, "confidence": confidence, "deployment_version": route.version}
     headers = {"x-distillhub-route": path, "x-distillhub-deployment-version": str(route.version)}
-    latency = (time.perf_counter() - t0) * 1000.0
-    GW.logs.add(deployment_id=route.id, key_id=key_id, version=route.version, route=path, status=200, stream=stream,
-                latency_ms=latency, upstream_ms=answer.latency_ms, input_tokens=answer.input_tokens,
-                output_tokens=answer.output_tokens, confidence=confidence,
-                cost_usd=upstream.cost(answer.input_tokens, answer.output_tokens)
-                + (route.student.cost(student_reply.input_tokens, student_reply.output_tokens)
-                   if path == "fallback" and student_reply is not None else 0.0),
-                agreed=(routing.answers_agree(student_reply.text, answer.text, task_type=route.task.task_type,
-                                              labels=route.task.labels)
-                        if path == "fallback" and student_reply is not None else None),
-                query=query, response=answer.text,
-                teacher_response=answer.text if path != "student" else None,
-                finish_reason=answer.finish_reason, error=error[:2000])
-    if not stream:
+    if not ask.stream:
         return Response(dumps({
             "id": cid, "object": "chat.completion", "created": created, "model": route.slug,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "logprobs": None, "finish_reason": answer.finish_reason}],
             "usage": usage, "distillhub": ext}), media_type="application/json", headers=headers)
-    include_usage = bool((stream_options or {}).get("include_usage"))
-    return StreamingResponse(_sse(cid, created, route.slug, answer, usage if include_usage else None, ext),
+    return StreamingResponse(_sse(cid, created, route.slug, answer, usage if ask.include_usage else None, ext),
                              media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
 
@@ -316,7 +374,7 @@ async def lifespan(app):
         if GW.background:
             await asyncio.gather(*GW.background, return_exceptions=True)
         await GW.logs.flush()
-        await GW.client.aclose()
+        await GW.client.close()
 
 
 app = Starlette(routes=[
