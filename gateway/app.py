@@ -41,7 +41,8 @@ from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
 from gateway.state import Route, Snapshot, load_snapshot  # noqa: E402
 from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, check_depth, loads_bounded  # noqa: E402
-from gateway.upstream import OWN_CODES, Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
+from gateway.upstream import (OWN_CODES, Reply, UpstreamError, UpstreamStream, chat, dumps, make_client,  # noqa: E402
+                              open_stream)
 
 log = logging.getLogger("gateway")
 #: The largest max_tokens a client may ask for (more than any model here can answer).
@@ -263,6 +264,15 @@ async def _ask_student(ask: Ask) -> tuple[Reply | None, str, str]:
     return reply, "student", ""
 
 
+async def _ask_teacher(ask: Ask) -> Reply | UpstreamStream:
+    """The teacher's answer: for a streamed request its SSE stream once the headers are in (a
+    ``Reply`` if it answered JSON anyway), otherwise the whole answer. Raises UpstreamError."""
+    messages = _messages_for(ask.route, ask.query, "teacher")
+    if ask.stream:
+        return await open_stream(GW.client, ask.route.teacher, messages, max_tokens=ask.max_tokens)
+    return await chat(GW.client, ask.route.teacher, messages, max_tokens=ask.max_tokens)
+
+
 def _teacher_failed(ask: Ask, path: str, error: str, confidence: float | None, exc: UpstreamError) -> Response:
     """Log the failed request and answer with the upstream's status and a generic message: the
     upstream's own answer stays in the request log (echoing it would hand the client whatever an
@@ -310,10 +320,11 @@ async def chat_completions(request: Request) -> Response:
     confidence = student_reply.confidence if student_reply is not None else None
     if answer is None:
         try:
-            answer = await chat(GW.client, route.teacher, _messages_for(route, ask.query, "teacher"),
-                                max_tokens=ask.max_tokens)
+            answer = await _ask_teacher(ask)
         except UpstreamError as exc:
             return _teacher_failed(ask, path, error, confidence, exc)
+        if isinstance(answer, UpstreamStream):
+            return _relay_response(ask, path, answer, student_reply, error)
     elif route.shadow_share > 0 and GW.rng.random() < route.shadow_share:
         GW.spawn(_shadow(route, ask.query, answer, ask.key_id))
     _log_answer(ask, path, answer, student_reply, error)
@@ -339,6 +350,88 @@ def _reply(ask: Ask, path: str, answer: Reply, confidence: float | None) -> Resp
                              media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
 
+def _relay_response(ask: Ask, path: str, stream: UpstreamStream, student_reply: Reply | None,
+                    error: str) -> Response:
+    """The teacher's SSE stream passed through as it arrives (see ``_relay``)."""
+    route = ask.route
+    ext = {"route": path, "confidence": student_reply.confidence if student_reply is not None else None,
+           "deployment_version": route.version}
+    headers = {"x-distillhub-route": path, "x-distillhub-deployment-version": str(route.version),
+               "Cache-Control": "no-cache"}
+    return StreamingResponse(_relay(ask, path, stream, student_reply, error, ext), media_type="text/event-stream",
+                             headers=headers)
+
+
+async def _relay(ask: Ask, path: str, stream: UpstreamStream, student_reply: Reply | None, error: str, ext: dict):
+    """Forward each upstream chunk as it arrives, with the gateway's id and the deployment's slug
+    as ``model`` (the ``distillhub`` extension on the chunk with the finish reason; the usage
+    chunk only when the client asked ``include_usage``), then log the whole answer like a
+    buffered one: text, tokens (the upstream's usage event, or else the content chunks counted
+    as output tokens), cost, latency. Once the first byte is out nothing is retried: a stream
+    that breaks ends with an OpenAI-style ``error`` event, logged."""
+    created, cid, slug = int(time.time()), "chatcmpl-" + uuid.uuid4().hex[:24], ask.route.slug
+    parts: list[str] = []
+    finish, usage, counted, upstream_ms = None, None, 0, None
+    try:
+        async for obj in stream.chunks():
+            if isinstance(obj.get("usage"), dict):
+                usage = obj["usage"]
+            choices = obj.get("choices")
+            if not choices or not isinstance(choices[0], dict):
+                continue  # the usage event: sent below, if asked for
+            c = choices[0]
+            delta = c.get("delta") if isinstance(c.get("delta"), dict) else {}
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                parts.append(delta["content"])
+                counted += 1
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": slug,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": c.get("logprobs"),
+                                "finish_reason": c.get("finish_reason")}]}
+            if c.get("finish_reason"):
+                finish = c["finish_reason"]
+                out["distillhub"] = ext
+            yield b"data: " + dumps(out) + b"\n\n"
+        upstream_ms = (time.perf_counter() - stream.t0) * 1000.0
+        if finish is None:  # the upstream ended without saying why: close the answer for the client
+            finish = "stop"
+            yield _chunk(cid, created, slug, {}, finish, distillhub=ext)
+        tokens_in, tokens_out = _stream_tokens(usage, counted)
+        if ask.include_usage:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": slug, "choices": [],
+                   "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                             "total_tokens": tokens_in + tokens_out}}
+            yield b"data: " + dumps(obj) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except UpstreamError as exc:
+        error = (f"{error}; " if error else "") + f"stream broke after {len(parts)} chunks: {exc}"[:2000]
+        finish = finish or "error"
+        yield b"data: " + dumps({"error": {"message": "The teacher upstream's stream broke; see the deployment's "
+                                                      "request log.", "type": "upstream_error",
+                                           "code": exc.code if exc.code in OWN_CODES else "upstream_error"}}) + b"\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: log what it got
+        error = (f"{error}; " if error else "") + f"the client disconnected after {len(parts)} chunks"
+        finish = finish or "disconnected"
+        raise
+    finally:
+        stream.close()
+        tokens_in, tokens_out = _stream_tokens(usage, counted)
+        answer = Reply(text="".join(parts), finish_reason=finish or "stop", input_tokens=tokens_in,
+                       output_tokens=tokens_out,
+                       latency_ms=upstream_ms if upstream_ms is not None else (time.perf_counter() - stream.t0) * 1000.0)
+        _log_answer(ask, path, answer, student_reply, error)
+
+
+def _stream_tokens(usage: dict | None, counted: int) -> tuple[int, int]:
+    """(input, output) tokens of a streamed answer: the upstream's usage event, or else 0 input
+    tokens and the content chunks counted (one token each, as servers stream them)."""
+    if usage:
+        try:
+            return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            pass
+    return 0, counted
+
+
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None, **more) -> bytes:
     obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
@@ -346,9 +439,10 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None, 
 
 
 async def _sse(cid: str, created: int, model: str, answer: Reply, usage: dict | None, ext: dict):
-    """The answer as OpenAI chat.completion.chunk events. The gateway has the whole answer
-    before it replies (it must judge the student's confidence first), so it streams it in
-    pieces of about 16 characters; the last event is ``data: [DONE]``."""
+    """A whole answer as OpenAI chat.completion.chunk events, in pieces of about 16 characters;
+    the last event is ``data: [DONE]``. For the student route (its confidence must be judged
+    before anything is sent) and a teacher that answered JSON to a streamed request; the
+    teacher's own stream is passed through by ``_relay``."""
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
     text = answer.text or ""
     for i in range(0, len(text), 16):

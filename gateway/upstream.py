@@ -181,6 +181,80 @@ async def chat(client: aiohttp.ClientSession, up: Upstream, messages: list[dict]
     return parse_completion(up, raw, ms)
 
 
+class UpstreamStream:
+    """An upstream's SSE answer being received: ``chunks()`` yields each chat.completion.chunk as a
+    dict as it arrives; ``close()`` releases the connection. ``t0``: when the call started
+    (``time.perf_counter``)."""
+
+    def __init__(self, up: Upstream, response: aiohttp.ClientResponse, t0: float) -> None:
+        self.up, self.response, self.t0 = up, response, t0
+
+    async def chunks(self):
+        """The ``data:`` events as dicts, up to ``[DONE]`` or the end of the body. Raises
+        UpstreamError when the connection breaks, a gap between events passes the timeout, or an
+        event is not JSON (or is an ``error`` event)."""
+        up = self.up
+        try:
+            async for line in self.response.content:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(f"{up.name}: a stream event is not JSON", code="upstream_bad_response") from None
+                if not isinstance(obj, dict):
+                    raise UpstreamError(f"{up.name}: a stream event is not an object", code="upstream_bad_response")
+                if obj.get("error"):
+                    raise UpstreamError(f"{up.name}: error event: {str(obj['error'])[:500]}", code="upstream_error")
+                yield obj
+        except TimeoutError:
+            raise UpstreamError(f"{up.name}: the stream stalled for {up.timeout_s:g} s", status=504,
+                                code="upstream_timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"{up.name}: the stream broke ({type(exc).__name__}: {exc})",
+                                code="upstream_unreachable") from None
+        except ValueError as exc:  # a line longer than aiohttp's buffer
+            raise UpstreamError(f"{up.name}: a stream event is too long ({exc})", code="upstream_bad_response") from None
+
+    def close(self) -> None:
+        self.response.release()
+
+
+async def open_stream(client: aiohttp.ClientSession, up: Upstream, messages: list[dict], *,
+                      max_tokens: int | None = None) -> UpstreamStream | Reply:
+    """Ask ``up`` for a streamed answer (``stream`` with ``stream_options.include_usage``, so the
+    last event carries the token counts) and return once its headers are in: an
+    ``UpstreamStream``, or a ``Reply`` when the upstream answered with plain JSON instead (some
+    servers ignore ``stream``). ``timeout_s`` bounds the wait for the headers and each gap between
+    events, not the whole answer. Raises UpstreamError (one try; nothing was sent to the client)."""
+    data = orjson.dumps(request_body(up, messages, max_tokens=max_tokens, stream=True))
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(up.url, data=data, headers=up.headers,
+                              timeout=aiohttp.ClientTimeout(total=None, connect=up.timeout.connect,
+                                                            sock_read=up.timeout_s))
+    except TimeoutError:
+        raise timeout_error(up) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise unreachable_error(up, exc) from None
+    if r.status < 400 and r.content_type == "text/event-stream":
+        return UpstreamStream(up, r, t0)
+    try:
+        raw = await r.read()
+    except TimeoutError:
+        raise timeout_error(up) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise unreachable_error(up, exc) from None
+    finally:
+        r.release()
+    if r.status >= 400:
+        raise http_error(up, r.status, raw, r.headers)
+    return parse_completion(up, raw, (time.perf_counter() - t0) * 1000.0)
+
+
 # --- The in-process classifier student ---------------------------------------------------------
 
 _CLASSIFIERS: dict[str, object] = {}

@@ -174,10 +174,47 @@ def test_streaming_sse(gateway, project, owner, teacher_stub, student_stub):
             parts.append(c.delta.content or "")
             finish = c.finish_reason or finish
     assert "".join(parts) == "A longer teacher answer that comes in several pieces."
-    assert len([p for p in parts if p]) > 1
-    assert finish == "stop" and usage.total_tokens == 25
+    assert len([p for p in parts if p]) == 9  # the teacher's own chunks, one per word, passed through
+    assert finish == "stop" and usage.prompt_tokens == 20 and usage.total_tokens == 29
     [row] = _wait_logs(dep, 1)
-    assert row.stream is True
+    assert row.stream is True and row.route == "teacher" and row.status == 200
+    assert row.teacher_response == "A longer teacher answer that comes in several pieces."
+    assert (row.input_tokens, row.output_tokens) == (20, 9)
+    assert row.cost_usd == pytest.approx((20 * 2 + 9 * 8) / 1e6)
+    assert teacher_stub.bodies[-1]["stream"] is True
+    assert teacher_stub.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_teacher_stream_reaches_the_client_before_the_upstream_finished(gateway, project, owner, teacher_stub,
+                                                                         student_stub):
+    """The stub holds its last word until the client has seen the first ones: a gateway that
+    buffered the answer would get nothing to the client, and the stub would give up waiting."""
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
+    client = _client(gateway, key)
+    teacher_stub.answer = lambda text: "the teacher answers word by word"
+    for text, route in (("hi", "student"), ("hi [unsure]", "fallback")):
+        teacher_stub.stream_gate, teacher_stub.gate_opened = threading.Event(), None
+        raw = client.chat.completions.with_raw_response.create(
+            model="support-intents", messages=[{"role": "user", "content": text}], stream=True)
+        assert raw.headers["x-distillhub-route"] == route
+        parts = []
+        for chunk in raw.parse():
+            for c in chunk.choices:
+                if c.delta.content:
+                    parts.append(c.delta.content)
+                    teacher_stub.stream_gate.set()
+        if route == "student":  # buffered: the student's confidence is judged before anything is sent
+            assert "".join(parts) == "card_arrival" and teacher_stub.gate_opened is None
+        else:
+            assert "".join(parts) == "the teacher answers word by word"
+            assert teacher_stub.gate_opened is True
+    rows = _wait_logs(dep, 2)
+    assert [(r.route, r.stream) for r in rows] == [("student", True), ("fallback", True)]
+    fb = rows[1]
+    assert fb.teacher_response == "the teacher answers word by word" and fb.output_tokens == 6
+    assert fb.confidence == pytest.approx(-2.5) and fb.agreed is False
+    # The student's tokens (7 in, 2 out at its price 0) plus the teacher's (20 in, 6 out).
+    assert fb.cost_usd == pytest.approx((20 * 2 + 6 * 8) / 1e6)
 
 
 def test_key_revocation_and_bad_keys(gateway, project, owner, teacher_stub, student_stub):
