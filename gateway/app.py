@@ -6,7 +6,10 @@
 Settings (environment): ``GATEWAY_REFRESH_S`` (default 2: how often keys and deployments are
 reloaded), ``GATEWAY_FLUSH_S`` (default 1: request-log flush interval), ``GATEWAY_FLUSH_ROWS``
 (default 1000), ``GATEWAY_BUFFER_MAX`` (default 100000 rows kept while Postgres is down),
-``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413), plus
+``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413),
+``GATEWAY_TEACHER_RETRIES`` (default 2: more tries of a teacher call that failed transiently),
+``GATEWAY_RETRY_BACKOFF_S`` (default 0.25: the first backoff, doubled each try),
+``GATEWAY_RETRY_AFTER_MAX_S`` (default 5: the longest upstream Retry-After waited for), plus
 the usual ``DATABASE_URL`` and the teachers' API-key variables.
 
 A request names a deployment by its slug as ``model``; the key must belong to the deployment's
@@ -41,8 +44,8 @@ from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
 from gateway.state import Route, Snapshot, load_snapshot  # noqa: E402
 from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, check_depth, loads_bounded  # noqa: E402
-from gateway.upstream import (OWN_CODES, Reply, UpstreamError, UpstreamStream, chat, dumps, make_client,  # noqa: E402
-                              open_stream)
+from gateway.upstream import (OWN_CODES, Reply, RetryPolicy, UpstreamError, UpstreamStream, chat,  # noqa: E402
+                              dumps, make_client, open_stream, retrying)
 
 log = logging.getLogger("gateway")
 #: The largest max_tokens a client may ask for (more than any model here can answer).
@@ -71,6 +74,9 @@ class Gateway:
         self.refreshed_at = 0.0
         self.rng = random.Random()
         self.max_body_bytes = int(_env_float("GATEWAY_MAX_BODY_BYTES", 1_000_000))
+        self.retry = RetryPolicy(retries=max(0, int(_env_float("GATEWAY_TEACHER_RETRIES", 2))),
+                                 backoff_s=_env_float("GATEWAY_RETRY_BACKOFF_S", 0.25),
+                                 retry_after_max_s=_env_float("GATEWAY_RETRY_AFTER_MAX_S", 5.0))
 
     async def refresh(self) -> None:
         try:
@@ -266,11 +272,12 @@ async def _ask_student(ask: Ask) -> tuple[Reply | None, str, str]:
 
 async def _ask_teacher(ask: Ask) -> Reply | UpstreamStream:
     """The teacher's answer: for a streamed request its SSE stream once the headers are in (a
-    ``Reply`` if it answered JSON anyway), otherwise the whole answer. Raises UpstreamError."""
+    ``Reply`` if it answered JSON anyway), otherwise the whole answer. Transient failures are
+    retried (``GW.retry``) — for a stream only until its headers arrive, before anything reaches
+    the client. Raises UpstreamError."""
     messages = _messages_for(ask.route, ask.query, "teacher")
-    if ask.stream:
-        return await open_stream(GW.client, ask.route.teacher, messages, max_tokens=ask.max_tokens)
-    return await chat(GW.client, ask.route.teacher, messages, max_tokens=ask.max_tokens)
+    call = open_stream if ask.stream else chat
+    return await retrying(GW.retry, call, GW.client, ask.route.teacher, messages, max_tokens=ask.max_tokens)
 
 
 def _teacher_failed(ask: Ask, path: str, error: str, confidence: float | None, exc: UpstreamError) -> Response:
@@ -280,7 +287,8 @@ def _teacher_failed(ask: Ask, path: str, error: str, confidence: float | None, e
     route = ask.route
     GW.logs.add(deployment_id=route.id, key_id=ask.key_id, version=route.version, route=path, status=exc.status,
                 stream=ask.stream, latency_ms=(time.perf_counter() - ask.t0) * 1000.0, query=ask.query,
-                confidence=confidence, error=(f"{error}; " if error else "") + str(exc)[:2000])
+                confidence=confidence, error=((f"{error}; " if error else "") + str(exc)
+                                              + (f" (after {exc.tries} tries)" if exc.tries > 1 else ""))[:2000])
     status = exc.status if 400 <= exc.status < 600 else 502
     return _error(status, f"The teacher upstream failed (HTTP {status}); see the deployment's request log.",
                   type_="upstream_error", code=exc.code if exc.code in OWN_CODES else "upstream_error",

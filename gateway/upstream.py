@@ -5,6 +5,7 @@ every connection on each request), or a classifier student loaded in-process. Ea
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,56 @@ class UpstreamError(Exception):
         self.status = status
         self.code = code
         self.headers = headers or {}
+        self.tries = 1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed teacher call is retried: at most ``retries`` more tries, after a jittered
+    exponential backoff (``backoff_s`` × 2^n × [0.5, 1)), or after the upstream's
+    ``Retry-After`` on a 429/503 when it is at most ``retry_after_max_s`` (a longer one is not
+    waited for: the client gets the error with that Retry-After at once)."""
+
+    retries: int = 2
+    backoff_s: float = 0.25
+    retry_after_max_s: float = 5.0
+
+    def delay(self, attempt: int, exc: "UpstreamError", rng=random) -> float | None:
+        """Seconds to wait before retrying after try number ``attempt`` (0-based) failed with
+        ``exc``; None when it is not retried (out of tries, or not transient)."""
+        if attempt >= self.retries or not transient(exc):
+            return None
+        after = exc.headers.get("Retry-After")
+        if after is not None:
+            return float(after) if float(after) <= self.retry_after_max_s else None
+        return self.backoff_s * 2 ** attempt * (0.5 + rng.random() / 2)
+
+
+def transient(exc: "UpstreamError") -> bool:
+    """Whether a failure may pass by itself: a timeout, an unreachable upstream, a 429 (except
+    ``insufficient_quota``, which waiting does not fix) or a 5xx. Never another 4xx, nor an
+    answer that was not a chat completion."""
+    if exc.code in ("upstream_timeout", "upstream_unreachable"):
+        return True
+    if exc.status == 429:
+        return exc.code != "insufficient_quota"
+    return exc.status >= 500 and exc.code not in ("upstream_bad_response", "student_error")
+
+
+async def retrying(policy: RetryPolicy, call, *args, **kwargs):
+    """``await call(*args, **kwargs)``, retried on transient UpstreamErrors per ``policy``. The
+    last error is raised with ``tries`` set (how many calls were made)."""
+    attempt = 0
+    while True:
+        try:
+            return await call(*args, **kwargs)
+        except UpstreamError as exc:
+            wait = policy.delay(attempt, exc)
+            if wait is None:
+                exc.tries = attempt + 1
+                raise
+            await asyncio.sleep(wait)
+            attempt += 1
 
 
 #: Error codes the gateway sets itself (an upstream's own code is never passed on to clients).

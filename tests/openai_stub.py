@@ -18,7 +18,7 @@ A request with ``"stream": true`` gets an SSE answer (chat.completion.chunk even
 ``stream_gate`` (a ``threading.Event``) holds the last word until it is set (at most 10 s);
 ``gate_opened`` records whether it was set in time, i.e. whether the client saw the first words
 while the answer was still unfinished. ``bodies`` keeps every request body received.
-``[503]`` a 503 on the first try, then an answer; ``[503x]`` / ``[400]`` always a 503 / 400.
+``[503]`` a 503 on the first try, then an answer; ``[500x]`` / ``[400]`` always a 500 / 400.
 """
 from __future__ import annotations
 
@@ -130,8 +130,10 @@ class StubServer:
                                                  "code": "rate_limit_exceeded"}}, {"Retry-After": "1"})
         if "[500]" in text and first:
             return self._send(h, 500, {"error": {"message": "upstream hiccup", "type": "server_error"}})
-        if ("[503]" in text and first) or "[503x]" in text:
+        if "[503]" in text and first:
             return self._send(h, 503, {"error": {"message": "overloaded", "type": "server_error"}})
+        if "[500x]" in text:
+            return self._send(h, 500, {"error": {"message": "upstream is down", "type": "server_error"}})
         if "[400]" in text:
             return self._send(h, 400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
         if self.gate:

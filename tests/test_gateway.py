@@ -217,6 +217,58 @@ def test_teacher_stream_reaches_the_client_before_the_upstream_finished(gateway,
     assert fb.cost_usd == pytest.approx((20 * 2 + 6 * 8) / 1e6)
 
 
+def test_transient_teacher_errors_are_retried_and_others_are_not(gateway, project, owner, teacher_stub,
+                                                                  student_stub):
+    """GATEWAY_TEACHER_RETRIES is 2 (the default): a 503 or a 429 (after its Retry-After: 1) then
+    an answer gives 200; a persistent 500 is answered with the upstream's 500 after 3 tries; a 400
+    and an insufficient_quota 429 are tried once. The stub counts the tries per query."""
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    client = _client(gateway, key)
+    assert _ask(client, "card [503]")[1].choices[0].message.content == "card_arrival"
+    assert teacher_stub.attempts["card [503]"] == 2
+    assert _ask(client, "card [429]")[1].choices[0].message.content == "card_arrival"
+    assert teacher_stub.attempts["card [429]"] == 2
+    with pytest.raises(openai.InternalServerError) as exc:
+        _ask(client, "card [500x]")
+    assert exc.value.status_code == 500 and "teacher upstream failed (HTTP 500)" in exc.value.message
+    assert teacher_stub.attempts["card [500x]"] == 3
+    with pytest.raises(openai.BadRequestError) as exc:
+        _ask(client, "card [400]")
+    assert exc.value.status_code == 400 and "teacher upstream failed (HTTP 400)" in exc.value.message
+    assert teacher_stub.attempts["card [400]"] == 1
+    with pytest.raises(openai.RateLimitError):
+        _ask(client, "card [quota]")
+    assert teacher_stub.attempts["card [quota]"] == 1
+    # A stream is retried only before it starts: a 503 first, then the stream.
+    stream = client.chat.completions.create(model="support-intents", stream=True,
+                                            messages=[{"role": "user", "content": "stream [503]"}])
+    assert "".join(c.delta.content or "" for chunk in stream for c in chunk.choices) == "card_arrival"
+    assert teacher_stub.attempts["stream [503]"] == 2
+    rows = {r.query: r for r in _wait_logs(dep, 6)}
+    assert rows["card [503]"].status == 200 and rows["stream [503]"].status == 200
+    assert rows["card [500x]"].status == 500 and "upstream is down (after 3 tries)" in rows["card [500x]"].error
+    assert rows["card [400]"].status == 400 and "tries" not in rows["card [400]"].error
+
+
+def test_retry_policy_waits_for_retry_after_up_to_its_cap_and_backs_off_otherwise():
+    import random
+
+    from gateway.upstream import RetryPolicy, UpstreamError
+
+    p = RetryPolicy(retries=2, backoff_s=0.25, retry_after_max_s=5.0)
+    limited = UpstreamError("x", status=429, code="rate_limit_exceeded", headers={"Retry-After": "3"})
+    assert p.delay(0, limited) == 3.0 and p.delay(1, limited) == 3.0 and p.delay(2, limited) is None
+    too_long = UpstreamError("x", status=429, code="rate_limit_exceeded", headers={"Retry-After": "60"})
+    assert p.delay(0, too_long) is None  # answered at once, with its Retry-After
+    down = UpstreamError("x", status=502, code="upstream_unreachable")
+    rng = random.Random(0)
+    waits = [p.delay(n, down, rng) for n in (0, 1)]
+    assert 0.125 <= waits[0] < 0.25 and 0.25 <= waits[1] < 0.5
+    for status, code in ((400, None), (404, None), (429, "insufficient_quota"), (502, "upstream_bad_response")):
+        assert p.delay(0, UpstreamError("x", status=status, code=code)) is None, (status, code)
+    assert p.delay(0, UpstreamError("x", status=504, code="upstream_timeout")) is not None
+
+
 def test_key_revocation_and_bad_keys(gateway, project, owner, teacher_stub, student_stub):
     from projects.models import GatewayKey
     from projects.services.deployments import gateway_key_revoke
