@@ -400,8 +400,11 @@ async def _relay(ask: Ask, path: str, stream: UpstreamStream, student_reply: Rep
                 out["distillhub"] = ext
             yield b"data: " + dumps(out) + b"\n\n"
         upstream_ms = (time.perf_counter() - stream.t0) * 1000.0
-        if finish is None:  # the upstream ended without saying why: close the answer for the client
-            finish = "stop"
+        if finish is None:
+            if not stream.done:  # cut off: neither a finish reason nor [DONE]
+                raise UpstreamError(f"{ask.route.teacher.name}: the stream ended without a finish reason or [DONE]",
+                                    code="upstream_bad_response")
+            finish = "stop"  # ended properly without saying why: close the answer for the client
             yield _chunk(cid, created, slug, {}, finish, distillhub=ext)
         tokens_in, tokens_out = _stream_tokens(usage, counted)
         if ask.include_usage:

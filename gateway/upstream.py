@@ -239,6 +239,7 @@ class UpstreamStream:
 
     def __init__(self, up: Upstream, response: aiohttp.ClientResponse, t0: float) -> None:
         self.up, self.response, self.t0 = up, response, t0
+        self.done = False  # ``data: [DONE]`` arrived
 
     async def chunks(self):
         """The ``data:`` events as dicts, up to ``[DONE]`` or the end of the body. Raises
@@ -251,6 +252,7 @@ class UpstreamStream:
                     continue  # blank separators, comments, event names
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    self.done = True
                     return
                 try:
                     obj = orjson.loads(data)

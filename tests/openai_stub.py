@@ -18,7 +18,7 @@ A request with ``"stream": true`` gets an SSE answer (chat.completion.chunk even
 ``stream_gate`` (a ``threading.Event``) holds the last word until it is set (at most 10 s);
 ``gate_opened`` records whether it was set in time, i.e. whether the client saw the first words
 while the answer was still unfinished. ``bodies`` keeps every request body received.
-``[503]`` a 503 on the first try, then an answer; ``[500x]`` / ``[400]`` always a 500 / 400.
+``[cut]`` (streamed) the connection closes after two words. ``[503]`` a 503 on the first try, then an answer; ``[500x]`` / ``[400]`` always a 500 / 400.
 """
 from __future__ import annotations
 
@@ -182,6 +182,8 @@ class StubServer:
                 time.sleep(self.stream_delay_s)
             piece = w if i == 0 else " " + w
             _sse(h, {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            if "[cut]" in text and i == 1:
+                return  # the connection closes: no finish reason, no [DONE]
         _sse(h, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             _sse(h, {**base, "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": len(words),

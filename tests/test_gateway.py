@@ -250,6 +250,41 @@ def test_transient_teacher_errors_are_retried_and_others_are_not(gateway, projec
     assert rows["card [400]"].status == 400 and "tries" not in rows["card [400]"].error
 
 
+def test_a_teacher_stream_cut_off_midway_ends_with_an_error_event_and_is_logged(gateway, project, owner,
+                                                                                teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    teacher_stub.answer = lambda text: "one two three four"
+    stream = _client(gateway, key).chat.completions.create(
+        model="support-intents", stream=True, messages=[{"role": "user", "content": "hi [cut]"}])
+    parts = []
+    with pytest.raises(openai.APIError) as exc:
+        for chunk in stream:
+            parts.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(parts) == "one two"  # what arrived before the cut was passed on
+    assert "stream broke" in exc.value.message
+    assert teacher_stub.attempts["hi [cut]"] == 1  # never retried once the stream started
+    [row] = _wait_logs(dep, 1)
+    assert row.stream is True and row.response == "one two" and row.output_tokens == 2
+    assert "stream broke after 2 chunks" in row.error and "without a finish reason" in row.error
+    assert row.finish_reason == "error"
+
+
+def test_a_client_leaving_a_teacher_stream_is_logged_with_what_it_got(gateway, project, owner, teacher_stub,
+                                                                       student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    teacher_stub.answer = lambda text: "one two three"
+    teacher_stub.stream_gate = threading.Event()
+    stream = _client(gateway, key).chat.completions.create(
+        model="support-intents", stream=True, messages=[{"role": "user", "content": "hi"}])
+    for chunk in stream:
+        if any(c.delta.content for c in chunk.choices):
+            break
+    stream.close()  # while the teacher still holds its last word (the gate is never opened)
+    [row] = _wait_logs(dep, 1)
+    assert row.stream is True and row.status == 200 and row.response.startswith("one")
+    assert "the client disconnected after" in row.error and row.finish_reason == "disconnected"
+
+
 def test_retry_policy_waits_for_retry_after_up_to_its_cap_and_backs_off_otherwise():
     import random
 
