@@ -11,7 +11,8 @@ for a while (requests per second, errors) and samples the gateway's RSS over a b
 Two loads: a closed loop keeping 200 requests in flight (saturation: whichever side is slower
 queues) and an open loop offering a fixed rate below capacity (by default half the smaller of
 the direct and the gateway's closed-loop rates; latency counted from each request's due time),
-which is what the gateway adds in normal service. It also reports the gateway's CPU time per
+which is what the gateway adds in normal service (with its p99 per second, to tell a stall of the
+gateway from cores taken by other work). It also reports the gateway's CPU time per
 request (and the upstream's), which waiting for a core on a shared machine does not inflate. The load generator uses aiohttp (a cheap client, since it shares the cores).
 
 Needs DATABASE_URL like the app (migrated); uses a scratch team it deletes. Prints figures, and as
@@ -100,6 +101,7 @@ async def _load(url: str, key: str, n: int, concurrency: int, seconds: float | N
                        "messages": [{"role": "user", "content": "where is my card?"}]}).encode()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     lat: list[float] = []
+    at: list[float] = []  # when each answered request was sent (due), seconds from the start
     errors = [0]
     conn = aiohttp.TCPConnector(limit=0 if rate else concurrency * 2)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as client:
@@ -113,10 +115,11 @@ async def _load(url: str, key: str, n: int, concurrency: int, seconds: float | N
                 ok = False
             if ok:
                 lat.append((time.perf_counter() - t0) * 1000.0)
+                at.append(t0 - start)
             else:
                 errors[0] += 1
 
-        t0 = time.perf_counter()
+        t0 = start = time.perf_counter()
         if rate:
             tasks, i = [], 0
             while True:
@@ -139,7 +142,7 @@ async def _load(url: str, key: str, n: int, concurrency: int, seconds: float | N
                     await one(time.perf_counter())
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lat, errors[0], time.perf_counter() - t0
+    return lat, errors[0], time.perf_counter() - t0, at
 
 
 def _pct(xs, q):
@@ -153,8 +156,8 @@ def _loadgen_main() -> None:
     (a file: a pipe would fill up and block it while the parent samples memory)."""
     url, key, n, conc, secs, rate = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), \
         float(sys.argv[7])
-    lat, errors, wall = asyncio.run(_load(url, key, n, conc, secs or None, rate or None))
-    Path(sys.argv[8]).write_text(json.dumps({"lat": lat, "errors": errors, "wall": wall}))
+    lat, errors, wall, at = asyncio.run(_load(url, key, n, conc, secs or None, rate or None))
+    Path(sys.argv[8]).write_text(json.dumps({"lat": lat, "errors": errors, "wall": wall, "at": at}))
 
 
 def _loadgen_start(url: str, key: str, n: int, conc: int, secs: float = 0, rate: float = 0):
@@ -284,6 +287,10 @@ def main() -> None:
         print(f"direct   p50 {od50:7.2f} ms  p99 {od99:7.2f} ms  ({o_direct['errors']} errors)")
         print(f"gateway  p50 {og50:7.2f} ms  p99 {og99:7.2f} ms  ({o_rps:.0f} req/s answered, {o_via['errors']} errors)")
         print(f"overhead p50 {og50 - od50:7.2f} ms  p99 {og99 - od99:7.2f} ms (client side, from each request's due time)")
+        by_s: dict[int, list] = {}
+        for t, ms in zip(o_via["at"], o_via["lat"]):
+            by_s.setdefault(int(t), []).append(ms)
+        print("gateway p99 per second: " + " ".join(f"{_pct(v, 99):.0f}" for _, v in sorted(by_s.items())) + " ms")
 
         hold = _loadgen(gw_url, key, 0, conc, hold_s)
         rps = len(hold["lat"]) / hold["wall"]
