@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 from gateway.upstream import Upstream
 
@@ -32,6 +33,20 @@ class Route:
     shadow_share: float
     confidence_threshold: float | None
     created: int
+
+    @cached_property
+    def teacher_prefix(self) -> tuple[dict, ...]:
+        """The teacher's messages before the query (system prompt, few-shot pairs), built once."""
+        from workers.pipeline import prompts
+
+        return tuple(prompts.teacher_messages(self.task, "")[:-1])
+
+    @cached_property
+    def student_prefix(self) -> str:
+        """The text before the query in the student's one user turn (none for a classifier)."""
+        from workers.pipeline import prompts
+
+        return "" if self.student_kind == "classifier" else prompts.student_messages(self.task, "")[0]["content"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,13 @@ answer that is not JSON. Otherwise it answers ``answer(text)``.
 ``release()`` (counted when a request arrives, so exactly K are answered however many are in
 flight at once); hung requests then close without an answer (never counted as completed).
 ``delay_s`` and ``max_in_flight`` model a slow endpoint with a concurrency ceiling.
+
+A request with ``"stream": true`` gets an SSE answer (chat.completion.chunk events, one per word,
+``stream_delay_s`` apart; a usage chunk when ``stream_options.include_usage``; ``data: [DONE]``).
+``stream_gate`` (a ``threading.Event``) holds the last word until it is set (at most 10 s);
+``gate_opened`` records whether it was set in time, i.e. whether the client saw the first words
+while the answer was still unfinished. ``bodies`` keeps every request body received.
+``[cut]`` (streamed) the connection closes after two words. ``[503]`` a 503 on the first try, then an answer; ``[500x]`` / ``[400]`` always a 500 / 400.
 """
 from __future__ import annotations
 
@@ -39,6 +46,10 @@ class StubServer:
         self.in_flight = 0
         self.admitted = 0  # requests let through to be answered (see hang_after)
         self.max_seen_in_flight = 0
+        self.stream_delay_s = 0.0
+        self.stream_gate: threading.Event | None = None
+        self.gate_opened: bool | None = None
+        self.bodies: list[dict] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,6 +112,7 @@ class StubServer:
 
     def _handle(self, h, body: dict, text: str) -> None:
         with self.lock:
+            self.bodies.append(body)
             self.attempts[text] += 1
             first = self.attempts[text] == 1
             must_hang = self.hang_after is not None and self.admitted >= self.hang_after
@@ -118,6 +130,12 @@ class StubServer:
                                                  "code": "rate_limit_exceeded"}}, {"Retry-After": "1"})
         if "[500]" in text and first:
             return self._send(h, 500, {"error": {"message": "upstream hiccup", "type": "server_error"}})
+        if "[503]" in text and first:
+            return self._send(h, 503, {"error": {"message": "overloaded", "type": "server_error"}})
+        if "[500x]" in text:
+            return self._send(h, 500, {"error": {"message": "upstream is down", "type": "server_error"}})
+        if "[400]" in text:
+            return self._send(h, 400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
         if self.gate:
             self.gate.acquire()
         try:
@@ -131,6 +149,8 @@ class StubServer:
         finally:
             if self.gate:
                 self.gate.release()
+        if body.get("stream"):
+            return self._stream(h, body, text)
         finish, content = "stop", self.answer(text)
         if "[length]" in text:
             finish, content = "length", "This answer was cut off in the mid"
@@ -143,6 +163,39 @@ class StubServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25},
         }, text=text)
+
+    def _stream(self, h, body: dict, text: str) -> None:
+        """Answer as SSE, word by word; the body ends when the connection closes."""
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        base = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": body.get("model", "stub")}
+        words = self.answer(text).split(" ")
+        _sse(h, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for i, w in enumerate(words):
+            if i == len(words) - 1 and self.stream_gate is not None:
+                self.gate_opened = self.stream_gate.wait(timeout=10)
+            elif i and self.stream_delay_s:
+                time.sleep(self.stream_delay_s)
+            piece = w if i == 0 else " " + w
+            _sse(h, {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            if "[cut]" in text and i == 1:
+                return  # the connection closes: no finish reason, no [DONE]
+        _sse(h, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            _sse(h, {**base, "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": len(words),
+                                                       "total_tokens": 20 + len(words)}})
+        _sse(h, b"[DONE]")
+        with self.lock:
+            self.completed[text] += 1
+
+
+def _sse(h, obj) -> None:
+    h.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+    h.wfile.flush()
 
 
 def serve_in_subprocess(**kwargs):

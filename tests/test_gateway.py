@@ -174,10 +174,134 @@ def test_streaming_sse(gateway, project, owner, teacher_stub, student_stub):
             parts.append(c.delta.content or "")
             finish = c.finish_reason or finish
     assert "".join(parts) == "A longer teacher answer that comes in several pieces."
-    assert len([p for p in parts if p]) > 1
-    assert finish == "stop" and usage.total_tokens == 25
+    assert len([p for p in parts if p]) == 9  # the teacher's own chunks, one per word, passed through
+    assert finish == "stop" and usage.prompt_tokens == 20 and usage.total_tokens == 29
     [row] = _wait_logs(dep, 1)
-    assert row.stream is True
+    assert row.stream is True and row.route == "teacher" and row.status == 200
+    assert row.teacher_response == "A longer teacher answer that comes in several pieces."
+    assert (row.input_tokens, row.output_tokens) == (20, 9)
+    assert row.cost_usd == pytest.approx((20 * 2 + 9 * 8) / 1e6)
+    assert teacher_stub.bodies[-1]["stream"] is True
+    assert teacher_stub.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_teacher_stream_reaches_the_client_before_the_upstream_finished(gateway, project, owner, teacher_stub,
+                                                                         student_stub):
+    """The stub holds its last word until the client has seen the first ones: a gateway that
+    buffered the answer would get nothing to the client, and the stub would give up waiting."""
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
+    client = _client(gateway, key)
+    teacher_stub.answer = lambda text: "the teacher answers word by word"
+    for text, route in (("hi", "student"), ("hi [unsure]", "fallback")):
+        teacher_stub.stream_gate, teacher_stub.gate_opened = threading.Event(), None
+        raw = client.chat.completions.with_raw_response.create(
+            model="support-intents", messages=[{"role": "user", "content": text}], stream=True)
+        assert raw.headers["x-distillhub-route"] == route
+        parts = []
+        for chunk in raw.parse():
+            for c in chunk.choices:
+                if c.delta.content:
+                    parts.append(c.delta.content)
+                    teacher_stub.stream_gate.set()
+        if route == "student":  # buffered: the student's confidence is judged before anything is sent
+            assert "".join(parts) == "card_arrival" and teacher_stub.gate_opened is None
+        else:
+            assert "".join(parts) == "the teacher answers word by word"
+            assert teacher_stub.gate_opened is True
+    rows = _wait_logs(dep, 2)
+    assert [(r.route, r.stream) for r in rows] == [("student", True), ("fallback", True)]
+    fb = rows[1]
+    assert fb.teacher_response == "the teacher answers word by word" and fb.output_tokens == 6
+    assert fb.confidence == pytest.approx(-2.5) and fb.agreed is False
+    # The student's tokens (7 in, 2 out at its price 0) plus the teacher's (20 in, 6 out).
+    assert fb.cost_usd == pytest.approx((20 * 2 + 6 * 8) / 1e6)
+
+
+def test_transient_teacher_errors_are_retried_and_others_are_not(gateway, project, owner, teacher_stub,
+                                                                  student_stub):
+    """GATEWAY_TEACHER_RETRIES is 2 (the default): a 503 or a 429 (after its Retry-After: 1) then
+    an answer gives 200; a persistent 500 is answered with the upstream's 500 after 3 tries; a 400
+    and an insufficient_quota 429 are tried once. The stub counts the tries per query."""
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    client = _client(gateway, key)
+    assert _ask(client, "card [503]")[1].choices[0].message.content == "card_arrival"
+    assert teacher_stub.attempts["card [503]"] == 2
+    assert _ask(client, "card [429]")[1].choices[0].message.content == "card_arrival"
+    assert teacher_stub.attempts["card [429]"] == 2
+    with pytest.raises(openai.InternalServerError) as exc:
+        _ask(client, "card [500x]")
+    assert exc.value.status_code == 500 and "teacher upstream failed (HTTP 500)" in exc.value.message
+    assert teacher_stub.attempts["card [500x]"] == 3
+    with pytest.raises(openai.BadRequestError) as exc:
+        _ask(client, "card [400]")
+    assert exc.value.status_code == 400 and "teacher upstream failed (HTTP 400)" in exc.value.message
+    assert teacher_stub.attempts["card [400]"] == 1
+    with pytest.raises(openai.RateLimitError):
+        _ask(client, "card [quota]")
+    assert teacher_stub.attempts["card [quota]"] == 1
+    # A stream is retried only before it starts: a 503 first, then the stream.
+    stream = client.chat.completions.create(model="support-intents", stream=True,
+                                            messages=[{"role": "user", "content": "stream [503]"}])
+    assert "".join(c.delta.content or "" for chunk in stream for c in chunk.choices) == "card_arrival"
+    assert teacher_stub.attempts["stream [503]"] == 2
+    rows = {r.query: r for r in _wait_logs(dep, 6)}
+    assert rows["card [503]"].status == 200 and rows["stream [503]"].status == 200
+    assert rows["card [500x]"].status == 500 and "upstream is down (after 3 tries)" in rows["card [500x]"].error
+    assert rows["card [400]"].status == 400 and "tries" not in rows["card [400]"].error
+
+
+def test_a_teacher_stream_cut_off_midway_ends_with_an_error_event_and_is_logged(gateway, project, owner,
+                                                                                teacher_stub, student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    teacher_stub.answer = lambda text: "one two three four"
+    stream = _client(gateway, key).chat.completions.create(
+        model="support-intents", stream=True, messages=[{"role": "user", "content": "hi [cut]"}])
+    parts = []
+    with pytest.raises(openai.APIError) as exc:
+        for chunk in stream:
+            parts.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(parts) == "one two"  # what arrived before the cut was passed on
+    assert "stream broke" in exc.value.message
+    assert teacher_stub.attempts["hi [cut]"] == 1  # never retried once the stream started
+    [row] = _wait_logs(dep, 1)
+    assert row.stream is True and row.response == "one two" and row.output_tokens == 2
+    assert "stream broke after 2 chunks" in row.error and "without a finish reason" in row.error
+    assert row.finish_reason == "error"
+
+
+def test_a_client_leaving_a_teacher_stream_is_logged_with_what_it_got(gateway, project, owner, teacher_stub,
+                                                                       student_stub):
+    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    teacher_stub.answer = lambda text: "one two three"
+    teacher_stub.stream_gate = threading.Event()
+    stream = _client(gateway, key).chat.completions.create(
+        model="support-intents", stream=True, messages=[{"role": "user", "content": "hi"}])
+    for chunk in stream:
+        if any(c.delta.content for c in chunk.choices):
+            break
+    stream.close()  # while the teacher still holds its last word (the gate is never opened)
+    [row] = _wait_logs(dep, 1)
+    assert row.stream is True and row.status == 200 and row.response.startswith("one")
+    assert "the client disconnected after" in row.error and row.finish_reason == "disconnected"
+
+
+def test_retry_policy_waits_for_retry_after_up_to_its_cap_and_backs_off_otherwise():
+    import random
+
+    from gateway.upstream import RetryPolicy, UpstreamError
+
+    p = RetryPolicy(retries=2, backoff_s=0.25, retry_after_max_s=5.0)
+    limited = UpstreamError("x", status=429, code="rate_limit_exceeded", headers={"Retry-After": "3"})
+    assert p.delay(0, limited) == 3.0 and p.delay(1, limited) == 3.0 and p.delay(2, limited) is None
+    too_long = UpstreamError("x", status=429, code="rate_limit_exceeded", headers={"Retry-After": "60"})
+    assert p.delay(0, too_long) is None  # answered at once, with its Retry-After
+    down = UpstreamError("x", status=502, code="upstream_unreachable")
+    rng = random.Random(0)
+    waits = [p.delay(n, down, rng) for n in (0, 1)]
+    assert 0.125 <= waits[0] < 0.25 and 0.25 <= waits[1] < 0.5
+    for status, code in ((400, None), (404, None), (429, "insufficient_quota"), (502, "upstream_bad_response")):
+        assert p.delay(0, UpstreamError("x", status=status, code=code)) is None, (status, code)
+    assert p.delay(0, UpstreamError("x", status=504, code="upstream_timeout")) is not None
 
 
 def test_key_revocation_and_bad_keys(gateway, project, owner, teacher_stub, student_stub):
