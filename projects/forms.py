@@ -11,7 +11,8 @@ from projects.models import TaskType, Teacher, TrainingMethod
 from projects.services import ServiceError
 from projects.services import security
 from projects.services.projects import MAX_ANSWER_CHARS
-from workers.pipeline.training import PRESET_DESCRIPTIONS
+from workers.pipeline.student_init import STUDENT_SIZE_DESCRIPTIONS
+from workers.pipeline.training import PRESET_DESCRIPTIONS, SIZE_METHODS
 
 
 def _artifact_choices(field, project, kinds) -> None:
@@ -425,6 +426,12 @@ class TrainForm(forms.Form):
         help_text="A merged model (sft-lora, sft-full, logit-kd) or a classifier (classifier-kd) of this project.",
         error_messages={"invalid_choice": "That is not a model artifact of this project."})
     preset = forms.ChoiceField(choices=[(p, f"{p} ({d})") for p, d in PRESET_DESCRIPTIONS.items()])
+    student_size = forms.ChoiceField(
+        required=False, label="Student size",
+        choices=[("", "full size (the student model above)")]
+        + [(s, f"{s}: {d}") for s, d in STUDENT_SIZE_DESCRIPTIONS.items()],
+        help_text="sft-full and logit-kd: the student is the project's local teacher cut to evenly spaced layers "
+                  "(DistilBERT-style), then fully fine-tuned; leave the student model blank.")
     num_train_epochs = _hp_field("num_train_epochs", "Epochs")
     learning_rate = _hp_field("learning_rate", "Learning rate")
     per_device_train_batch_size = _hp_field("per_device_train_batch_size", "Batch size")
@@ -479,6 +486,13 @@ class TrainForm(forms.Form):
         method, preset = data.get("method"), data.get("preset")
         if not method or not preset:
             return data
+        size = data.get("student_size") or ""
+        if size and method not in SIZE_METHODS:
+            self.add_error("student_size", f"Student sizes are for {' and '.join(SIZE_METHODS)} (the student is the "
+                                           f"local teacher cut to fewer layers), not {method}.")
+        elif size and (data.get("student_model") or data.get("student_artifact")):
+            self.add_error("student_size", "Leave the student model blank with a student size: the student is "
+                                           "built from the local teacher.")
         from workers.pipeline.training import TrainingRefused, resolve_hyperparams
 
         extra = data.get("extra") or {}

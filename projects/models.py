@@ -512,6 +512,23 @@ class TrainingRun(RunBase):
                        models.UniqueConstraint(fields=["project", "idempotency_key"],
                                                name="trainingrun_project_idempotency_key_unique")]
 
+    @property
+    def student_size(self) -> str:
+        """The student-size preset (light / medium / heavy), blank for a full-size student."""
+        return (self.hyperparams or {}).get("student_size") or ""
+
+    @property
+    def student_name(self) -> str:
+        """The student as people read it: ``student_model``, or for a student-size run e.g.
+        ``smollm2-135m-instruct@light (3/30 layers)`` (layer counts once the worker built it)."""
+        size = self.student_size
+        if not size:
+            return self.student_model
+        pf = self.preflight or {}
+        if pf.get("student_layers") and pf.get("teacher_layers"):
+            return f"{self.student_model}@{size} ({pf['student_layers']}/{pf['teacher_layers']} layers)"
+        return f"{self.student_model}@{size}"
+
 
 class TrainingMetric(models.Model):
     """One logged point of a training curve; ``split`` is ``train`` or ``validation``."""

@@ -434,3 +434,53 @@ def test_failed_teacher_answers_are_left_out_for_every_model_and_edits_never_cou
         sum(p.correct for p in EvalPrediction.objects.filter(result=student)) / 3)
     assert student.quality_retention == pytest.approx(student.quality / (2 / 3))
     assert ev.summary["teacher_quality"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_student_size_result_shows_preset_layers_size_and_speedup(celery_worker, project, owner, owner_client,
+                                                                  shared_data):
+    """A light student (SmolLM2 cut to 3 of 30 layers, as a student-size run saves it) is
+    evaluated against the local teacher: its row names the preset, its layers (3/30), its size
+    and its speed-up over the teacher, on the page and in the CLI's JSON."""
+    import hashlib
+
+    from projects.models import EvalResult, GenerationRun, ModelArtifact, Query, Sample, Teacher, TrainingRun
+    from projects.services.evaluation import evaluation_api_summary, evaluation_start
+    from workers.pipeline.evaluation import folder_size
+    from workers.pipeline.registry import SMOLLM2, resolve_model
+    from workers.pipeline.student_init import build_student
+
+    folder = Path(settings.MEDIA_ROOT) / "test-eval-artifacts" / "light-merged"
+    init = build_student(resolve_model(SMOLLM2), "light", folder)
+    local = Teacher.objects.create(project=project, name="smollm2-teacher", provider="transformers", model=SMOLLM2)
+    gen = GenerationRun.objects.create(project=project, status="succeeded", options={"split": "test"})
+    gen.teachers.set([local])
+    for i, (text, label) in enumerate(_banking_rows(shared_data, 3)):
+        q = Query.objects.create(project=project, text=text, text_hash=hashlib.sha256(text.encode()).hexdigest(),
+                                 split="test", reference=label)
+        Sample.objects.create(run=gen, query=q, teacher=local, response=label, parsed=label, status="accepted",
+                              latency_ms=2000.0)
+    run = TrainingRun.objects.create(project=project, method="logit-kd", student_model=SMOLLM2, status="succeeded",
+                                     hyperparams={"student_size": "light", "teacher": local.name},
+                                     preflight={"student_layers": init.student_layers,
+                                                "teacher_layers": init.teacher_layers})
+    ModelArtifact.objects.create(project=project, training_run=run, kind="merged",
+                                 path=str(folder.relative_to(Path(settings.MEDIA_ROOT))), size_bytes=folder_size(folder))
+    ev = evaluation_start(project=project, user=owner, split="test",
+                          options={"speculative_prompts": 1, "speculative_max_new_tokens": 4})
+    job = wait_job(ev.job_id, timeout=500)
+    assert job.status == "succeeded", (job.message, job.error)
+    ev.refresh_from_db()
+    name = f"merged (run {run.pk}, smollm2-135m-instruct@light (3/30 layers))"
+    # The base of a sized run is the teacher itself: no "(base)" row.
+    assert set(EvalResult.objects.filter(evaluation=ev).values_list("model_name", flat=True)) == {
+        "smollm2-teacher", name}
+    rows = {r["model"]: r for r in evaluation_api_summary(evaluation=ev)["results"]}
+    s, t = rows[name], rows["smollm2-teacher"]
+    assert (s["student_size"], s["layers"], s["metrics"]["teacher_layers"], t["layers"]) == ("light", 3, 30, 30)
+    assert s["size_bytes"] == folder_size(folder) and s["size_bytes"] < t["size_bytes"] / 3
+    assert s["speedup"] == pytest.approx(2000.0 / s["latency_ms_p50"])
+    page = owner_client.get(reverse("evaluation_detail", args=[project.slug, ev.pk])).content.decode()
+    assert "<th>Student size</th>" in page and ">3/30</td>" in page and "<td>light</td>" in page
+    assert f"{s['speedup']:.1f}×" in page

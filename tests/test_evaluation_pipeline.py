@@ -40,3 +40,15 @@ def test_verdict_ready_not_ready_and_none():
     assert text == "not ready: best student s keeps 62.5 % of the teacher's accuracy (gap 30.0 points; needs 95 %)"
     assert verdict(metric="rouge_l", best_model="s", retention=retention(0.5, 0.0), teacher_quality=0.0,
                    best_quality=0.5) == ("no verdict: the teacher's rouge_l is 0 or missing", None)
+
+
+def test_model_layers_and_speedup(tmp_path):
+    from workers.pipeline.evaluation import model_layers, speedup
+
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"num_hidden_layers": 3, "hidden_size": 576}')
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"n_layer": 12}')
+    assert model_layers(tmp_path / "llama") == 3 and model_layers(tmp_path / "gpt2") == 12
+    assert model_layers(tmp_path) is None and model_layers(tmp_path / "missing") is None
+    assert speedup(400.0, 50.0) == 8.0 and speedup(None, 50.0) is None and speedup(400.0, 0.0) is None

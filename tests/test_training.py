@@ -211,3 +211,84 @@ def test_empty_curated_dataset_is_refused(project, owner):
 
     with pytest.raises(InvalidState, match="curated dataset is empty"):
         training_start(project=project, method="classifier-kd", user=owner)
+
+
+def _with_local_teacher(project):
+    return Teacher.objects.create(project=project, name="smollm2-teacher", provider="transformers",
+                                  model="smollm2-135m-instruct")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(900)
+def test_student_size_light_logit_kd_through_the_worker(celery_worker, team, owner, shared_data, capsys, client):
+    """``distill train --student-size light``: the worker cuts the local SmolLM2 teacher to 3 of
+    its 30 layers, distills it (full fine-tuning, a couple of steps) and saves a 3-layer model."""
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    _with_local_teacher(project)
+    call_command("distill", "train", "--project", project.slug, "--method", "logit-kd", "--student-size", "light",
+                 "--set", "max_steps=2", "--set", "per_device_train_batch_size=4", "--set", "max_length=96",
+                 "--wait", "--json")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["status"] == "succeeded", res
+    run = TrainingRun.objects.get(pk=res["run"])
+    assert res["student"] == run.student_name == "smollm2-135m-instruct@light (3/30 layers)"
+    assert (res["student_model"], res["student_size"], res["student_layers"], res["teacher_layers"]) == (
+        "smollm2-135m-instruct", "light", 3, 30)
+    assert run.hyperparams["student_size"] == "light" and run.hyperparams["teacher"] == "smollm2-teacher"
+    assert run.hyperparams["learning_rate"] == 5e-5  # full fine-tuning: sft-full's rate, not LoRA's 1e-3
+    assert run.preflight["student_layer_indices"] == [0, 15, 29]
+    assert run.preflight["student_parameters"] < run.preflight["teacher_parameters"] / 3
+    kinds = {a["kind"]: a for a in res["artifacts"]}
+    assert set(kinds) == {"merged", "int8"}  # full fine-tuning: no LoRA adapter
+    from django.conf import settings
+
+    merged = Path(settings.MEDIA_ROOT) / kinds["merged"]["path"]
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and cfg["distillhub_student"]["layer_indices"] == [0, 15, 29]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert len(model.model.layers) == 3
+    assert kinds["merged"]["size_bytes"] < 200_000_000  # the 30-layer teacher is about 540 MB in fp32
+    client.force_login(owner)
+    page = client.get(reverse("training_run", kwargs={"slug": project.slug, "run_id": run.pk})).content.decode()
+    assert "smollm2-135m-instruct@light (3/30 layers)" in page and "0, 15, 29" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_student_size_is_refused_clearly(owner_client, team, owner, shared_data):
+    from projects.services import InvalidInput
+    from tests.test_cli import distill
+
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=3, val_per_label=1)
+    with pytest.raises(InvalidInput, match=r"^student_size: only for sft-full and logit-kd .*not classifier-kd"):
+        training_start(project=project, method="classifier-kd", user=owner, student_size="light")
+    with pytest.raises(InvalidInput, match=r"^student_size: 'tiny' is not one of light, medium, heavy"):
+        training_start(project=project, method="sft-full", user=owner, student_size="tiny")
+    # No local teacher (this project's teacher is an API one): nothing to cut layers from.
+    with pytest.raises(InvalidInput, match=r"^student_size: 'medium' builds the student from a local"):
+        training_start(project=project, method="sft-full", user=owner, student_size="medium")
+    r = distill("train", "--project", project.slug, "--method", "sft-full", "--student-size", "heavy")
+    assert r.returncode == 1 and r.stderr.startswith("error: student_size: 'heavy' builds the student from a local")
+    url = reverse("training_start", kwargs={"slug": project.slug})
+    r = owner_client.post(url, {"method": "classifier-kd", "preset": "fast", "student_size": "light"})
+    assert r.status_code == 400
+    assert r.context["form"].errors["student_size"] == [
+        "Student sizes are for sft-full and logit-kd (the student is the local teacher cut to fewer layers), "
+        "not classifier-kd."]
+    _with_local_teacher(project)
+    r = owner_client.post(url, {"method": "sft-full", "preset": "fast", "student_size": "light",
+                                "student_model": "minilm-l6"})
+    assert r.status_code == 400 and "Leave the student model blank" in r.context["form"].errors["student_size"][0]
+    with pytest.raises(InvalidInput, match=r"^student_model: leave it blank with student_size"):
+        training_start(project=project, method="sft-full", user=owner, student_size="light", student_model="minilm-l6")
+    assert not TrainingRun.objects.filter(project=project).exists()
+    # With the local teacher, the form queues a sized sft-full run named after its preset.
+    page = owner_client.get(reverse("training_page", kwargs={"slug": project.slug})).content.decode()
+    assert 'name="student_size"' in page and "about 10 % of the teacher" in page
+    r = owner_client.post(url, {"method": "sft-full", "preset": "fast", "student_size": "medium"})
+    assert r.status_code == 302
+    run = TrainingRun.objects.get(project=project)
+    assert (run.student_model, run.student_size, run.student_name) == (
+        "smollm2-135m-instruct", "medium", "smollm2-135m-instruct@medium")
+    assert run.hyperparams["learning_rate"] == 5e-5 and "teacher" not in run.hyperparams

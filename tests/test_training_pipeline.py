@@ -256,3 +256,28 @@ def test_logit_kd_on_a_teacher_with_the_same_tokenizer(tmp_path, shared_data):
     assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
     assert res.preflight["eos_supervised_rows"] == 8
     assert {a["kind"] for a in res.artifacts} == {"adapter", "merged", "int8"}
+
+
+def test_apply_student_size_records_the_preset_and_refuses_other_methods(tmp_path):
+    from workers.pipeline.training import apply_student_size
+
+    hp = resolve_hyperparams("logit-kd", "fast")
+    sized = apply_student_size(hp, method="logit-kd", preset="fast", size="heavy")
+    # Full fine-tuning of the cut teacher: sft-full's learning rate, not LoRA's 1e-3.
+    assert (sized["student_size"], sized["learning_rate"], hp["learning_rate"]) == ("heavy", 5e-5, 1e-3)
+    kept = apply_student_size(hp, method="logit-kd", preset="fast", size="light", overrides={"learning_rate": 3e-4})
+    assert kept["learning_rate"] == 1e-3  # the caller's resolved value stays when the user set one
+    assert apply_student_size(hp, method="logit-kd", preset="fast", size="") is hp
+    assert apply_student_size(resolve_hyperparams("sft-full", "seed"), method="sft-full", preset="seed",
+                              size="medium")["learning_rate"] == 2e-5
+    with pytest.raises(TrainingRefused, match=r"^student_size: only for sft-full and logit-kd .*not sft-lora"):
+        apply_student_size(resolve_hyperparams("sft-lora"), method="sft-lora", preset="fast", size="light")
+    with pytest.raises(TrainingRefused, match=r"^student_size: 'xl' is not one of light, medium, heavy"):
+        apply_student_size(hp, method="logit-kd", preset="fast", size="xl")
+    # train() refuses a sized classifier-kd spec before loading anything.
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    spec = TrainSpec(method="classifier-kd", student_model="minilm-l6", task=task, train_rows=[TrainRow(query="q", label="a")],
+                     val_rows=[], hyperparams={**resolve_hyperparams("classifier-kd"), "student_size": "light"},
+                     output_dir=str(tmp_path / "o"), checkpoint_dir=str(tmp_path / "c"))
+    with pytest.raises(TrainingRefused, match=r"^student_size: only for sft-full and logit-kd, not classifier-kd"):
+        train(spec)

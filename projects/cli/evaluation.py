@@ -25,7 +25,12 @@ def _human(out: dict) -> str:
         ret = "—" if r["quality_retention"] is None else f"{r['quality_retention'] * 100:.1f} %"
         p50 = "—" if r["latency_ms_p50"] is None else f"{r['latency_ms_p50']:.1f} ms"
         cost = "—" if r["cost_per_1k_usd"] is None else f"${r['cost_per_1k_usd']:.5f}"
-        lines.append(f"  {r['role']:8} {r['model']:40} quality {q}  retention {ret}  p50 {p50}  per 1K {cost}")
+        size = "" if not r.get("size_bytes") else f"  {r['size_bytes'] / 1e6:.0f} MB"
+        layers = "" if r.get("layers") is None else f"  {r['layers']} layers"
+        preset = "" if not r.get("student_size") else f"  [{r['student_size']}]"
+        speed = "" if r.get("speedup") is None else f"  speed-up {r['speedup']:.1f}x"
+        lines.append(f"  {r['role']:8} {r['model']:40} quality {q}  retention {ret}  p50 {p50}  per 1K {cost}"
+                     f"{size}{layers}{speed}{preset}")
     if out.get("verdict"):
         lines.append(f"verdict: {out['verdict']}")
     return "\n".join(lines)

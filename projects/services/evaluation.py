@@ -110,7 +110,10 @@ def _sync_evaluation(job: Job) -> None:
 def evaluation_api_summary(*, evaluation: Evaluation) -> dict:
     """The CLI/JSON shape: ``{"evaluation", "status", "split", "verdict", "ready_to_ship",
     "summary", "results": [{"model", "role", "metrics", "quality", "quality_retention",
-    "latency_ms_p50", "latency_ms_p95", "throughput_qps", "size_bytes", "cost_per_1k_usd"}]}``."""
+    "latency_ms_p50", "latency_ms_p95", "throughput_qps", "size_bytes", "cost_per_1k_usd", "layers",
+    "student_size", "speedup"}]}``: ``layers`` the model's transformer layers, ``student_size``
+    its student-size preset (light / medium / heavy, else null), ``speedup`` the teacher's p50
+    latency over this model's (students only)."""
     rows = evaluation.results.order_by("id")
     return {
         "evaluation": evaluation.pk, "status": evaluation.status, "split": evaluation.split,
@@ -118,5 +121,7 @@ def evaluation_api_summary(*, evaluation: Evaluation) -> dict:
         "results": [{"model": r.model_name, "role": r.role, "metrics": r.metrics, "quality": r.quality,
                      "quality_retention": r.quality_retention, "latency_ms_p50": r.latency_ms_p50,
                      "latency_ms_p95": r.latency_ms_p95, "throughput_qps": r.throughput_qps,
-                     "size_bytes": r.size_bytes, "cost_per_1k_usd": r.cost_per_1k_usd} for r in rows],
+                     "size_bytes": r.size_bytes, "cost_per_1k_usd": r.cost_per_1k_usd,
+                     "layers": (r.metrics or {}).get("layers"), "student_size": (r.metrics or {}).get("student_size"),
+                     "speedup": (r.metrics or {}).get("speedup_vs_teacher")} for r in rows],
     }

@@ -25,7 +25,8 @@ from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import ARTIFACT_PREFIX, model_ref_check
 from workers.pipeline import prompts
-from workers.pipeline.training import DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, resolve_hyperparams
+from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, apply_student_size,
+                                       resolve_hyperparams)
 
 JOB_KIND = "training"
 
@@ -65,9 +66,25 @@ ROWS_SOURCES = ("curated", "golden")
 TEACHER_TUNE_METHODS = (TrainingMethod.SFT_LORA.value, TrainingMethod.SFT_FULL.value)
 
 
+def _sized_student(project: Project, size: str, student_model: str, teacher_name: str) -> str:
+    """The student model reference of a student-size run: the local teacher's model (the
+    student is that model cut to fewer layers). Refuses (InvalidInput) a project without a
+    local teacher and a student that is not the teacher's model."""
+    teachers = Teacher.objects.filter(project=project, provider=Teacher.Provider.TRANSFORMERS)
+    if not teachers.exists():
+        raise InvalidInput(f"student_size: {size!r} builds the student from a local (transformers) teacher's "
+                           "layers, and this project has none; add one (e.g. smollm2-135m-instruct) or leave "
+                           "student_size blank")
+    teacher = _local_teacher(project, teacher_name)
+    if student_model and student_model != teacher.model:
+        raise InvalidInput(f"student_model: leave it blank with student_size: the {size} student is built from "
+                           f"the local teacher {teacher.name!r} ({teacher.model}), not from {student_model!r}")
+    return teacher.model
+
+
 def training_start(*, project: Project, method: str, student_model: str = "", user=None, preset: str = "fast",
                    overrides: dict | None = None, idempotency_key=None, rows_source: str = "curated",
-                   teacher_tune: dict | None = None) -> TrainingRun:
+                   teacher_tune: dict | None = None, student_size: str = "") -> TrainingRun:
     """Create a TrainingRun and its Job, and queue ``training_run_task`` on the ``gpu`` queue
     after commit. ``overrides``: hyperparameters that replace the preset's (see
     ``workers.pipeline.training.PRESETS``). The curated dataset's sha256 and row count, every
@@ -91,17 +108,27 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
 
     Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, a refused student
     model, classifier-kd on a non-classification project, logit-kd without a local teacher,
-    golden rows with a method other than sft-lora/sft-full), InvalidState (no curated rows; no
-    golden references).
+    golden rows with a method other than sft-lora/sft-full, a ``student_size`` for another
+    method or without a local teacher), InvalidState (no curated rows; no golden references).
+
+    ``student_size`` (light, medium, heavy; sft-full and logit-kd only; blank: none): the student
+    is the project's local teacher (the logit-kd ``teacher`` setting, else the first) cut to about
+    10 / 25 / 50 % of its layers (``workers.pipeline.student_init``), then fully fine-tuned. The
+    run's ``student_model`` is the teacher's model and ``hyperparams["student_size"]`` the preset;
+    ``TrainingRun.student_name`` reads e.g. ``smollm2-135m-instruct@light (3/30 layers)``.
     """
     ensure_can_write(user=user, team=project.team)
     if method not in METHODS:
         raise InvalidInput(f"method: {method!r} is not one of {', '.join(METHODS)}")
     try:
         hp = resolve_hyperparams(method, preset, overrides)
+        hp = apply_student_size(hp, method=method, preset=preset, size=student_size, overrides=overrides)
     except TrainingRefused as exc:
         raise InvalidInput(str(exc)) from None
-    student_model = (student_model or "").strip() or DEFAULT_STUDENT[method]
+    student_model = (student_model or "").strip()
+    if hp.get("student_size"):
+        student_model = _sized_student(project, hp["student_size"], student_model, hp.get("teacher", ""))
+    student_model = student_model or DEFAULT_STUDENT[method]
     if len(student_model) > 300:
         raise InvalidInput(f"student_model: at most 300 characters, got {len(student_model)}")
     student_model = model_ref_check(project=project, ref=student_model, field="student_model",

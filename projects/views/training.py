@@ -71,7 +71,8 @@ def training_start_view(request, slug: str):
         run = training_start(project=project, method=form.cleaned_data["method"],
                              student_model=form.cleaned_data["student_model"], user=request.user,
                              preset=form.cleaned_data["preset"], overrides=form.overrides(),
-                             idempotency_key=form.cleaned_data.get("idempotency_key"))
+                             idempotency_key=form.cleaned_data.get("idempotency_key"),
+                             student_size=form.cleaned_data.get("student_size") or "")
     except ServiceError as exc:
         messages.error(request, str(exc))
         return _list(request, project, form, status=400)
@@ -79,7 +80,7 @@ def training_start_view(request, slug: str):
         messages.info(request, f"Training run {run.pk} is already queued or running with these settings; "
                                "showing it instead of starting another.")
     else:
-        messages.success(request, f"Training run {run.pk} queued ({run.method}, {run.student_model}).")
+        messages.success(request, f"Training run {run.pk} queued ({run.method}, {run.student_name}).")
     return redirect("training_run", slug=project.slug, run_id=run.pk)
 
 

@@ -175,6 +175,31 @@ def folder_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def model_layers(path: str | Path) -> int | None:
+    """Transformer layers of the model folder ``path``: ``num_hidden_layers`` (or ``n_layer`` /
+    ``num_layers``) of its ``config.json``; None when the folder has no readable config (an
+    ``int8`` folder, a hub id)."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return None
+
+
+def speedup(teacher_ms: float | None, student_ms: float | None) -> float | None:
+    """Speed-up of a student over the teacher: ``teacher_ms / student_ms`` (p50 latencies, ms);
+    None when either is missing or the student's is 0."""
+    if not teacher_ms or not student_ms:
+        return None
+    return teacher_ms / student_ms
+
+
 JUDGE_SYSTEM = ("You compare two answers to the same request. Reply with exactly one of: A (answer A is better), "
                 "B (answer B is better), tie (equally good).")
 

@@ -119,6 +119,9 @@ HYPERPARAMS: dict[str, HyperParam] = {
     "alpha": HyperParam(float, 0.0, 1.0, "weight of the KD loss against the cross-entropy"),
     "teacher": HyperParam(str, None, 300, "logit-kd: the project's local teacher to learn from (default: the first)"),
 }
+#: Methods that take a ``student_size`` preset (``workers.pipeline.student_init.STUDENT_SIZES``):
+#: the student is then the local teacher cut to evenly spaced layers, fully fine-tuned.
+SIZE_METHODS = ("sft-full", "logit-kd")
 DEFAULT_STUDENT = {"sft-lora": "smollm2-135m-instruct", "sft-full": "smollm2-135m-instruct",
                    "classifier-kd": "minilm-l6", "logit-kd": "smollm2-135m-instruct"}
 
@@ -283,6 +286,28 @@ def resolve_hyperparams(method: str, preset: str = "fast", overrides: dict | Non
         if value is None or value == "":
             continue
         hp[key] = convert_hyperparam(key, value)
+    return hp
+
+
+def apply_student_size(hp: dict, *, method: str, preset: str, size: str, overrides: dict | None = None) -> dict:
+    """``hp`` (from ``resolve_hyperparams``) with the student-size preset ``size`` (light,
+    medium, heavy; blank: none) recorded as ``hp["student_size"]``. A sized student is fully
+    fine-tuned, so logit-kd then takes sft-full's learning rate for the preset (LoRA's 1e-3
+    would wreck full weights) unless ``overrides`` set one. Raises TrainingRefused for an
+    unknown size or a method outside ``SIZE_METHODS``."""
+    from workers.pipeline.student_init import STUDENT_SIZES
+
+    size = (size or "").strip()
+    if not size:
+        return hp
+    if size not in STUDENT_SIZES:
+        raise TrainingRefused(f"student_size: {size!r} is not one of {', '.join(STUDENT_SIZES)}")
+    if method not in SIZE_METHODS:
+        raise TrainingRefused(f"student_size: only for {' and '.join(SIZE_METHODS)} (the student is the local "
+                              f"teacher cut to fewer layers), not {method}")
+    hp = dict(hp, student_size=size)
+    if method == "logit-kd" and (overrides or {}).get("learning_rate") in (None, ""):
+        hp["learning_rate"] = PRESETS["sft-full"][preset]["learning_rate"]
     return hp
 
 
@@ -545,8 +570,24 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     # Full fine-tuning keeps float32 master weights (the Trainer's bf16 flag autocasts the
     # compute): AdamW steps of ~lr are below bf16's resolution for most weights. A LoRA run's
     # base is frozen, so it is loaded in bf16 (the adapters PEFT adds stay float32).
-    model = _sft_model(spec, src, torch.float32 if method == "sft-full" else dtype)
-    peft_config = _lora_config(model, hp) if method in ("sft-lora", "logit-kd") else None
+    size = hp.get("student_size") or ""
+    size_info: dict = {}
+    if size:
+        # A student-size preset: the student is the teacher (``spec.student_model``) cut to
+        # evenly spaced layers, then fully fine-tuned (the kept layers must re-learn to work
+        # together; LoRA on a frozen truncated model cannot do that).
+        if method not in SIZE_METHODS:
+            raise TrainingRefused(f"student_size: only for {' and '.join(SIZE_METHODS)}, not {method}")
+        init = _build_sized_student(spec, src, size)
+        src = init.path
+        size_info = {"student_size": size, "student_layers": init.student_layers,
+                     "teacher_layers": init.teacher_layers, "student_layer_indices": init.indices,
+                     "student_parameters": init.parameters, "teacher_parameters": init.teacher_parameters,
+                     "student_label": f"{spec.student_model}@{init.label}"}
+        report("progress", {"progress": 0.03, "message": f"built the student {size_info['student_label']}"})
+    full = method == "sft-full" or bool(size)
+    model = _sft_model(spec, src, torch.float32 if full else dtype)
+    peft_config = _lora_config(model, hp) if method in ("sft-lora", "logit-kd") and not full else None
     train_raw = chat_rows(spec.task, spec.train_rows, spec.prompt_style)
     val_raw = chat_rows(spec.task, spec.val_rows, spec.prompt_style)
     kw = _training_args_kwargs(hp, spec, len(train_raw), bool(val_raw))
@@ -562,7 +603,7 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
                           processing_class=tok, peft_config=peft_config, callbacks=callbacks)
     preflight = sft_preflight(trainer, tok, train_raw, hp["max_length"])
     preflight.update(student_prompt_template=prompts.student_template(spec.task), method=method,
-                     validation_rows=len(val_raw), device="cuda" if cuda else "cpu")
+                     validation_rows=len(val_raw), device="cuda" if cuda else "cpu", **size_info)
     report("preflight", preflight)
     if not preflight["ok"]:
         raise TrainingRefused(f"preflight: {preflight['refusal']}")
@@ -575,6 +616,17 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     report("progress", {"progress": 0.92, "message": "saving artifacts"})
     result.artifacts = save_causal_artifacts(trainer, tok, spec, lora=peft_config is not None)
     return result
+
+
+def _build_sized_student(spec: TrainSpec, teacher_src: str, size: str):
+    """``student_init.build_student`` into ``<checkpoint_dir>/student-<size>`` (kept for a resume,
+    which needs the same architecture); a bad preset or teacher is TrainingRefused."""
+    from workers.pipeline.student_init import StudentInitError, build_student
+
+    try:
+        return build_student(teacher_src, size, Path(spec.checkpoint_dir) / f"student-{size}")
+    except StudentInitError as exc:
+        raise TrainingRefused(str(exc)) from None
 
 
 def save_causal_artifacts(trainer, tok, spec: TrainSpec, *, lora: bool) -> list[dict]:
@@ -788,13 +840,22 @@ def train(spec: TrainSpec, *, report: Callable[[str, dict], None] | None = None,
     "validation", "step", "epoch", "loss", "learning_rate", "grad_norm", "fidelity"})`` every
     ``logging_steps`` steps and at every validation. ``check_stop()`` is called after every step
     and may raise to stop the run (cancel). Raises TrainingRefused before training on a bad
-    setting or a failed preflight, TrainingStopped when the loss becomes NaN."""
+    setting or a failed preflight, TrainingStopped when the loss becomes NaN.
+
+    ``hyperparams["student_size"]`` (light / medium / heavy; sft-full and logit-kd only): the
+    student is ``spec.student_model`` (the local teacher) cut to evenly spaced layers by
+    ``workers.pipeline.student_init.build_student``, then fully fine-tuned; the preflight gets
+    ``student_size``, ``student_layers``, ``teacher_layers``, ``student_layer_indices``,
+    ``student_parameters``, ``teacher_parameters`` and ``student_label`` (e.g.
+    ``smollm2-135m-instruct@light (3/30 layers)``)."""
     report = report or (lambda event, data: None)
     check_stop = check_stop or (lambda: None)
     if spec.method not in METHODS:
         raise TrainingRefused(f"method: {spec.method!r} is not one of {', '.join(METHODS)}")
     if not spec.train_rows:
         raise TrainingRefused("no training rows: the curated dataset is empty")
+    if spec.hyperparams.get("student_size") and spec.method not in SIZE_METHODS:
+        raise TrainingRefused(f"student_size: only for {' and '.join(SIZE_METHODS)}, not {spec.method}")
     os.makedirs(spec.output_dir, exist_ok=True)
     _limit_threads()
     import torch

@@ -174,6 +174,7 @@ def evaluation_run(*, job: Job, reporter) -> dict:
     inp = _inputs(job, reporter)
     results, primary = _teacher_results(inp)
     student_results, causal_loaded = _student_results(inp, reporter, primary)
+    _speedups(results, student_results, primary)
     results += student_results
     spec = _speculative(inp, reporter, primary.teacher, causal_loaded)
     del causal_loaded
@@ -295,6 +296,7 @@ def _teacher_result(inp: _Inputs, row: tuple, m: dict, quality, primary: _Primar
             name, policy = model_ref_resolve(project=inp.project, ref=t.model, field="model", kinds=("merged",))
             src = resolve_model(name, _cache_dir(), policy=policy)
             size = P.folder_size(src) if Path(src).exists() else None
+            m["layers"] = P.model_layers(src)
         except Exception:  # noqa: BLE001 - size is informative only (a refused model is never read)
             size = None
     if task.task_type == "classification":
@@ -386,8 +388,12 @@ def _student_result(inp: _Inputs, reporter, student: tuple, *, base_progress: fl
     m["cost_basis"] = f"compute time x ${price_h:.2f}/h"
     m["wall_s"] = wall
     m["kind"] = kind
+    m["layers"] = _layers(kind, path, run_, policy)
     if run_ is not None:
         m["training_run"] = run_.pk
+        if run_.student_size:
+            m["student_size"] = run_.student_size
+            m["teacher_layers"] = (run_.preflight or {}).get("teacher_layers")
     res = EvalResult.objects.create(
         evaluation=inp.ev, model_name=name, role=role, artifact=artifact, metrics=m, quality=quality,
         quality_retention=M.retention(quality, primary.quality), latency_ms_p50=sp["latency_ms_p50"],
@@ -398,6 +404,15 @@ def _student_result(inp: _Inputs, reporter, student: tuple, *, base_progress: fl
                        latency_ms=p.latency_ms, correct=_correct(task.task_type, p.output, p.label, references[i]))
         for i, p in enumerate(preds)])
     return res, lm
+
+
+def _speedups(teacher_results: list[EvalResult], student_results: list[EvalResult], primary: _Primary) -> None:
+    """Each student's ``metrics["speedup_vs_teacher"]``: the primary teacher's p50 latency over
+    the student's (``workers.pipeline.evaluation.speedup``), as the seed's size table shows it."""
+    teacher = next((r for r in teacher_results if r.teacher_id == primary.teacher.pk), None)
+    for r in student_results:
+        r.metrics["speedup_vs_teacher"] = P.speedup(teacher.latency_ms_p50 if teacher else None, r.latency_ms_p50)
+        EvalResult.objects.filter(pk=r.pk).update(metrics=r.metrics)
 
 
 def _speculative(inp: _Inputs, reporter, primary_teacher: Teacher, causal_loaded: list) -> dict | None:
@@ -498,6 +513,25 @@ def _correct(task_type: str, output, label, reference) -> bool | None:
     return (output or "").strip() == str(reference).strip()
 
 
+def _layers(kind: str, path: str, run_: TrainingRun | None, policy) -> int | None:
+    """The student's transformer layers: from its folder's config.json, else (int8, adapter) the
+    run's student-size preflight or its merged artifact's config, else (base) the resolved model."""
+    layers = P.model_layers(path)
+    if layers is None and kind == "base":
+        try:
+            from workers.pipeline.registry import resolve_model
+
+            layers = P.model_layers(resolve_model(path, _cache_dir(), policy=policy))
+        except Exception:  # noqa: BLE001 - informative only
+            layers = None
+    if layers is None and run_ is not None:
+        layers = (run_.preflight or {}).get("student_layers")
+        merged = ModelArtifact.objects.filter(training_run=run_, kind="merged").first()
+        if layers is None and merged is not None:
+            layers = P.model_layers(artifact_folder(artifact=merged))
+    return layers
+
+
 def _students(project: Project) -> list[tuple]:
     """Every model to evaluate as a student: ``(name, role, kind, path, artifact, training_run)``.
     Artifacts of kinds adapter/merged/int8/classifier (path under MEDIA_ROOT), then each distinct
@@ -512,8 +546,11 @@ def _students(project: Project) -> list[tuple]:
             raise InvalidState(f"artifact {a.pk} ({a.kind}): {a.path} is missing under the media folder")
         run = a.training_run
         label = f"{a.kind} (run {run.pk})" if run else f"{a.kind} #{a.pk}"
+        if run and run.student_size:
+            label = f"{a.kind} (run {run.pk}, {run.student_name})"
         out.append((label, "student", a.kind, str(path), a, run))
-        if run and a.kind in CAUSAL_KINDS and run.student_model:
+        # A student-size run's base model is the teacher itself: not a student to compare.
+        if run and a.kind in CAUSAL_KINDS and run.student_model and not run.student_size:
             bases.setdefault(run.student_model, run)
     for name, run in bases.items():
         # A base student is loaded from what its reference resolves to now (an artifact of this
