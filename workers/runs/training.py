@@ -22,7 +22,7 @@ from projects.models import Job, JobStatus, ModelArtifact, Sample, Split, Traini
 from projects.services import InvalidInput, InvalidState
 from projects.services.security import model_ref_resolve
 from projects.services.training import _local_teacher, _student_kinds, run_checkpoint_dir, run_output_dir
-from workers.pipeline.training import TrainingRefused, TrainRow, TrainSpec, split_validation
+from workers.pipeline.training import TEACHER_FROM_SAMPLES, TrainingRefused, TrainRow, TrainSpec, split_validation
 
 
 def path_digest(*, path: Path) -> tuple[int, str]:
@@ -57,8 +57,13 @@ def _rows_from_samples(samples, method: str, labels: list[str]) -> list[TrainRow
     the label the human gold (Query.reference when it is a label) else the teacher's label, the
     soft labels averaged over the query's samples (an ensemble's members)."""
     if method != "classifier-kd":
+        # An API teacher's per-token log-probabilities travel with its own text only: after a
+        # human edit they describe tokens the answer no longer has.
         return [TrainRow(query=s.query.text, answer=s.final_response or "",
-                         label=s.parsed if isinstance(s.parsed, str) else None) for s in samples]
+                         label=s.parsed if isinstance(s.parsed, str) else None,
+                         token_logprobs=s.token_logprobs if (method == TrainingMethod.LOGIT_KD and s.token_logprobs
+                                                             and s.final_response == s.response) else None)
+                for s in samples]
     by_query: dict[int, list[Sample]] = {}
     for s in samples:
         by_query.setdefault(s.query_id, []).append(s)
@@ -111,7 +116,7 @@ def training_execute(*, job: Job, reporter) -> dict:
         student, policy = model_ref_resolve(project=run.project, ref=run.student_model, field="student_model",
                                             kinds=_student_kinds(run.method))
         teacher_model = None
-        if run.method == TrainingMethod.LOGIT_KD:
+        if run.method == TrainingMethod.LOGIT_KD and run.hyperparams.get("teacher") != TEACHER_FROM_SAMPLES:
             teacher_model, tpolicy = model_ref_resolve(
                 project=run.project, ref=_local_teacher(run.project, run.hyperparams.get("teacher", "")).model,
                 field="teacher model", kinds=("merged",))
