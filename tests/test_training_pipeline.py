@@ -390,3 +390,17 @@ def test_cross_tokenizer_settings_that_cannot_work_are_refused(tmp_path):
         resolve_hyperparams("classifier-kd", "fast", {"feature_weight": 1.0})
     with pytest.raises(TrainingRefused, match="uld_weight"):
         resolve_hyperparams("logit-kd", "fast", {"uld_weight": -1})
+
+
+def test_sample_answer_probs_reads_stored_top_logprobs():
+    from workers.pipeline.training import sample_answer_probs
+
+    lp = [{"token": "a", "logprob": math.log(0.5), "top": [["b", math.log(0.2)], ["a", math.log(0.5)], ["c", math.log(0.1)]]},
+          {"token": "d", "logprob": math.log(0.7), "top": [["d", math.log(0.7)], ["e", math.log(0.3)]]},
+          {"token": "f", "logprob": math.log(0.9), "top": []}]
+    [p, none] = sample_answer_probs([TrainRow(query="q", answer="adf", token_logprobs=lp), TrainRow(query="q")])
+    # K = the fewest alternatives (1: the last token has only its own logprob); sorted descending
+    assert none is None and p.shape == (3, 1)
+    assert p[:, 0].tolist() == pytest.approx([0.5, 0.7, 0.9])
+    [p2] = sample_answer_probs([TrainRow(query="q", answer="ad", token_logprobs=lp[:2])])
+    assert p2.flatten().tolist() == pytest.approx([0.5, 0.2, 0.7, 0.3])
