@@ -1,5 +1,7 @@
 """Student training (no Django): response-based SFT (LoRA or full) with TRL, soft-label
-classifier distillation, and token-level logit distillation.
+classifier distillation, and token-level logit distillation, optionally with hidden-state
+(FitNets) and relation (similarity-preserving) losses, or across tokenizers (Universal Logit
+Distillation, ``uld_weight``); the losses are in ``workers.pipeline.kd``.
 
 Entry point: ``train(TrainSpec, report=..., check_stop=...) -> TrainResult``. The caller (a
 Celery task) turns ``report`` events into TrainingMetric rows and Job progress, and passes
@@ -796,7 +798,11 @@ def _logit_kd_trainer_cls(teacher, hp: dict, *, teacher_probs: list | None = Non
 
     fw, rw, uw = float(hp.get("feature_weight", 0)), float(hp.get("relation_weight", 0)), float(hp.get("uld_weight", 0))
     need_hidden = teacher_probs is None and (fw > 0 or rw > 0)
-    projection = torch.nn.Linear(student_hidden, teacher_hidden) if need_hidden and fw > 0 else None
+    projection = None
+    if need_hidden and fw > 0:
+        with torch.random.fork_rng(devices=[]):  # the regressor's init follows the run's seed
+            torch.manual_seed(int(hp.get("seed", 42)))
+            projection = torch.nn.Linear(student_hidden, teacher_hidden)
 
     class LogitKDTrainer(SFTTrainer):
         """SFTTrainer whose loss is logit distillation (see ``_logit_kd_trainer_cls``)."""
