@@ -415,7 +415,8 @@ class TrainForm(forms.Form):
 
     METHOD_CHOICES = [(m.value, f"{m.label} ({m.value})") for m in TrainingMethod]
     HP_FIELDS = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length", "lora_r",
-                 "lora_alpha", "target_modules", "temperature", "alpha", "early_stopping_patience", "eval_steps")
+                 "lora_alpha", "target_modules", "temperature", "alpha", "feature_weight", "relation_weight", "uld_weight",
+                 "early_stopping_patience", "eval_steps")
 
     method = forms.ChoiceField(choices=METHOD_CHOICES)
     student_model = forms.CharField(max_length=300, required=False,
@@ -441,6 +442,9 @@ class TrainForm(forms.Form):
     target_modules = forms.CharField(required=False, label="LoRA target modules", help_text="comma-separated")
     temperature = _hp_field("temperature", "KD temperature T")
     alpha = _hp_field("alpha", "KD alpha")
+    feature_weight = _hp_field("feature_weight", "logit-kd: hidden-state (FitNets) weight")
+    relation_weight = _hp_field("relation_weight", "logit-kd: relation (similarity-preserving) weight")
+    uld_weight = _hp_field("uld_weight", "logit-kd: cross-tokenizer (ULD) weight")
     early_stopping_patience = _hp_field("early_stopping_patience", "Early-stopping patience")
     eval_steps = _hp_field("eval_steps", "Validate every N steps (0: each epoch)")
     extra = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,

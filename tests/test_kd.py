@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from workers.pipeline.kd import soft_label_kd_loss, token_kd_loss
+from workers.pipeline.kd import feature_kd_loss, relation_kd_loss, soft_label_kd_loss, token_kd_loss, uld_loss
 
 # Teacher p = [0.8, 0.2]; student logits [0, 0] -> q = [0.5, 0.5]; hard label 0.
 # T = 1: KL = 0.8 ln(0.8/0.5) + 0.2 ln(0.2/0.5) = 0.376003 - 0.183258 = 0.192745; CE = ln 2 = 0.693147
@@ -80,3 +80,90 @@ def test_token_loss_by_hand_and_padding_invariance():
 def test_token_loss_rejects_different_vocabularies():
     with pytest.raises(ValueError, match="same tokenizer"):
         token_kd_loss(torch.zeros(1, 3, 5), torch.zeros(1, 3, 6), torch.tensor([[1, 2, 3]]))
+
+
+# --- FitNets hint loss (Romero et al. 2015) -------------------------------------------------
+
+
+def test_feature_loss_through_a_projection_by_hand():
+    proj = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    s, t = torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[3.0], [1.0]])
+    # projected [1, 0]: ((1-3)^2 + (0-1)^2) / 2 = 2.5
+    assert feature_kd_loss(s, t, proj).item() == pytest.approx(2.5)
+    with torch.no_grad():
+        proj.weight.copy_(torch.tensor([[1.0, 1.0]]))  # projected [3, 1]: equal to the teacher
+    assert feature_kd_loss(s, t, proj).item() == pytest.approx(0.0)
+    assert feature_kd_loss(t, t).item() == 0.0  # same size: no projection needed
+    loss = feature_kd_loss(s, t, proj) + feature_kd_loss(s, t + 1, proj)
+    loss.backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0  # the projection learns
+    with pytest.raises(ValueError, match="same shape"):
+        feature_kd_loss(s, t)
+    assert feature_kd_loss(torch.zeros(0, 2), torch.zeros(0, 1), proj).item() == 0.0
+
+
+# --- similarity-preserving loss (Tung & Mori 2019) ------------------------------------------
+
+
+def test_relation_loss_by_hand():
+    # Student [[1,0],[0,1]]: G = I, rows already unit. Teacher [[1,0],[1,0]]: G = all ones,
+    # rows / sqrt(2). ||G_s - G_t||^2 = 2 (1 - 0.707107)^2 + 2 (0.707107)^2 = 1.171573; / B^2 = 0.292893
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert relation_kd_loss(s, t).item() == pytest.approx(0.292893, abs=1e-5)
+    # Only relations count: other widths, scales and rotations of the teacher give 0
+    t3 = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    assert relation_kd_loss(s, t3).item() == pytest.approx(0.0, abs=1e-7)
+    assert relation_kd_loss(s[:1], t[:1]).item() == 0.0  # one sample: no pair
+    with pytest.raises(ValueError, match="batch sizes"):
+        relation_kd_loss(s, t[:1])
+
+
+# --- Universal Logit Distillation (Boizard et al. 2024) -------------------------------------
+
+
+def test_uld_known_small_vectors():
+    # student [0.5, 0.5] vs teacher [0.9, 0.1]: |0.5-0.9| + |0.5-0.1| = 0.8
+    assert uld_loss(torch.zeros(1, 2), torch.tensor([[0.9, 0.1]])).item() == pytest.approx(0.8, abs=1e-6)
+    # Student vocabulary 3 (uniform), teacher 2: teacher padded [0.5, 0.5, 0] ->
+    # 2 |1/3 - 1/2| + |1/3 - 0| = 2/3
+    assert uld_loss(torch.zeros(1, 3), torch.tensor([[0.5, 0.5]])).item() == pytest.approx(2 / 3, abs=1e-6)
+    # Student vocabulary 2, teacher 3: student padded [0.5, 0.5, 0] vs [0.6, 0.3, 0.1]: 0.1 + 0.2 + 0.1
+    assert uld_loss(torch.zeros(1, 2), torch.tensor([[0.3, 0.1, 0.6]])).item() == pytest.approx(0.4, abs=1e-6)
+    # Top-1 teacher (an API's top_logprobs): [0.6], tail 0.4; student [0.5, 0.3, 0.2]:
+    # |0.5 - 0.6| + |0.5 - 0.4| = 0.2
+    st = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert uld_loss(st, torch.tensor([[0.6]])).item() == pytest.approx(0.2, abs=1e-6)
+    # mean vs sum over positions
+    two_s, two_t = torch.zeros(2, 2), torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    assert uld_loss(two_s, two_t).item() == pytest.approx(0.4, abs=1e-6)
+    assert uld_loss(two_s, two_t, reduction="sum").item() == pytest.approx(0.8, abs=1e-6)
+
+
+def test_uld_is_permutation_invariant_and_zero_for_equal_sorted_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, generator=g)
+    p = torch.softmax(logits, -1)
+    perm = torch.randperm(7, generator=g)
+    # Teacher = the student's distribution with its vocabulary shuffled: distance 0
+    assert uld_loss(logits, p[:, perm]).item() == pytest.approx(0.0, abs=1e-6)
+    # Same sorted values in a bigger vocabulary (zeros elsewhere): still 0
+    assert uld_loss(logits, torch.cat([p[:, perm], torch.zeros(4, 5)], 1)).item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.softmax(torch.randn(4, 9, generator=g), -1)
+    base = uld_loss(logits, t).item()
+    assert base > 0.05
+    assert uld_loss(logits[:, perm], t[:, torch.randperm(9, generator=g)]).item() == pytest.approx(base, abs=1e-6)
+    # The gradient reaches the student's logits
+    z = logits.clone().requires_grad_(True)
+    uld_loss(z, t).backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_uld_bad_input_raises():
+    with pytest.raises(ValueError, match="positions differ"):
+        uld_loss(torch.zeros(2, 3), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        uld_loss(torch.zeros(1, 3), torch.zeros(1, 3), temperature=0)
+    assert uld_loss(torch.zeros(0, 3), torch.zeros(0, 2)).item() == 0.0

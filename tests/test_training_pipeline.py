@@ -161,7 +161,7 @@ def test_logit_kd_with_another_tokenizer_suggests_sft_lora(tmp_path):
     task = TaskSpec(task_type="classification", labels=("a", "b"))
     spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, [TrainRow(query="x", answer="a")], [])
     spec.teacher_model = "minilm-l6"
-    with pytest.raises(TrainingRefused, match="share a tokenizer.*sft-lora"):
+    with pytest.raises(TrainingRefused, match="share a tokenizer.*uld_weight > 0.*sft-lora"):
         train(spec)
 
 
@@ -281,3 +281,151 @@ def test_apply_student_size_records_the_preset_and_refuses_other_methods(tmp_pat
                      output_dir=str(tmp_path / "o"), checkpoint_dir=str(tmp_path / "c"))
     with pytest.raises(TrainingRefused, match=r"^student_size: only for sft-full and logit-kd, not classifier-kd"):
         train(spec)
+
+
+# --- richer KD: hidden-state and relation losses, cross-tokenizer (ULD) ----------------------
+
+
+def _tiny_llama_teacher(path: Path) -> str:
+    """A random-weight Llama with the SmolLM2 tokenizer and a much smaller hidden size (32, the
+    student has 576): same tokens, so feature/relation KD applies, through the projection."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _tiny_gpt2_teacher(path: Path, texts: list[str]) -> str:
+    """A random-weight GPT-2 with its own byte-level BPE tokenizer (a few hundred tokens, no
+    chat template): a teacher whose vocabulary has nothing in common with SmolLM2's."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=512)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _train_losses(events):
+    return [d for e, d in events if e == "metric" and d["split"] == "train"]
+
+
+def test_logit_kd_with_feature_and_relation_losses_logs_each_component(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 2, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l) for q, l in pairs]
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], max_steps=2,
+                 per_device_train_batch_size=4, logging_steps=1, feature_weight=0.5, relation_weight=2.0)
+    spec.teacher_model = _tiny_llama_teacher(tmp_path / "teacher")
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    metrics = _train_losses(events)
+    assert len(metrics) == 2
+    for m in metrics:
+        c = m["components"]
+        assert set(c) == {"response", "feature", "relation"}
+        assert c["response"] > 0 and c["feature"] > 0 and c["relation"] > 0
+        # The logged loss is the weighted sum of its parts (one step per log)
+        assert m["loss"] == pytest.approx(c["response"] + 0.5 * c["feature"] + 2.0 * c["relation"], rel=1e-3)
+    assert res.preflight["kd_losses"] == ["response", "feature", "relation"]
+    assert res.preflight["loss_components_last"] == metrics[-1]["components"]
+    assert {a["kind"] for a in res.artifacts} == {"adapter", "merged", "int8"}
+
+
+def test_cross_tokenizer_kd_from_a_local_teacher_with_another_vocabulary(tmp_path, shared_data):
+    from transformers import AutoTokenizer
+
+    from workers.pipeline.training import teacher_answer_probs
+
+    labels, pairs = banking_rows(shared_data, "train", 2, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l) for q, l in pairs]
+    path = _tiny_gpt2_teacher(tmp_path / "teacher", [q for q, _ in pairs] + list(labels))
+    ttok = AutoTokenizer.from_pretrained(path)
+    assert len(ttok) < 400  # truly another vocabulary than SmolLM2's 49,152
+    # Plain logit-kd still refuses it, pointing to the cross-tokenizer option
+    plain = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [])
+    plain.teacher_model = path
+    with pytest.raises(TrainingRefused, match="uld_weight > 0"):
+        train(plain)
+    # The teacher's distributions: one row per answer token (+ its EOS), top-K, descending
+    from transformers import AutoModelForCausalLM
+
+    probs = teacher_answer_probs(AutoModelForCausalLM.from_pretrained(path), ttok, task, rows[:2], top_k=16,
+                                 max_length=256)
+    n_tokens = len(ttok(rows[0].answer, add_special_tokens=False)["input_ids"]) + 1
+    assert probs[0].shape == (n_tokens, 16)
+    assert bool((probs[0][:, :-1] >= probs[0][:, 1:]).all()) and bool((probs[0].sum(-1) <= 1 + 1e-5).all())
+
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], max_steps=4,
+                 per_device_train_batch_size=4, logging_steps=1, uld_weight=1.0, uld_top_k=64)
+    spec.teacher_model = path
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    metrics = _train_losses(events)
+    assert len(metrics) == 4
+    assert all(set(m["components"]) == {"ce", "uld"} and 0 < m["components"]["uld"] <= 2 for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    pf = res.preflight
+    assert pf["teacher_source"] == "local teacher (own tokenizer)" and pf["same_tokenizer"] is False
+    assert pf["rows_with_teacher_distributions"] == 8 and pf["kd_losses"] == ["ce", "uld"]
+    assert {a["kind"] for a in res.artifacts} == {"adapter", "merged", "int8"}
+
+
+def _api_logprobs(answer: str, p_first: float):
+    """An API teacher's ``token_logprobs`` as generation stores them (top 3 per token)."""
+    rest = (1 - p_first) / 4
+    return [{"token": t, "logprob": math.log(p_first),
+             "top": [[t, math.log(p_first)], ["x", math.log(rest)], ["y", math.log(rest / 2)]]}
+            for t in answer.split("_")[:3] or [answer]]
+
+
+def test_cross_tokenizer_kd_from_an_api_teachers_top_logprobs(tmp_path, shared_data):
+    labels, pairs = banking_rows(shared_data, "train", 2, 4)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, answer=l, token_logprobs=_api_logprobs(l, 0.9)) for q, l in pairs]
+    spec = _spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], max_steps=4,
+                 per_device_train_batch_size=4, logging_steps=1, uld_weight=2.0, teacher="samples")
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    metrics = _train_losses(events)
+    assert len(metrics) == 4 and metrics[-1]["loss"] < metrics[0]["loss"]
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["components"]["ce"] + 2.0 * m["components"]["uld"], rel=1e-3)
+    pf = res.preflight
+    assert pf["teacher_source"] == "samples' top_logprobs" and pf["teacher_top_k"] == 3
+    assert pf["rows_with_teacher_distributions"] == 8
+
+
+def test_cross_tokenizer_settings_that_cannot_work_are_refused(tmp_path):
+    task = TaskSpec(task_type="classification", labels=("a", "b"))
+    rows = [TrainRow(query="x", answer="a")]
+    with pytest.raises(TrainingRefused, match="no training row has them"):
+        train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0))
+    with pytest.raises(TrainingRefused, match="need a teacher with the student's tokenizer"):
+        train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0, feature_weight=1.0))
+    with pytest.raises(TrainingRefused, match="not a setting of classifier-kd"):
+        resolve_hyperparams("classifier-kd", "fast", {"feature_weight": 1.0})
+    with pytest.raises(TrainingRefused, match="uld_weight"):
+        resolve_hyperparams("logit-kd", "fast", {"uld_weight": -1})
+
+
+def test_sample_answer_probs_reads_stored_top_logprobs():
+    from workers.pipeline.training import sample_answer_probs
+
+    lp = [{"token": "a", "logprob": math.log(0.5), "top": [["b", math.log(0.2)], ["a", math.log(0.5)], ["c", math.log(0.1)]]},
+          {"token": "d", "logprob": math.log(0.7), "top": [["d", math.log(0.7)], ["e", math.log(0.3)]]},
+          {"token": "f", "logprob": math.log(0.9), "top": []}]
+    [p, none] = sample_answer_probs([TrainRow(query="q", answer="adf", token_logprobs=lp), TrainRow(query="q")])
+    # K = the fewest alternatives (1: the last token has only its own logprob); sorted descending
+    assert none is None and p.shape == (3, 1)
+    assert p[:, 0].tolist() == pytest.approx([0.5, 0.7, 0.9])
+    [p2] = sample_answer_probs([TrainRow(query="q", answer="ad", token_logprobs=lp[:2])])
+    assert p2.flatten().tolist() == pytest.approx([0.5, 0.2, 0.7, 0.3])

@@ -25,8 +25,8 @@ from projects.services.jobs import job_cancel, job_create, job_enqueue
 from projects.services.permissions import ensure_can_write
 from projects.services.security import ARTIFACT_PREFIX, model_ref_check
 from workers.pipeline import prompts
-from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TrainingRefused, apply_student_size,
-                                       resolve_hyperparams)
+from workers.pipeline.training import (DEFAULT_STUDENT, METHODS, PRESETS, TEACHER_FROM_SAMPLES, TrainingRefused,
+                                       apply_student_size, resolve_hyperparams)
 
 JOB_KIND = "training"
 
@@ -51,8 +51,29 @@ def _local_teacher(project: Project, name: str) -> Teacher:
     t = teachers.order_by("id").first()
     if t is None:
         raise InvalidInput("logit-kd needs a local (transformers) teacher in this project, whose token "
-                           "distributions the student learns; with an API teacher use sft-lora")
+                           "distributions the student learns; with an API teacher use sft-lora, or logit-kd "
+                           f"with uld_weight > 0 and teacher={TEACHER_FROM_SAMPLES} to learn from its stored "
+                           "top_logprobs")
     return t
+
+
+def _logit_kd_teacher(project: Project, hp: dict) -> str:
+    """The ``teacher`` a logit-kd run records: a local teacher's name, or ``samples`` (cross-
+    tokenizer KD, ``uld_weight`` > 0, from the curated samples' stored top_logprobs) when asked
+    for or when the project has no local teacher. Raises InvalidInput when neither exists."""
+    name = hp.get("teacher", "")
+    cross = float(hp.get("uld_weight", 0)) > 0
+    if name == TEACHER_FROM_SAMPLES and not cross:
+        raise InvalidInput(f"teacher={TEACHER_FROM_SAMPLES} (the samples' top_logprobs) needs uld_weight > 0: "
+                           "their tokens are the API teacher's, not the student's")
+    has_local = Teacher.objects.filter(project=project, provider=Teacher.Provider.TRANSFORMERS).exists()
+    if cross and (name == TEACHER_FROM_SAMPLES or (not name and not has_local)):
+        if not selectors.curated_samples(project).filter(token_logprobs__isnull=False).exists():
+            raise InvalidInput("logit-kd with uld_weight > 0 and no local teacher learns from the samples' stored "
+                               "top_logprobs, but no curated sample has them: generate with an API teacher that "
+                               "returns logprobs, or add a local (transformers) teacher")
+        return TEACHER_FROM_SAMPLES
+    return _local_teacher(project, name).name
 
 
 def _student_kinds(method: str) -> tuple[str, ...]:
@@ -137,7 +158,7 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
         raise InvalidInput("method: classifier-kd needs a classification project with at least two labels; "
                            "use sft-lora for this task")
     if method == TrainingMethod.LOGIT_KD:
-        hp["teacher"] = _local_teacher(project, hp.get("teacher", "")).name
+        hp["teacher"] = _logit_kd_teacher(project, hp)
     if rows_source not in ROWS_SOURCES:
         raise InvalidInput(f"rows_source: {rows_source!r} is not one of {', '.join(ROWS_SOURCES)}")
     if rows_source == "golden":

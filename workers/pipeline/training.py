@@ -1,5 +1,7 @@
 """Student training (no Django): response-based SFT (LoRA or full) with TRL, soft-label
-classifier distillation, and token-level logit distillation.
+classifier distillation, and token-level logit distillation, optionally with hidden-state
+(FitNets) and relation (similarity-preserving) losses, or across tokenizers (Universal Logit
+Distillation, ``uld_weight``); the losses are in ``workers.pipeline.kd``.
 
 Entry point: ``train(TrainSpec, report=..., check_stop=...) -> TrainResult``. The caller (a
 Celery task) turns ``report`` events into TrainingMetric rows and Job progress, and passes
@@ -32,7 +34,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from workers.pipeline import prompts
-from workers.pipeline.kd import IGNORE_INDEX, soft_label_kd_loss, token_kd_loss
+from workers.pipeline.kd import (IGNORE_INDEX, feature_kd_loss, relation_kd_loss, soft_label_kd_loss, token_kd_loss,
+                                 uld_loss)
 from workers.pipeline.local_lm import INT8_FILE
 from workers.pipeline.registry import clear_quantizer_marker, resolve_model
 from workers.pipeline.specs import TaskSpec
@@ -54,6 +57,13 @@ _LORA_FAST = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
               "learning_rate": 1e-3, "num_train_epochs": 2.0, "lr_scheduler_type": "cosine", "max_length": 256}
 
+#: logit-kd's own settings; the three weights are 0 (off) by default: plain token-level KD.
+_LOGIT_KD = {"temperature": 1.0, "alpha": 0.5, "teacher": "", "feature_weight": 0.0, "relation_weight": 0.0,
+             "uld_weight": 0.0, "uld_top_k": 256}
+#: The ``teacher`` value that makes a cross-tokenizer (uld_weight > 0) run learn from the samples'
+#: stored ``top_logprobs`` (an API teacher) instead of running a local teacher.
+TEACHER_FROM_SAMPLES = "samples"
+
 #: Hyperparameters by method and preset. Every value can be overridden; ``eval_steps`` 0 means
 #: validate (and checkpoint) once per epoch; ``max_steps`` -1 means "run the epochs".
 PRESETS: dict[str, dict[str, dict]] = {
@@ -69,8 +79,8 @@ PRESETS: dict[str, dict[str, dict]] = {
                  "lr_scheduler_type": "linear", "max_length": 64, "temperature": 4.0, "alpha": 0.5},
     },
     "logit-kd": {
-        "seed": {**_COMMON, **_LORA_SEED, "temperature": 1.0, "alpha": 0.5, "teacher": ""},
-        "fast": {**_COMMON, **_LORA_FAST, "temperature": 1.0, "alpha": 0.5, "teacher": ""},
+        "seed": {**_COMMON, **_LORA_SEED, **_LOGIT_KD},
+        "fast": {**_COMMON, **_LORA_FAST, **_LOGIT_KD},
     },
 }
 PRESET_NAMES = ("seed", "fast")
@@ -117,7 +127,19 @@ HYPERPARAMS: dict[str, HyperParam] = {
     "target_modules": HyperParam(list, 1, 64, "LoRA's target linear layers, e.g. q_proj,v_proj"),
     "temperature": HyperParam(float, 0.01, 100.0, "KD softmax temperature T"),
     "alpha": HyperParam(float, 0.0, 1.0, "weight of the KD loss against the cross-entropy"),
-    "teacher": HyperParam(str, None, 300, "logit-kd: the project's local teacher to learn from (default: the first)"),
+    "teacher": HyperParam(str, None, 300, "logit-kd: the project's local teacher to learn from (default: the first); "
+                          f"with uld_weight > 0, '{TEACHER_FROM_SAMPLES}': the API teacher's stored top_logprobs"),
+    "feature_weight": HyperParam(float, 0.0, 100.0, "logit-kd: weight of the FitNets hidden-state loss (Romero et al. "
+                                 "2015): MSE between the teacher's last hidden states and the student's through a "
+                                 "learned linear projection, on the answer tokens; 0: off"),
+    "relation_weight": HyperParam(float, 0.0, 100.0, "logit-kd: weight of the similarity-preserving loss (Tung & Mori "
+                                  "2019): MSE between the batch's normalised pairwise similarity matrices of the "
+                                  "mean-pooled answer hidden states of student and teacher; 0: off"),
+    "uld_weight": HyperParam(float, 0.0, 100.0, "logit-kd: > 0 allows a teacher with another tokenizer: the loss is "
+                             "the student's cross-entropy on the teacher's answer + uld_weight x the Universal Logit "
+                             "Distillation loss (Boizard et al. 2024); temperature and alpha are then unused; 0: off"),
+    "uld_top_k": HyperParam(int, 1, 1_000_000, "logit-kd with uld_weight > 0 and a local teacher: its K largest "
+                            "probabilities per answer token are kept, the rest compared as one bucket"),
 }
 #: Methods that take a ``student_size`` preset (``workers.pipeline.student_init.STUDENT_SIZES``):
 #: the student is then the local teacher cut to evenly spaced layers, fully fine-tuned.
@@ -138,13 +160,17 @@ class TrainingStopped(RuntimeError):
 class TrainRow:
     """One curated example. ``answer``: the text the student learns (the teacher's response or
     a human edit); ``label``: the hard label for classification (gold where it exists, else the
-    teacher's); ``teacher_label``: the teacher's label; ``label_probs``: ``{label: p}`` soft labels."""
+    teacher's); ``teacher_label``: the teacher's label; ``label_probs``: ``{label: p}`` soft labels;
+    ``token_logprobs``: an API teacher's per-token log-probabilities of ``answer`` (the Sample's
+    list ``[{"token", "logprob", "top": [[token, logprob], ...]}]``), only when ``answer`` is the
+    teacher's own text (cross-tokenizer logit-kd)."""
 
     query: str
     answer: str = ""
     label: str | None = None
     teacher_label: str | None = None
     label_probs: dict | None = None
+    token_logprobs: list | None = None
 
 
 @dataclass
@@ -358,9 +384,14 @@ def _report_callback(report: Callable[[str, dict], None], check_stop: Callable[[
             step = state.global_step
             if "loss" in logs:
                 loss = float(logs["loss"])
-                report("metric", {"split": "train", "step": step, "epoch": logs.get("epoch", state.epoch),
-                                  "loss": loss, "learning_rate": logs.get("learning_rate"),
-                                  "grad_norm": _finite(logs.get("grad_norm"))})
+                components = {k[3:]: _finite(v) for k, v in logs.items() if k.startswith("kd_")}
+                metric = {"split": "train", "step": step, "epoch": logs.get("epoch", state.epoch),
+                          "loss": loss, "learning_rate": logs.get("learning_rate"),
+                          "grad_norm": _finite(logs.get("grad_norm"))}
+                if components:  # logit-kd's loss terms, unweighted (see _logit_kd_trainer_cls)
+                    metric["components"] = components
+                    state_box["components"] = components
+                report("metric", metric)
                 if not math.isfinite(loss):
                     state_box["stop_reason"] = f"the training loss became {loss} at step {step}"
                     control.should_training_stop = True
@@ -562,9 +593,10 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     ensure_chat_template(tok, spec.student_model, hp.get("chat_template"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    teacher = None
+    teacher = teacher_probs = None
+    kd_info: dict = {}
     if method == "logit-kd":
-        teacher = _load_logit_teacher(spec, tok)
+        teacher, teacher_probs, kd_info = _logit_kd_sources(spec, tok, report)
     report("progress", {"progress": 0.01, "message": "loading the student"})
     cuda, dtype = _device()
     # Full fine-tuning keeps float32 master weights (the Trainer's bf16 flag autocasts the
@@ -590,6 +622,9 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     peft_config = _lora_config(model, hp) if method in ("sft-lora", "logit-kd") and not full else None
     train_raw = chat_rows(spec.task, spec.train_rows, spec.prompt_style)
     val_raw = chat_rows(spec.task, spec.val_rows, spec.prompt_style)
+    if teacher_probs is not None:  # the trainer finds each row's teacher distributions by row id
+        for i, r in enumerate(train_raw + val_raw):
+            r["row_id"] = i
     kw = _training_args_kwargs(hp, spec, len(train_raw), bool(val_raw))
     args = SFTConfig(max_length=hp["max_length"], completion_only_loss=True, assistant_only_loss=False,
                      packing=False, dataset_num_proc=None, **kw)
@@ -597,13 +632,15 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     callbacks = [_report_callback(report, check_stop, state_box)]
     if val_raw and hp["early_stopping_patience"] > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp["early_stopping_patience"]))
-    trainer_cls = SFTTrainer if teacher is None else _logit_kd_trainer_cls(teacher, hp)
+    trainer_cls = SFTTrainer if method != "logit-kd" else _logit_kd_trainer_cls(
+        teacher, hp, teacher_probs=teacher_probs, student_hidden=model.config.hidden_size,
+        teacher_hidden=teacher.config.hidden_size if teacher is not None else 0)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(train_raw),
                           eval_dataset=Dataset.from_list(val_raw) if val_raw else None,
                           processing_class=tok, peft_config=peft_config, callbacks=callbacks)
     preflight = sft_preflight(trainer, tok, train_raw, hp["max_length"])
     preflight.update(student_prompt_template=prompts.student_template(spec.task), method=method,
-                     validation_rows=len(val_raw), device="cuda" if cuda else "cpu", **size_info)
+                     validation_rows=len(val_raw), device="cuda" if cuda else "cpu", **size_info, **kd_info)
     report("preflight", preflight)
     if not preflight["ok"]:
         raise TrainingRefused(f"preflight: {preflight['refusal']}")
@@ -613,6 +650,8 @@ def _train_sft(spec: TrainSpec, report, check_stop) -> TrainResult:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
     result = _finish(trainer, state_box, spec, preflight, t0, tokens)
+    if state_box.get("components"):
+        result.preflight = {**preflight, "loss_components_last": state_box["components"]}
     report("progress", {"progress": 0.92, "message": "saving artifacts"})
     result.artifacts = save_causal_artifacts(trainer, tok, spec, lora=peft_config is not None)
     return result
@@ -670,19 +709,26 @@ def save_causal_artifacts(trainer, tok, spec: TrainSpec, *, lora: bool) -> list[
 
 
 def _load_logit_teacher(spec: TrainSpec, student_tok):
-    """Load the local causal teacher for logit-kd; refuse (TrainingRefused) one whose tokenizer
-    differs from the student's, suggesting sft-lora."""
+    """Load the local causal teacher for logit-kd. Returns ``(teacher model, teacher tokenizer)``.
+
+    Plain logit-kd (``uld_weight`` 0) compares the two models' distributions token by token, so
+    it refuses (TrainingRefused) a teacher whose tokenizer differs from the student's, pointing
+    to ``uld_weight`` (cross-tokenizer distillation) and to sft-lora. With ``uld_weight`` > 0 any
+    causal teacher is taken."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cross = spec.hyperparams.get("uld_weight", 0) > 0
     if not spec.teacher_model:
         raise TrainingRefused("logit-kd needs a local teacher (a transformers teacher of this project); "
-                              "for an API teacher use sft-lora on its answers")
+                              "for an API teacher use sft-lora on its answers, or uld_weight > 0 with "
+                              f"teacher={TEACHER_FROM_SAMPLES} to learn from its stored top_logprobs")
     src = _resolve(spec, spec.teacher_model, "teacher_model")
     ttok = AutoTokenizer.from_pretrained(src)
-    if ttok.get_vocab() != student_tok.get_vocab():
+    if not cross and ttok.get_vocab() != student_tok.get_vocab():
         raise TrainingRefused(f"logit-kd needs the teacher and the student to share a tokenizer, but teacher "
                               f"{spec.teacher_model!r} and student {spec.student_model!r} have different "
-                              "vocabularies; use sft-lora (response-based distillation) instead")
+                              "vocabularies; set uld_weight > 0 (cross-tokenizer distillation, Universal Logit "
+                              "Distillation) or use sft-lora (response-based distillation) instead")
     cuda, dtype = _device()
     teacher = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     if getattr(teacher, "is_quantized", False):
@@ -690,25 +736,229 @@ def _load_logit_teacher(spec: TrainSpec, student_tok):
     teacher.eval().requires_grad_(False)
     if cuda:
         teacher.to("cuda")
-    return teacher
+    return teacher, ttok
 
 
-def _logit_kd_trainer_cls(teacher, hp: dict):
+def _logit_kd_sources(spec: TrainSpec, student_tok, report):
+    """Where a logit-kd run's teacher signal comes from: ``(teacher model or None, per-row
+    teacher probabilities or None, preflight facts)``. Plain logit-kd: the local teacher (same
+    tokenizer), run on every batch. Cross-tokenizer (``uld_weight`` > 0): the local teacher's
+    top-``uld_top_k`` probabilities per answer token, computed once before training (the
+    teacher is then freed), or without a local teacher the samples' stored top_logprobs.
+    Raises TrainingRefused on a setting that cannot work."""
+    hp = spec.hyperparams
+    fw, rw, uw = hp.get("feature_weight", 0), hp.get("relation_weight", 0), hp.get("uld_weight", 0)
+    rows = spec.train_rows + spec.val_rows
+    terms = ["ce", "uld"] if uw > 0 else ["response"] + ["feature"] * (fw > 0) + ["relation"] * (rw > 0)
+    if uw > 0 and (fw > 0 or rw > 0):
+        raise TrainingRefused("feature_weight and relation_weight compare hidden states on the same tokens, so they "
+                              "need a teacher with the student's tokenizer; set them to 0 when uld_weight > 0")
+    if uw > 0 and not spec.teacher_model:
+        probs = sample_answer_probs(rows)
+        n = sum(p is not None for p in probs[:len(spec.train_rows)])
+        if n == 0:
+            raise TrainingRefused("uld_weight > 0 without a local teacher learns from the samples' stored "
+                                  "top_logprobs, but no training row has them: generate with an API teacher that "
+                                  "returns logprobs (top_logprobs), or name a local teacher")
+        return None, probs, {"kd_losses": terms, "teacher_source": "samples' top_logprobs",
+                             "rows_with_teacher_distributions": n,
+                             "teacher_top_k": min(p.shape[1] for p in probs if p is not None)}
+    teacher, ttok = _load_logit_teacher(spec, student_tok)
+    if uw <= 0:
+        return teacher, None, {"kd_losses": terms, "teacher_source": "local teacher"}
+    report("progress", {"progress": 0.01, "message": "teacher distributions over the answers"})
+    probs = teacher_answer_probs(teacher, ttok, spec.task, rows, top_k=hp["uld_top_k"], max_length=hp["max_length"])
+    del teacher
+    n = sum(p is not None for p in probs[:len(spec.train_rows)])
+    return None, probs, {"kd_losses": terms, "teacher_source": "local teacher (own tokenizer)",
+                         "rows_with_teacher_distributions": n, "teacher_top_k": hp["uld_top_k"],
+                         "same_tokenizer": ttok.get_vocab() == student_tok.get_vocab()}
+
+
+def teacher_answer_probs(teacher, ttok, task: TaskSpec, rows: list[TrainRow], *, top_k: int, max_length: int) -> list:
+    """Cross-tokenizer KD with a local teacher: the teacher's top-``top_k`` next-token
+    probabilities at each token of each row's answer, under the teacher's own tokenization.
+
+    The teacher reads the messages it answered (``prompts.teacher_messages``) through its chat
+    template (or, without one, the messages' texts joined by newlines) followed by the answer
+    and its EOS token; the sequence is cut to ``max_length`` teacher tokens. Returns one float32
+    tensor [n_answer_tokens, min(top_k, V_t)] per row (descending), or None for a row whose
+    answer is empty or cut off entirely."""
     import torch
+
+    out = []
+    device = next(teacher.parameters()).device
+    for r in rows:
+        msgs = prompts.teacher_messages(task, r.query)
+        if getattr(ttok, "chat_template", None):
+            enc = ttok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            prompt_ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        else:
+            prompt_ids = ttok("\n".join(m["content"] for m in msgs) + "\n", add_special_tokens=False)["input_ids"]
+        ans_ids = ttok(r.answer or "", add_special_tokens=False)["input_ids"]
+        if ttok.eos_token_id is not None:
+            ans_ids = ans_ids + [ttok.eos_token_id]
+        ids = (prompt_ids + ans_ids)[:max_length]
+        n_ans = len(ids) - len(prompt_ids)
+        if not r.answer or n_ans <= 0:
+            out.append(None)
+            continue
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        # logits at position t predict token t + 1: the answer's tokens are predicted from
+        # positions len(prompt) - 1 .. len(ids) - 2
+        p = torch.softmax(logits[len(prompt_ids) - 1:len(ids) - 1], dim=-1)
+        out.append(torch.topk(p, min(top_k, p.shape[-1]), dim=-1).values.cpu())
+    return out
+
+
+def sample_answer_probs(rows: list[TrainRow]) -> list:
+    """Cross-tokenizer KD from an API teacher: per row, the stored ``token_logprobs`` (the
+    OpenAI ``logprobs.content`` list: ``{"token", "logprob", "top": [[token, logprob], ...]}``
+    per generated token) as a float32 tensor [n_tokens, K] of top-K probabilities (descending;
+    K = the fewest alternatives any position of the row has, at least the chosen token's own
+    probability). None for a row without them. The mass outside the top K is what
+    ``kd.uld_loss`` compares as one bucket."""
+    import math
+
+    import torch
+
+    out = []
+    for r in rows:
+        lps = r.token_logprobs or []
+        per_pos = []
+        for t in lps:
+            top = [float(x[1]) for x in (t.get("top") or []) if x and x[1] is not None]
+            if not top and t.get("logprob") is not None:
+                top = [float(t["logprob"])]
+            if not top:
+                break
+            per_pos.append(sorted((math.exp(min(0.0, v)) for v in top), reverse=True))
+        if not per_pos:
+            out.append(None)
+            continue
+        k = min(len(p) for p in per_pos)
+        out.append(torch.tensor([p[:k] for p in per_pos], dtype=torch.float32))
+    return out
+
+
+def _logit_kd_trainer_cls(teacher, hp: dict, *, teacher_probs: list | None = None, student_hidden: int = 0,
+                          teacher_hidden: int = 0):
+    """The SFTTrainer subclass for logit-kd. Same tokenizer (``teacher`` given): response loss
+    ``token_kd_loss`` plus ``feature_weight`` x ``feature_kd_loss`` (student's last hidden states
+    through a learned ``nn.Linear(student_hidden, teacher_hidden)``, on the answer tokens) plus
+    ``relation_weight`` x ``relation_kd_loss`` (mean-pooled answer hidden states). Cross-tokenizer
+    (``teacher_probs``: per row id a [n, K] tensor or None): the student's cross-entropy + ``uld_weight``
+    x ``uld_loss`` on the answer positions aligned by index (cut to the shorter answer), as in
+    Boizard et al. 2024. The mean of each component since the last log is added to the logs
+    (``kd_response``, ``kd_feature``, ``kd_relation``, ``kd_ce``, ``kd_uld``)."""
+    import torch
+    import torch.nn.functional as F
     from trl import SFTTrainer
 
+    fw, rw, uw = float(hp.get("feature_weight", 0)), float(hp.get("relation_weight", 0)), float(hp.get("uld_weight", 0))
+    need_hidden = teacher_probs is None and (fw > 0 or rw > 0)
+    projection = None
+    if need_hidden and fw > 0:
+        with torch.random.fork_rng(devices=[]):  # the regressor's init follows the run's seed
+            torch.manual_seed(int(hp.get("seed", 42)))
+            projection = torch.nn.Linear(student_hidden, teacher_hidden)
+
     class LogitKDTrainer(SFTTrainer):
-        """SFTTrainer whose loss is ``token_kd_loss`` against the teacher's logits on the same
-        tokens; prompt and padding positions are masked (labels -100)."""
+        """SFTTrainer whose loss is logit distillation (see ``_logit_kd_trainer_cls``)."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._kd_sums: dict[str, list[float]] = {}
+            self.kd_projection = projection
+            if teacher_probs is not None:
+                inner = self.data_collator
+
+                def collate(examples):
+                    ids = [int(e["row_id"]) for e in examples]
+                    batch = inner([{k: v for k, v in e.items() if k != "row_id"} for e in examples])
+                    batch["row_id"] = torch.tensor(ids)
+                    return batch
+
+                self.data_collator = collate
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if teacher_probs is not None and "row_id" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "row_id"]
+
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if self.kd_projection is not None and not any(
+                    any(p is q for q in g["params"]) for g in opt.param_groups for p in self.kd_projection.parameters()):
+                # The FitNets regressor learns with the student (no weight decay).
+                opt.add_param_group({"params": list(self.kd_projection.parameters()), "weight_decay": 0.0})
+            return opt
+
+        def _note(self, name: str, value) -> None:
+            if self.model.training:
+                self._kd_sums.setdefault(name, []).append(float(value.detach()))
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._kd_sums:
+                for k, v in self._kd_sums.items():
+                    logs[f"kd_{k}"] = sum(v) / len(v)
+                self._kd_sums = {}
+            return super().log(logs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
             fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            outputs = model(**fwd)
+            if teacher_probs is not None:
+                outputs = model(**fwd)
+                loss = self._uld(outputs.logits, labels, inputs["row_id"])
+                return (loss, outputs) if return_outputs else loss
+            outputs = model(**fwd, output_hidden_states=need_hidden)
             with torch.no_grad():
-                t_logits = teacher.to(outputs.logits.device)(**fwd).logits
-            loss = token_kd_loss(outputs.logits, t_logits, labels, temperature=hp["temperature"], alpha=hp["alpha"])
+                t_out = teacher.to(outputs.logits.device)(**fwd, output_hidden_states=need_hidden)
+            loss = token_kd_loss(outputs.logits, t_out.logits, labels, temperature=hp["temperature"], alpha=hp["alpha"])
+            self._note("response", loss)
+            if need_hidden:
+                hs, ht = outputs.hidden_states[-1].float(), t_out.hidden_states[-1].float()
+                mask = labels != IGNORE_INDEX  # the answer's tokens (TRL labels = input ids, prompt masked)
+                if fw > 0:
+                    proj = self.kd_projection.to(hs.device)
+                    f = feature_kd_loss(hs[mask], ht[mask], proj)
+                    self._note("feature", f)
+                    loss = loss + fw * f
+                if rw > 0:
+                    m = mask.unsqueeze(-1).float()
+                    keep = mask.any(1)
+                    pooled_s = (hs * m).sum(1)[keep] / m.sum(1)[keep]
+                    pooled_t = (ht * m).sum(1)[keep] / m.sum(1)[keep]
+                    r = relation_kd_loss(pooled_s, pooled_t)
+                    self._note("relation", r)
+                    loss = loss + rw * r
             return (loss, outputs) if return_outputs else loss
+
+        def _uld(self, logits, labels, row_ids):
+            s = logits[:, :-1, :]
+            y = labels[:, 1:]
+            mask = y != IGNORE_INDEX
+            n = int(mask.sum())
+            if n == 0:
+                return logits.sum() * 0.0
+            ce = F.cross_entropy(s[mask].float(), y[mask].long(), reduction="sum") / n
+            total, aligned = logits.sum() * 0.0, 0
+            for b, rid in enumerate(row_ids.tolist()):
+                tp = teacher_probs[rid]
+                if tp is None:
+                    continue
+                s_b = s[b][mask[b]]
+                k = min(s_b.shape[0], tp.shape[0])  # answers aligned by position, cut to the shorter
+                if k == 0:
+                    continue
+                total = total + uld_loss(s_b[:k], tp[:k].to(s_b.device), reduction="sum")
+                aligned += k
+            u = total / aligned if aligned else total
+            self._note("ce", ce)
+            self._note("uld", u)
+            return ce + uw * u
 
     return LogitKDTrainer
 

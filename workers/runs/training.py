@@ -27,7 +27,7 @@ from projects.services.datasets import dataset_version_file
 from projects.services.security import model_ref_resolve
 from projects.services.training import (_local_teacher, _student_kinds, run_checkpoint_dir, run_output_dir,
                                         teacher_tune_register)
-from workers.pipeline.training import TrainingRefused, TrainRow, TrainSpec, split_validation
+from workers.pipeline.training import TEACHER_FROM_SAMPLES, TrainingRefused, TrainRow, TrainSpec, split_validation
 
 
 def path_digest(*, path: Path) -> tuple[int, str]:
@@ -68,11 +68,19 @@ class _Item:
     answer: str
     label: str | None
     label_probs: dict | None
+    token_logprobs: list | None = None
+
+
+def _own_logprobs(token_logprobs, response: str | None, answer: str | None):
+    """An API teacher's per-token log-probabilities travel with its own text only: after a human
+    edit they describe tokens the answer no longer has."""
+    return token_logprobs if token_logprobs and answer == response else None
 
 
 def _items_from_samples(samples) -> list[_Item]:
     return [_Item(query_key=s.query_id, query=s.query.text, reference=s.query.reference, answer=s.final_response or "",
-                  label=s.parsed if isinstance(s.parsed, str) else None, label_probs=s.label_probs) for s in samples]
+                  label=s.parsed if isinstance(s.parsed, str) else None, label_probs=s.label_probs,
+                  token_logprobs=_own_logprobs(s.token_logprobs, s.response, s.final_response)) for s in samples]
 
 
 def _items_from_version(version: DatasetVersion) -> list[_Item]:
@@ -87,9 +95,13 @@ def _items_from_version(version: DatasetVersion) -> list[_Item]:
             rows.append(json.loads(line))
     if h.hexdigest() != version.sha256:
         raise InvalidState(f"dataset version {version.pk}: its file no longer matches sha256 {version.sha256}")
-    refs = dict(Sample.objects.filter(id__in=[r["sample_id"] for r in rows]).values_list("id", "query__reference"))
-    return [_Item(query_key=r["query"], query=r["query"], reference=refs.get(r["sample_id"]), answer=r["answer"],
-                  label=r["label"], label_probs={p["label"]: p["prob"] for p in r["label_probs"]} or None)
+    src = {i: (ref, lp, resp) for i, ref, lp, resp in Sample.objects.filter(id__in=[r["sample_id"] for r in rows])
+           .values_list("id", "query__reference", "token_logprobs", "response")}
+    none = (None, None, None)
+    return [_Item(query_key=r["query"], query=r["query"], reference=src.get(r["sample_id"], none)[0], answer=r["answer"],
+                  label=r["label"], label_probs={p["label"]: p["prob"] for p in r["label_probs"]} or None,
+                  token_logprobs=_own_logprobs(src.get(r["sample_id"], none)[1], src.get(r["sample_id"], none)[2],
+                                               r["answer"]))
             for r in rows]
 
 
@@ -102,7 +114,9 @@ def _rows_from_items(items: list[_Item], method: str, labels: list[str]) -> list
     the label the human gold (the query's reference when it is a label) else the teacher's
     label, the soft labels averaged over the query's answers (an ensemble's members)."""
     if method != "classifier-kd":
-        return [TrainRow(query=it.query, answer=it.answer, label=it.label) for it in items]
+        return [TrainRow(query=it.query, answer=it.answer, label=it.label,
+                         token_logprobs=it.token_logprobs if method == TrainingMethod.LOGIT_KD else None)
+                for it in items]
     by_query: dict[object, list[_Item]] = {}
     for it in items:
         by_query.setdefault(it.query_key, []).append(it)
@@ -170,7 +184,7 @@ def training_execute(*, job: Job, reporter) -> dict:
         student, policy = model_ref_resolve(project=run.project, ref=run.student_model, field="student_model",
                                             kinds=_student_kinds(run.method))
         teacher_model = None
-        if run.method == TrainingMethod.LOGIT_KD:
+        if run.method == TrainingMethod.LOGIT_KD and run.hyperparams.get("teacher") != TEACHER_FROM_SAMPLES:
             teacher_model, tpolicy = model_ref_resolve(
                 project=run.project, ref=_local_teacher(run.project, run.hyperparams.get("teacher", "")).model,
                 field="teacher model", kinds=("merged",))
