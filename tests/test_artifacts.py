@@ -209,3 +209,21 @@ def test_cli_export_q8_0_shows_on_the_run_page_and_replaces_an_earlier_export(pr
     client.force_login(owner)
     page = client.get(f"/p/{project.slug}/training/runs/{run.pk}/").content.decode()
     assert f"<code>artifact:{art.pk}</code>" in page and f"student-q8_0.gguf" in page and art.sha256 in page
+
+
+@pytest.mark.django_db
+def test_export_refuses_an_out_path_it_cannot_write_before_converting(project, merged_student, tmp_path):
+    """``--out`` a folder, or under a file: a clear error naming ``out``, raised before the
+    conversion, with no gguf artifact recorded and no file left (was an OSError traceback after
+    the artifact had been recorded)."""
+    from projects.models import ModelArtifact
+    from projects.services import InvalidInput
+    from projects.services.artifacts import artifact_export_gguf
+
+    run, merged, folder = merged_student
+    (tmp_path / "a-file").write_text("x")
+    for dest, why in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "student.gguf", "cannot write")):
+        with pytest.raises(InvalidInput, match=rf"^out: {str(dest)!r} {why}"):
+            artifact_export_gguf(artifact=merged, copy_to=str(dest))
+    assert not ModelArtifact.objects.filter(training_run=run, kind="gguf").exists()
+    assert not list(folder.parent.glob("*.gguf*")) and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
