@@ -218,6 +218,8 @@ def test_checks_service_validates_every_setting_and_keeps_other_keys(project, vi
     project.save()
     for changes, message in [
         ({"min_length": 2.5}, "min_length: must be a whole number, got 2.5"),
+        ({"min_length": float("inf")}, "min_length: must be a whole number, got inf"),
+        ({"judge_min_score": float("nan")}, "judge_min_score: must be a whole number, got nan"),
         ({"max_length": 0}, "max_length: must be between 1 and 1000000, got 0"),
         ({"min_length": 10, "max_length": 5}, "max_length: 5 is under min_length 10"),
         ({"min_confidence": float("nan")}, "min_confidence: must be a probability between 0 and 1, got nan"),

@@ -257,7 +257,8 @@ CHECK_KEYS = ("min_length", "max_length", "min_confidence", "refusal", "refusal_
 
 
 def _int_setting(field: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise InvalidInput(f"{field}: must be a whole number, got {value!r}")
     if not lo <= int(value) <= hi:
         raise InvalidInput(f"{field}: must be between {lo} and {hi}, got {int(value)}")
