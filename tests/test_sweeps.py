@@ -260,3 +260,40 @@ def test_sweep_cli_refuses_a_bad_param_naming_it(team, owner, shared_data, capsy
         assert info.value.code == 1
         assert msg in capsys.readouterr().err
     assert not Sweep.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_advance_delivered_twice_at_once_starts_one_trial(team, owner, shared_data):
+    """The advance message after a trial's end, redelivered and run by two workers at the same
+    time (two connections): one tells the study and starts the next trial, the other finds
+    nothing left to do."""
+    import threading
+
+    from django.db import connection
+
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
+                        space={"alpha": {"values": [0.3, 0.5, 0.7]}}, fixed=TINY, user=owner)
+    [first] = sweep.trials.all()
+    _end(first, status="succeeded", best_val_loss=0.75)
+    barrier, results = threading.Barrier(2), []
+
+    def advance() -> None:
+        try:
+            barrier.wait(timeout=30)
+            results.append(sweep_advance(sweep_id=sweep.pk))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=advance) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(r, dict) for r in results), results
+    assert sorted(r["told"] for r in results) == [[], [0]]
+    assert sorted(r["started"] is None for r in results) == [False, True]
+    assert sweep.trials.count() == 2
+    assert [t.state for t in sweep_study(sweep=sweep).get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
