@@ -207,3 +207,18 @@ def test_two_training_starts_at_once_freeze_one_version(project, owner, media):
     assert version.number == 1 and {r.dataset_version_id for r in results.values()} == {version.pk}
     assert sha(Path(media) / version.path) == version.sha256
     assert sorted(p.name for p in (Path(media) / version.path).parent.iterdir()) == [f"{version.sha256}.jsonl"]
+
+
+@pytest.mark.django_db
+def test_a_media_folder_that_cannot_be_written_is_a_clear_error(project, owner, settings, tmp_path):
+    """The docstring's InvalidInput, not an OSError (a 500 on the Train page) from making the
+    versions' folder; no run is created."""
+    from projects.services import InvalidInput
+
+    _curated(project)
+    (tmp_path / "not-a-folder").write_text("x")
+    settings.MEDIA_ROOT = tmp_path / "not-a-folder" / "media"
+    with pytest.raises(InvalidInput, match=r"^media: cannot write the dataset version under .*not-a-folder/media/"
+                                           rf"datasets/{project.slug}"):
+        training_start(project=project, method="classifier-kd", user=owner)
+    assert not DatasetVersion.objects.exists() and not TrainingRun.objects.exists()
