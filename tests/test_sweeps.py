@@ -297,3 +297,16 @@ def test_an_advance_delivered_twice_at_once_starts_one_trial(team, owner, shared
     assert sorted(r["started"] is None for r in results) == [False, True]
     assert sweep.trials.count() == 2
     assert [t.state for t in sweep_study(sweep=sweep).get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+
+@pytest.mark.django_db
+def test_a_student_name_over_300_characters_is_refused_naming_it(team, owner, shared_data):
+    """Was a DataError from the Sweep row's varchar(300) (a traceback from ``distill sweep
+    --student``); now InvalidInput naming student_model, with no study left behind."""
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    before = len(optuna.get_all_study_names(storage=optuna_storage()))
+    with pytest.raises(InvalidInput, match=r"^student_model: at most 300 characters, got 301"):
+        sweep_start(project=project, method="classifier-kd", student_model="a" * 301, search="grid",
+                    space={"alpha": {"values": [0.5]}}, user=owner)
+    assert not Sweep.objects.exists() and not TrainingRun.objects.exists()
+    assert len(optuna.get_all_study_names(storage=optuna_storage())) == before
