@@ -30,7 +30,10 @@ def _end(run: TrainingRun, *, status: str, best_val_loss=None, stop_reason: str 
 @pytest.mark.django_db
 def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data, client):
     project = curated_banking(team, owner, shared_data, n_labels=4, train_per_label=4, val_per_label=2)
-    assert optuna_storage_url().startswith("postgresql+psycopg://") and optuna_storage_url().endswith("/test_dh_sweeps")
+    from django.db import connection
+
+    assert optuna_storage_url().startswith("postgresql+psycopg://")
+    assert optuna_storage_url().endswith("/" + connection.settings_dict["NAME"])  # the test database
     sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
                         space={"alpha": {"values": ["0.3", "0.7"]}, "temperature": {"values": [2, 4]}},
                         n_trials=3, fixed=TINY, user=owner)
