@@ -178,13 +178,15 @@ def test_a_run_trains_on_its_frozen_version_not_on_later_review_decisions(projec
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_training_starts_at_once_freeze_one_version(project, owner, media):
+def test_two_training_starts_at_once_freeze_one_version(project, owner, media, monkeypatch):
     """Two starts of different settings on the same data, in two threads (two connections) at
-    once: both runs link to one version numbered 1, no unique-constraint error."""
+    once: both runs link to one version numbered 1, no unique-constraint error. Their training
+    tasks are not queued (a worker left running by another test would train them)."""
     import threading
 
     from django.db import connection
 
+    monkeypatch.setattr("projects.services.training._enqueue", lambda job: None)
     _curated(project)
     barrier, results = threading.Barrier(2), {}
 
