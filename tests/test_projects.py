@@ -320,3 +320,16 @@ def test_settings_change_what_the_next_generation_run_accepts(celery_worker, cli
                                   "refuse 1": ("rejected", ["refusal"])}
     finally:
         stub.stop()
+
+
+@pytest.mark.django_db
+def test_checks_update_applies_its_changes_to_the_stored_settings_not_a_stale_copy(project):
+    """Two saves from copies of the project loaded before either (two requests, or the page and
+    the CLI): the second kept the first's change only if it re-read the row (it lost it)."""
+    from projects.services.projects import project_checks_update
+
+    first, second = Project.objects.get(pk=project.pk), Project.objects.get(pk=project.pk)
+    project_checks_update(project=first, changes={"min_length": 3})
+    project_checks_update(project=second, changes={"max_length": 300})
+    assert Project.objects.get(pk=project.pk).checks == {"min_length": 3, "max_length": 300}
+    assert second.checks == {"min_length": 3, "max_length": 300}
