@@ -315,3 +315,23 @@ def test_a_student_name_over_300_characters_is_refused_naming_it(team, owner, sh
                     space={"alpha": {"values": [0.5]}}, user=owner)
     assert not Sweep.objects.exists() and not TrainingRun.objects.exists()
     assert len(optuna.get_all_study_names(storage=optuna_storage())) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("task_type", ["classification", "generation"])
+def test_the_prefilled_sweep_form_is_a_valid_space_for_its_method(owner_client, team, owner, task_type):
+    """The Students page's Sweep form starts with a method and a space; for a generation project
+    (sft-lora) its space swept ``alpha``, a setting sft-lora does not have, so submitting the
+    form as shown was refused."""
+    from projects.forms import SweepForm
+    from projects.services.projects import project_create
+    from workers.pipeline.sweeps import parse_space
+
+    project = project_create(team=team, user=owner, name=f"P {task_type}", task_type=task_type,
+                             labels=["a", "b"] if task_type == "classification" else None)
+    r = owner_client.get(reverse("training_page", kwargs={"slug": project.slug}))
+    initial = r.context["sweep_form"].initial
+    form = SweepForm({f"sweep-{k}": v for k, v in initial.items()})
+    assert form.is_valid(), form.errors
+    space = parse_space(method=initial["method"], search=initial["search"], space=form.cleaned_data["space"])
+    assert "learning_rate" in space and len(space) == 2
