@@ -203,6 +203,30 @@ def wait_job(job_id: int, timeout: float = 120.0):
     pytest.fail(f"job {job_id} did not end within {timeout}s: status={job.status} message={job.message!r}")
 
 
+def wait_gateway_key(base_url: str, key: str, *, active: bool = True, deployments: int = 1,
+                     timeout: float = 60.0) -> None:
+    """Poll the gateway's ``/healthz`` with ``key`` until its last reload shows the key active
+    with at least ``deployments`` of its team's deployments (``active``), or the key refused
+    (``active=False``, e.g. after a revoke). Fails the test on timeout. Use instead of sleeping
+    a reload interval, which a loaded machine may overrun."""
+    import json
+    import urllib.request
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    deadline = time.time() + timeout
+    body: dict = {}
+    while time.time() < deadline:
+        req = urllib.request.Request(f"{root}/healthz", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = json.loads(r.read())
+        if active and body.get("deployments", 0) >= deployments:
+            return
+        if not active and "deployments" not in body:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the gateway did not {'load' if active else 'refuse'} the key within {timeout}s: {body}")
+
+
 def free_port() -> int:
     import socket
 

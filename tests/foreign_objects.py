@@ -35,7 +35,7 @@ def _review(*, project, team, user) -> dict:
 
 
 def _training(*, project, team, user) -> dict:
-    from projects.models import DatasetVersion, ModelArtifact, TrainingRun
+    from projects.models import DatasetVersion, ModelArtifact, Sweep, TrainingRun
 
     version = DatasetVersion.objects.create(project=project, number=1, sha256="0" * 64, rows=1, format="hf-jsonl",
                                             path=f"datasets/{project.slug}/{'0' * 64}.jsonl")
@@ -43,7 +43,10 @@ def _training(*, project, team, user) -> dict:
                                      dataset_version=version)
     art = ModelArtifact.objects.create(project=project, training_run=run, kind="adapter",
                                        path=f"artifacts/{project.slug}/run-{run.pk}/adapter")
-    return {"run_id": run.pk, "artifact_id": art.pk, "version_id": version.pk}
+    sweep = Sweep.objects.create(project=project, method="sft-lora", student_model="smollm2-135m-instruct",
+                                 search="grid", space={"learning_rate": {"values": [1e-4]}}, n_trials=1,
+                                 study_name=f"distillhub-{project.slug}-foreign", status="running")
+    return {"run_id": run.pk, "artifact_id": art.pk, "version_id": version.pk, "sweep_id": sweep.pk}
 
 
 def _evaluation(*, project, team, user) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.conftest import wait_gateway_key
 from tests.llama_server import llama_server
 from tests.openai_stub import StubServer
 from tests.test_cli import distill, last_json
@@ -124,7 +125,7 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
             dep = deployment_create(project=project, name="capitals", teacher=teacher, user=owner,
                                     student_artifact=art.pk, student_url=base, student_share=1.0)
             _, key = gateway_key_create(team=project.team, name="tests", user=owner)
-            time.sleep(1.0)  # the gateway reloads deployments every 0.3 s here
+            wait_gateway_key(gateway.base_url, key)  # its next reload (every 0.3 s here) has the deployment
             client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=300)
             raw = client.chat.completions.with_raw_response.create(
                 model="capitals", messages=hf_greedy["chat_messages"], max_tokens=N_TOKENS, temperature=0.0)
@@ -139,7 +140,7 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
                                                     "max_tokens": N_TOKENS, "temperature": 0.0})
         assert resp.choices[0].message.content == direct["choices"][0]["message"]["content"]
         assert resp.choices[0].message.content.startswith(hf_greedy["chat"][0].split()[0])
-    deadline = time.time() + 10
+    deadline = time.time() + 60  # the gateway flushes its request log every 0.2 s here
     while not (logs := list(RequestLog.objects.filter(deployment=dep))) and time.time() < deadline:
         time.sleep(0.1)
     assert [(x.route, x.status) for x in logs] == [("student", 200)]
@@ -209,3 +210,21 @@ def test_cli_export_q8_0_shows_on_the_run_page_and_replaces_an_earlier_export(pr
     client.force_login(owner)
     page = client.get(f"/p/{project.slug}/training/runs/{run.pk}/").content.decode()
     assert f"<code>artifact:{art.pk}</code>" in page and f"student-q8_0.gguf" in page and art.sha256 in page
+
+
+@pytest.mark.django_db
+def test_export_refuses_an_out_path_it_cannot_write_before_converting(project, merged_student, tmp_path):
+    """``--out`` a folder, or under a file: a clear error naming ``out``, raised before the
+    conversion, with no gguf artifact recorded and no file left (was an OSError traceback after
+    the artifact had been recorded)."""
+    from projects.models import ModelArtifact
+    from projects.services import InvalidInput
+    from projects.services.artifacts import artifact_export_gguf
+
+    run, merged, folder = merged_student
+    (tmp_path / "a-file").write_text("x")
+    for dest, why in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "student.gguf", "cannot write")):
+        with pytest.raises(InvalidInput, match=rf"^out: {str(dest)!r} {why}"):
+            artifact_export_gguf(artifact=merged, copy_to=str(dest))
+    assert not ModelArtifact.objects.filter(training_run=run, kind="gguf").exists()
+    assert not list(folder.parent.glob("*.gguf*")) and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

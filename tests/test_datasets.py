@@ -175,3 +175,52 @@ def test_a_run_trains_on_its_frozen_version_not_on_later_review_decisions(projec
     path.write_bytes(path.read_bytes().replace(b"card_arrival", b"card_arrivel"))
     with pytest.raises(InvalidState, match="no longer matches sha256"):
         training_rows(run=TrainingRun.objects.get(pk=run.pk))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_training_starts_at_once_freeze_one_version(project, owner, media, monkeypatch):
+    """Two starts of different settings on the same data, in two threads (two connections) at
+    once: both runs link to one version numbered 1, no unique-constraint error. Their training
+    tasks are not queued (a worker left running by another test would train them)."""
+    import threading
+
+    from django.db import connection
+
+    monkeypatch.setattr("projects.services.training._enqueue", lambda job: None)
+    _curated(project)
+    barrier, results = threading.Barrier(2), {}
+
+    def start(preset: str) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[preset] = training_start(project=project, method="classifier-kd", user=owner, preset=preset)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[preset] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in ("seed", "fast")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(r, TrainingRun) for r in results.values()), results
+    [version] = DatasetVersion.objects.all()
+    assert version.number == 1 and {r.dataset_version_id for r in results.values()} == {version.pk}
+    assert sha(Path(media) / version.path) == version.sha256
+    assert sorted(p.name for p in (Path(media) / version.path).parent.iterdir()) == [f"{version.sha256}.jsonl"]
+
+
+@pytest.mark.django_db
+def test_a_media_folder_that_cannot_be_written_is_a_clear_error(project, owner, settings, tmp_path):
+    """The docstring's InvalidInput, not an OSError (a 500 on the Train page) from making the
+    versions' folder; no run is created."""
+    from projects.services import InvalidInput
+
+    _curated(project)
+    (tmp_path / "not-a-folder").write_text("x")
+    settings.MEDIA_ROOT = tmp_path / "not-a-folder" / "media"
+    with pytest.raises(InvalidInput, match=r"^media: cannot write the dataset version under .*not-a-folder/media/"
+                                           rf"datasets/{project.slug}"):
+        training_start(project=project, method="classifier-kd", user=owner)
+    assert not DatasetVersion.objects.exists() and not TrainingRun.objects.exists()

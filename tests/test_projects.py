@@ -218,6 +218,8 @@ def test_checks_service_validates_every_setting_and_keeps_other_keys(project, vi
     project.save()
     for changes, message in [
         ({"min_length": 2.5}, "min_length: must be a whole number, got 2.5"),
+        ({"min_length": float("inf")}, "min_length: must be a whole number, got inf"),
+        ({"judge_min_score": float("nan")}, "judge_min_score: must be a whole number, got nan"),
         ({"max_length": 0}, "max_length: must be between 1 and 1000000, got 0"),
         ({"min_length": 10, "max_length": 5}, "max_length: 5 is under min_length 10"),
         ({"min_confidence": float("nan")}, "min_confidence: must be a probability between 0 and 1, got nan"),
@@ -318,3 +320,16 @@ def test_settings_change_what_the_next_generation_run_accepts(celery_worker, cli
                                   "refuse 1": ("rejected", ["refusal"])}
     finally:
         stub.stop()
+
+
+@pytest.mark.django_db
+def test_checks_update_applies_its_changes_to_the_stored_settings_not_a_stale_copy(project):
+    """Two saves from copies of the project loaded before either (two requests, or the page and
+    the CLI): the second kept the first's change only if it re-read the row (it lost it)."""
+    from projects.services.projects import project_checks_update
+
+    first, second = Project.objects.get(pk=project.pk), Project.objects.get(pk=project.pk)
+    project_checks_update(project=first, changes={"min_length": 3})
+    project_checks_update(project=second, changes={"max_length": 300})
+    assert Project.objects.get(pk=project.pk).checks == {"min_length": 3, "max_length": 300}
+    assert second.checks == {"min_length": 3, "max_length": 300}

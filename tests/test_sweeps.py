@@ -30,7 +30,10 @@ def _end(run: TrainingRun, *, status: str, best_val_loss=None, stop_reason: str 
 @pytest.mark.django_db
 def test_sweep_tells_the_study_and_asks_the_next_trial(team, owner, shared_data, client):
     project = curated_banking(team, owner, shared_data, n_labels=4, train_per_label=4, val_per_label=2)
-    assert optuna_storage_url().startswith("postgresql+psycopg://") and optuna_storage_url().endswith("/test_dh_sweeps")
+    from django.db import connection
+
+    assert optuna_storage_url().startswith("postgresql+psycopg://")
+    assert optuna_storage_url().endswith("/" + connection.settings_dict["NAME"])  # the test database
     sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
                         space={"alpha": {"values": ["0.3", "0.7"]}, "temperature": {"values": [2, 4]}},
                         n_trials=3, fixed=TINY, user=owner)
@@ -222,7 +225,7 @@ def test_a_trial_whose_fidelity_falls_is_pruned(celery_worker, team, owner, shar
     assert not run.artifacts.exists()
     import time
 
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # the advance task queued when the trial ended
     while Sweep.objects.get(pk=sweep.pk).status == "running":
         assert time.time() < deadline, "the sweep did not end"
         time.sleep(0.3)
@@ -260,3 +263,75 @@ def test_sweep_cli_refuses_a_bad_param_naming_it(team, owner, shared_data, capsy
         assert info.value.code == 1
         assert msg in capsys.readouterr().err
     assert not Sweep.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_advance_delivered_twice_at_once_starts_one_trial(team, owner, shared_data, monkeypatch):
+    """The advance message after a trial's end, redelivered and run by two workers at the same
+    time (two connections): one tells the study and starts the next trial, the other finds
+    nothing left to do. The trials' training tasks are not queued here (a worker left running by
+    another test would train them and advance the sweep itself)."""
+    import threading
+
+    from django.db import connection
+
+    monkeypatch.setattr("projects.services.training._enqueue", lambda job: None)
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    sweep = sweep_start(project=project, method="classifier-kd", student_model="minilm-l6", search="grid",
+                        space={"alpha": {"values": [0.3, 0.5, 0.7]}}, fixed=TINY, user=owner)
+    [first] = sweep.trials.all()
+    _end(first, status="succeeded", best_val_loss=0.75)
+    barrier, results = threading.Barrier(2), []
+
+    def advance() -> None:
+        try:
+            barrier.wait(timeout=30)
+            results.append(sweep_advance(sweep_id=sweep.pk))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=advance) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(r, dict) for r in results), results
+    assert sorted(r["told"] for r in results) == [[], [0]]
+    assert sorted(r["started"] is None for r in results) == [False, True]
+    assert sweep.trials.count() == 2
+    assert [t.state for t in sweep_study(sweep=sweep).get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+
+@pytest.mark.django_db
+def test_a_student_name_over_300_characters_is_refused_naming_it(team, owner, shared_data):
+    """Was a DataError from the Sweep row's varchar(300) (a traceback from ``distill sweep
+    --student``); now InvalidInput naming student_model, with no study left behind."""
+    project = curated_banking(team, owner, shared_data, n_labels=3, train_per_label=2, val_per_label=1)
+    before = len(optuna.get_all_study_names(storage=optuna_storage()))
+    with pytest.raises(InvalidInput, match=r"^student_model: at most 300 characters, got 301"):
+        sweep_start(project=project, method="classifier-kd", student_model="a" * 301, search="grid",
+                    space={"alpha": {"values": [0.5]}}, user=owner)
+    assert not Sweep.objects.exists() and not TrainingRun.objects.exists()
+    assert len(optuna.get_all_study_names(storage=optuna_storage())) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("task_type", ["classification", "generation"])
+def test_the_prefilled_sweep_form_is_a_valid_space_for_its_method(owner_client, team, owner, task_type):
+    """The Students page's Sweep form starts with a method and a space; for a generation project
+    (sft-lora) its space swept ``alpha``, a setting sft-lora does not have, so submitting the
+    form as shown was refused."""
+    from projects.forms import SweepForm
+    from projects.services.projects import project_create
+    from workers.pipeline.sweeps import parse_space
+
+    project = project_create(team=team, user=owner, name=f"P {task_type}", task_type=task_type,
+                             labels=["a", "b"] if task_type == "classification" else None)
+    r = owner_client.get(reverse("training_page", kwargs={"slug": project.slug}))
+    initial = r.context["sweep_form"].initial
+    form = SweepForm({f"sweep-{k}": v for k, v in initial.items()})
+    assert form.is_valid(), form.errors
+    space = parse_space(method=initial["method"], search=initial["search"], space=form.cleaned_data["space"])
+    assert "learning_rate" in space and len(space) == 2

@@ -106,3 +106,13 @@ def test_divergence_grows_rule_on_metric_sequences():
     assert prune_reason([(1.0, 0.8), (0.9, 0.75), (0.8, 0.76)], 2) == ""
     reason = prune_reason([(0.5, None), (0.6, None), (0.7, None)], 2)
     assert "validation loss (student-teacher divergence) rose for 2" in reason and "0.5000 -> 0.6000 -> 0.7000" in reason
+
+
+def test_a_range_log_flag_must_be_a_bool():
+    """``"log": "false"`` was read as true (``bool("false")``): a range silently on a log scale."""
+    assert parse_space(method="sft-lora", search="random", space={"learning_rate": {
+        "low": 1e-5, "high": 1e-3, "log": False}})["learning_rate"]["log"] is False
+    for bad in ("false", 1, None):
+        with pytest.raises(SweepRefused, match=rf"^space: 'learning_rate' log must be true or false, got {bad!r}"):
+            parse_space(method="sft-lora", search="random",
+                        space={"learning_rate": {"low": 1e-5, "high": 1e-3, "log": bad}})

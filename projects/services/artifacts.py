@@ -35,10 +35,13 @@ def artifact_export_gguf(*, artifact: ModelArtifact, outtype: str = "f16", copy_
 
     Raises NotAllowed (viewer), InvalidInput (an unknown ``outtype``; an artifact of another
     kind; an unsupported architecture, RoPE type or tokenizer, with the converter's reason),
-    InvalidState (its files are missing or leave the media folder)."""
+    InvalidState (its files are missing or leave the media folder); InvalidInput naming ``out``
+    when ``copy_to`` is a folder or cannot be written (checked before converting; a copy that
+    fails midway leaves no file at ``copy_to``)."""
     ensure_can_write(user=user, team=artifact.project.team)
     if outtype not in OUTTYPES:
         raise InvalidInput(f"outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    dest = _copy_target(copy_to) if copy_to else None
     if artifact.kind not in EXPORTABLE_KINDS:
         raise InvalidInput(f"artifact {artifact.pk} is a {artifact.kind!r} artifact; GGUF export takes a "
                            f"{' or '.join(EXPORTABLE_KINDS)} causal-LM artifact (an sft-lora, sft-full or logit-kd "
@@ -64,8 +67,29 @@ def artifact_export_gguf(*, artifact: ModelArtifact, outtype: str = "f16", copy_
             Path(artifact_folder(artifact=old)).unlink(missing_ok=True)
         except InvalidState:
             pass
-    if copy_to:
-        dest = Path(copy_to)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, dest)
+    if dest is not None and dest != out.resolve():
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        try:
+            shutil.copyfile(out, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise InvalidInput(f"out: {str(copy_to)!r} cannot write: {exc.strerror or exc}; the export itself "
+                               f"is artifact:{gguf.pk}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
     return gguf
+
+
+def _copy_target(copy_to: str) -> Path:
+    """``copy_to`` resolved, its folder created; InvalidInput naming ``out`` when it is a folder
+    or its folder cannot be made or written."""
+    dest = Path(copy_to).expanduser()
+    if dest.is_dir():
+        raise InvalidInput(f"out: {str(copy_to)!r} is a folder; give the path of the .gguf file to write")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"out: {str(copy_to)!r} cannot write: {exc.strerror or exc}") from None
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise InvalidInput(f"out: {str(copy_to)!r} cannot write: its folder is not writable")
+    return dest.resolve()

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db.models import Max
 
 from projects.models import DatasetVersion, Project
-from projects.services import InvalidState
+from projects.services import InvalidInput, InvalidState
 from projects.services.review import curated_dataset_export
 
 #: The format versions are frozen in: flat rows with query, answer, label, soft labels, teacher
@@ -54,9 +54,9 @@ def dataset_version_freeze(*, project: Project, user=None) -> DatasetVersion:
     Raises InvalidState when the curated dataset is empty, InvalidInput when the media folder
     cannot be written."""
     folder = dataset_version_dir(project=project)
-    folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".freeze-{uuid.uuid4().hex}.jsonl"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         out = curated_dataset_export(project=project, fmt=VERSION_FORMAT, path=staging)
         if out["rows"] == 0:
             raise InvalidState("the curated dataset is empty: generate teacher data (and review it) before training")
@@ -68,8 +68,13 @@ def dataset_version_freeze(*, project: Project, user=None) -> DatasetVersion:
             existing.reused = True
             return existing
         os.replace(staging, final)
+    except OSError as exc:
+        raise InvalidInput(f"media: cannot write the dataset version under {folder}: {exc.strerror or exc}") from None
     finally:
-        staging.unlink(missing_ok=True)
+        try:
+            staging.unlink(missing_ok=True)
+        except OSError:
+            pass
     number = (DatasetVersion.objects.filter(project=project).aggregate(m=Max("number"))["m"] or 0) + 1
     version = DatasetVersion.objects.create(
         project=project, number=number, sha256=out["sha256"], rows=out["rows"], size_bytes=final.stat().st_size,

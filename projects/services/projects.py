@@ -257,7 +257,8 @@ CHECK_KEYS = ("min_length", "max_length", "min_confidence", "refusal", "refusal_
 
 
 def _int_setting(field: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise InvalidInput(f"{field}: must be a whole number, got {value!r}")
     if not lo <= int(value) <= hi:
         raise InvalidInput(f"{field}: must be between {lo} and {hi}, got {int(value)}")
@@ -364,9 +365,14 @@ def project_checks_update(*, project: Project, changes: dict, user=None) -> dict
     from workers.pipeline.checks import effective_checks
 
     ensure_can_write(user=user, team=project.team)
-    checks = project_checks_validate(project=project, changes=changes)
+    from django.db import transaction
     from django.utils import timezone
 
-    Project.objects.filter(pk=project.pk).update(checks=checks, updated_at=timezone.now())
+    with transaction.atomic():
+        # The changes apply to the stored settings (locked), not to ``project``'s copy, which a
+        # concurrent save may have made stale.
+        project.checks = Project.objects.select_for_update().values_list("checks", flat=True).get(pk=project.pk)
+        checks = project_checks_validate(project=project, changes=changes)
+        Project.objects.filter(pk=project.pk).update(checks=checks, updated_at=timezone.now())
     project.checks = checks
     return effective_checks(checks, project.task_type)

@@ -109,13 +109,16 @@ def sweep_start(*, project: Project, method: str, search: str, space: dict, stud
         raise InvalidInput(f"divergence_patience: give 0 (off) to 100, got {divergence_patience!r}")
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise InvalidInput(f"seed: give 0 to {2**31 - 1}, got {seed!r}")
+    student_model = (student_model or "").strip()
+    if len(student_model) > 300:
+        raise InvalidInput(f"student_model: at most 300 characters, got {len(student_model)}")
     study_name = f"distillhub-{project.slug}-{uuid.uuid4().hex[:12]}"
     storage = optuna_storage()
     optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
     try:
         with transaction.atomic():
             sweep = Sweep.objects.create(
-                project=project, method=method, student_model=(student_model or "").strip(), preset=preset,
+                project=project, method=method, student_model=student_model, preset=preset,
                 search=search, space=norm, fixed=fixed, n_trials=n, divergence_patience=divergence_patience,
                 seed=seed, study_name=study_name, status=JobStatus.RUNNING,
                 created_by=user if (user is not None and user.is_authenticated) else None)

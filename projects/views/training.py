@@ -31,9 +31,12 @@ def training_page(request, slug: str):
 
 def _list(request, project, form, status: int = 200, sweep_form=None):
     if sweep_form is None:
+        # A space of settings the prefilled method has (sft-lora has no KD alpha; its LoRA rank).
+        classification = project.task_type == "classification"
         sweep_form = SweepForm(initial={
-            "method": "classifier-kd" if project.task_type == "classification" else "sft-lora", "preset": "fast",
-            "search": "grid", "space": "learning_rate=1e-4,3e-4\nalpha=0.3,0.7", "divergence_patience": 2})
+            "method": "classifier-kd" if classification else "sft-lora", "preset": "fast", "search": "grid",
+            "space": "learning_rate=1e-4,3e-4\n" + ("alpha=0.3,0.7" if classification else "lora_r=8,16"),
+            "divergence_patience": 2})
     return render(request, "training/list.html", {
         "project": project, "section": "training", "form": form, "sweep_form": sweep_form,
         "sweeps": selectors.sweeps(project)[:50],

@@ -111,7 +111,9 @@ def parse_space(*, method: str, search: str, space: dict) -> dict[str, dict]:
         low, high = _convert(name, spec["low"], "the low end"), _convert(name, spec["high"], "the high end")
         if not low < high:
             raise SweepRefused(f"space: {name!r} needs low < high, got {low} and {high}")
-        log = bool(spec.get("log", False))
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise SweepRefused(f"space: {name!r} log must be true or false, got {log!r}")
         if log and low <= 0:
             raise SweepRefused(f"space: {name!r} on a log scale needs low > 0, got {low}")
         out[name] = {"low": low, "high": high, "log": log}
