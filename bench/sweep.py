@@ -24,7 +24,6 @@ Last line: one JSON object with ``trials``, ``wall_s``, ``trial_job_s_total``,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -55,30 +54,12 @@ def _bench_db_url() -> str:
 
 
 def _project(n_labels: int, per_label: int, val_per_label: int):
-    from projects.models import GenerationRun, Query, Sample, Teacher
-    from projects.services.projects import project_create
     from projects.services.teams import team_create
+    from tests.training_data import curated_banking
 
-    rows = list(csv.DictReader(open(DATA / "banking77" / "train.csv", encoding="utf-8")))
-    labels = sorted({r["category"] for r in rows})[:n_labels]
     team = team_create(name=f"Sweep bench {int(time.time())}")
-    project = project_create(team=team, user=None, name="Sweep bench", task_type="classification", labels=labels,
-                             instructions="Classify the banking customer's message.")
-    teacher = Teacher.objects.create(project=project, name="gold", provider="openai", model="gpt-x")
-    gen = GenerationRun.objects.create(project=project, status="succeeded")
-    gen.teachers.add(teacher)
-    counts = {l: 0 for l in labels}
-    for i, r in enumerate(rows):
-        c = r["category"]
-        if c not in counts or counts[c] >= per_label + val_per_label:
-            continue
-        split = "train" if counts[c] < per_label else "validation"
-        counts[c] += 1
-        q = Query.objects.create(project=project, text=r["text"], text_hash=f"h{i}", split=split, reference=c)
-        probs = {l: (0.7 if l == c else 0.3 / (len(labels) - 1)) for l in labels}
-        Sample.objects.create(run=gen, query=q, teacher=teacher, response=c, parsed=c, label_probs=probs,
-                              status="accepted")
-    return project
+    return curated_banking(team, None, DATA, n_labels=n_labels, train_per_label=per_label,
+                           val_per_label=val_per_label)
 
 
 def main() -> None:

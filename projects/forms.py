@@ -15,6 +15,20 @@ from workers.pipeline.student_init import STUDENT_SIZE_DESCRIPTIONS
 from workers.pipeline.training import PRESET_DESCRIPTIONS, SIZE_METHODS
 
 
+def key_value_lines(text: str) -> dict[str, str]:
+    """``key=value`` lines (blank lines skipped) as a dict of stripped texts; the values are
+    checked by the caller. Raises ValidationError naming the first line without ``=``."""
+    out = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if "=" not in line:
+            raise forms.ValidationError(f"line {i}: write key=value")
+        k, v = line.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 def _artifact_choices(field, project, kinds) -> None:
     """Limit an artifact select to ``project``'s model artifacts of ``kinds`` (another
     project's id is an invalid choice)."""
@@ -471,15 +485,7 @@ class TrainForm(forms.Form):
                 self.add_error("student_model", str(exc))
 
     def clean_extra(self) -> dict:
-        out = {}
-        for i, line in enumerate(self.cleaned_data.get("extra", "").splitlines(), 1):
-            if not line.strip():
-                continue
-            if "=" not in line:
-                raise forms.ValidationError(f"line {i}: write key=value")
-            k, v = line.split("=", 1)
-            out[k.strip()] = v.strip()
-        return out
+        return key_value_lines(self.cleaned_data.get("extra", ""))
 
     def clean(self):
         """Check every setting against the chosen method's settings and the ranges of
@@ -566,12 +572,4 @@ class SweepForm(forms.Form):
         return out
 
     def clean_fixed(self) -> dict:
-        out = {}
-        for i, line in enumerate(self.cleaned_data.get("fixed", "").splitlines(), 1):
-            if not line.strip():
-                continue
-            if "=" not in line:
-                raise forms.ValidationError(f"line {i}: write key=value")
-            k, v = line.split("=", 1)
-            out[k.strip()] = v.strip()
-        return out
+        return key_value_lines(self.cleaned_data.get("fixed", ""))
