@@ -8,9 +8,9 @@ import time
 from projects import selectors
 from projects.cli import CliError
 from projects.cli.foundation import get_project
+from projects.cli.training import overrides_from_sets
 from projects.models import JOB_ENDED, Sweep, TrainingMethod
 from projects.services.sweeps import sweep_cancel, sweep_start
-from workers.pipeline.json_limits import loads_bounded
 from workers.pipeline.sweeps import SEARCHES, SweepRefused, parse_param_text
 from workers.pipeline.training import PRESET_NAMES
 
@@ -89,15 +89,7 @@ def cmd_sweep(o: dict) -> dict:
             space[name] = spec
     except SweepRefused as exc:
         raise CliError(f"--{exc}") from None
-    fixed: dict = {}
-    for item in o["set"]:
-        if "=" not in item:
-            raise CliError(f"--set: {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            fixed[k.strip()] = loads_bounded(v)
-        except ValueError:
-            fixed[k.strip()] = v
+    fixed = overrides_from_sets(o["set"])
     sweep = sweep_start(project=project, method=o["method"], student_model=o["student"], preset=o["preset"],
                         search=o["search"], space=space, n_trials=o.get("trials"), fixed=fixed,
                         divergence_patience=o["patience"], seed=o["seed"])
