@@ -1,6 +1,5 @@
 """Training through the service, the real Celery worker, the CLI and the pages: a classifier-kd
 run on BANKING77 queries with soft labels, cancel and resume from a checkpoint, the Train form."""
-import csv
 import io
 import json
 import os
@@ -13,9 +12,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from projects import selectors
-from projects.models import (GenerationRun, JobStatus, ModelArtifact, Query, Sample, Teacher, TrainingMetric,
-                             TrainingRun)
-from projects.services.projects import project_create
+from projects.models import JobStatus, ModelArtifact, Sample, Teacher, TrainingMetric, TrainingRun
 from projects.services.training import latest_checkpoint, training_resume, training_start
 from workers.runs.training import path_digest
 from tests.conftest import wait_job
@@ -204,49 +201,6 @@ def test_student_size_light_logit_kd_through_the_worker(celery_worker, team, own
     _with_local_teacher(project)
     call_command("distill", "train", "--project", project.slug, "--method", "logit-kd", "--student-size", "light",
                  "--set", "max_steps=2", "--set", "per_device_train_batch_size=4", "--set", "max_length=96",
-def _with_api_logprobs(project):
-    """Give every sample of ``project`` an API teacher's stored top-3 token_logprobs of its answer."""
-    import math
-
-    for s in Sample.objects.filter(run__project=project):
-        s.token_logprobs = [{"token": s.response, "logprob": math.log(0.9),
-                             "top": [[s.response, math.log(0.9)], ["x", math.log(0.06)], ["y", math.log(0.02)]]}]
-        s.save(update_fields=["token_logprobs"])
-
-
-@pytest.mark.django_db
-def test_logit_kd_teacher_choice_for_cross_tokenizer_runs(team, owner, shared_data):
-    from projects.services import InvalidInput
-    from workers.runs.training import training_rows
-
-    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=0)
-    # An API teacher only: plain logit-kd is refused with the pointer to the new option
-    with pytest.raises(InvalidInput, match="uld_weight > 0 and teacher=samples"):
-        training_start(project=project, method="logit-kd", user=owner)
-    with pytest.raises(InvalidInput, match="no curated sample has them"):
-        training_start(project=project, method="logit-kd", user=owner, overrides={"uld_weight": 1})
-    with pytest.raises(InvalidInput, match="needs uld_weight > 0"):
-        training_start(project=project, method="logit-kd", user=owner, overrides={"teacher": "samples"})
-    _with_api_logprobs(project)
-    edited = Sample.objects.filter(run__project=project).order_by("id").first()
-    edited.edited_response, edited.review_status = "something else", "accepted"
-    edited.save(update_fields=["edited_response", "review_status"])
-    run = training_start(project=project, method="logit-kd", user=owner, overrides={"uld_weight": 1})
-    assert run.hyperparams["teacher"] == "samples" and run.hyperparams["uld_weight"] == 1.0
-    rows, _val, _src = training_rows(run=run)
-    assert len(rows) == 6
-    # The edited answer no longer matches the teacher's tokens: its log-probabilities stay behind
-    assert [r.token_logprobs is None for r in rows] == [True] + [False] * 5
-    assert rows[1].token_logprobs[0]["top"][1][0] == "x"
-
-
-@pytest.mark.django_db(transaction=True)
-def test_cross_tokenizer_logit_kd_from_api_logprobs_through_the_worker(celery_worker, team, owner, shared_data,
-                                                                       capsys):
-    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=4, val_per_label=0)
-    _with_api_logprobs(project)
-    call_command("distill", "train", "--project", project.slug, "--method", "logit-kd", "--set", "uld_weight=1",
-                 "--set", "max_steps=2", "--set", "per_device_train_batch_size=4", "--set", "logging_steps=1",
                  "--wait", "--json")
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["status"] == "succeeded", res
@@ -312,6 +266,55 @@ def test_student_size_is_refused_clearly(owner_client, team, owner, shared_data)
     assert (run.student_model, run.student_size, run.student_name) == (
         "smollm2-135m-instruct", "medium", "smollm2-135m-instruct@medium")
     assert run.hyperparams["learning_rate"] == 5e-5 and "teacher" not in run.hyperparams
+
+
+def _with_api_logprobs(project):
+    """Give every sample of ``project`` an API teacher's stored top-3 token_logprobs of its answer."""
+    import math
+
+    for s in Sample.objects.filter(run__project=project):
+        s.token_logprobs = [{"token": s.response, "logprob": math.log(0.9),
+                             "top": [[s.response, math.log(0.9)], ["x", math.log(0.06)], ["y", math.log(0.02)]]}]
+        s.save(update_fields=["token_logprobs"])
+
+
+@pytest.mark.django_db
+def test_logit_kd_teacher_choice_for_cross_tokenizer_runs(team, owner, shared_data):
+    from projects.services import InvalidInput
+    from workers.runs.training import training_rows
+
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=0)
+    # An API teacher only: plain logit-kd is refused with the pointer to the new option
+    with pytest.raises(InvalidInput, match="uld_weight > 0 and teacher=samples"):
+        training_start(project=project, method="logit-kd", user=owner)
+    with pytest.raises(InvalidInput, match="no curated sample has them"):
+        training_start(project=project, method="logit-kd", user=owner, overrides={"uld_weight": 1})
+    with pytest.raises(InvalidInput, match="needs uld_weight > 0"):
+        training_start(project=project, method="logit-kd", user=owner, overrides={"teacher": "samples"})
+    _with_api_logprobs(project)
+    edited = Sample.objects.filter(run__project=project).order_by("id").first()
+    edited.edited_response, edited.review_status = "something else", "accepted"
+    edited.save(update_fields=["edited_response", "review_status"])
+    run = training_start(project=project, method="logit-kd", user=owner, overrides={"uld_weight": 1})
+    assert run.hyperparams["teacher"] == "samples" and run.hyperparams["uld_weight"] == 1.0
+    rows, _val, _src = training_rows(run=run)
+    assert len(rows) == 6
+    # The edited answer no longer matches the teacher's tokens: its log-probabilities stay behind
+    assert [r.token_logprobs is None for r in rows] == [True] + [False] * 5
+    assert rows[1].token_logprobs[0]["top"][1][0] == "x"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cross_tokenizer_logit_kd_from_api_logprobs_through_the_worker(celery_worker, team, owner, shared_data,
+                                                                       capsys):
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=4, val_per_label=0)
+    _with_api_logprobs(project)
+    call_command("distill", "train", "--project", project.slug, "--method", "logit-kd", "--set", "uld_weight=1",
+                 "--set", "max_steps=2", "--set", "per_device_train_batch_size=4", "--set", "logging_steps=1",
+                 "--wait", "--json")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["status"] == "succeeded", res
+    run = TrainingRun.objects.get(pk=res["run"])
     assert run.preflight["teacher_source"] == "samples' top_logprobs" and run.preflight["teacher_top_k"] == 3
     assert run.preflight["rows_with_teacher_distributions"] == 8
     assert set(run.preflight["loss_components_last"]) == {"ce", "uld"}
