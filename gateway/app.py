@@ -159,13 +159,16 @@ async def models(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """``{"status": "ok"}`` for probes. With a valid key also the key's team's deployment count
-    and the gateway's health (last refresh; request-log rows waiting for Postgres and dropped);
-    never other teams' counts or traffic."""
+    """``{"status": "ok"}`` for probes. With a valid key also the key's team's deployment count,
+    the version of each of its deployments the gateway serves now (``versions``: slug -> version,
+    so a script can wait until a change it saved is in effect) and the gateway's health (last
+    refresh, Unix seconds; request-log rows waiting for Postgres and dropped); never other
+    teams' deployments or traffic."""
     who = _auth(request)
     if who is None:
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "ok", "deployments": sum(r.team_id == who[1] for r in GW.snapshot.routes.values()),
+    mine = [r for r in GW.snapshot.routes.values() if r.team_id == who[1]]
+    return JSONResponse({"status": "ok", "deployments": len(mine), "versions": {r.slug: r.version for r in mine},
                          "refreshed_at": GW.refreshed_at, "log_buffered": len(GW.logs.rows),
                          "log_dropped": GW.logs.dropped})
 
