@@ -526,6 +526,35 @@ def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team
 
 
 @pytest.mark.django_db(transaction=True)
+def test_log_rows_of_a_deleted_deployment_are_dropped_not_retried_forever(project, owner, teacher_stub, student_stub):
+    """A deployment deleted while its request logs wait in the buffer: those rows are dropped and
+    counted; the others are written, and later flushes work (kept, the rows would fail every
+    flush after and stop all request logging)."""
+    import asyncio
+
+    from gateway.logbuffer import LogBuffer
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    dep = deployment_create(project=project, name="kept", teacher=teacher, user=owner, student_url=student_stub.base_url, student_model="s")
+    gone = deployment_create(project=project, name="gone", teacher=teacher, user=owner,
+                             student_url=student_stub.base_url, student_model="s")
+    buf = LogBuffer()
+    for d, q in [(dep, "a"), (gone, "b"), (dep, "c")]:
+        buf.add(deployment_id=d.pk, version=1, route="teacher", status=200, query=q)
+    gone.delete()
+    assert asyncio.run(buf.flush()) == 2
+    assert (buf.rows, buf.dropped, buf.written) == ([], 1, 2)
+    buf.add(deployment_id=dep.pk, version=1, route="teacher", status=200, query="d")
+    assert asyncio.run(buf.flush()) == 1
+    assert list(RequestLog.objects.filter(deployment=dep).order_by("id").values_list("query", flat=True)) == [
+        "a", "c", "d"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_gateway_refuses_a_student_artifact_outside_the_media_folder(project, owner, caplog):
     from projects.models import Deployment, ModelArtifact, Teacher
     from projects.services.deployments import gateway_key_create
