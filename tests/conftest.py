@@ -164,7 +164,9 @@ def celery_worker_proc(django_db_setup, django_db_blocker):
          "--without-mingle", "--hostname", f"test-{os.getpid()}@%h"],
         cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.time() + 60
+    # Generous: importing Django, Celery and the task modules cold on a loaded 2-core CI machine
+    # can take a minute; the wait ends as soon as the worker says "ready.".
+    deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"celery worker exited early; see {log_path}:\n{log_path.read_text()[-3000:]}")
@@ -244,12 +246,12 @@ def gateway_proc(django_db_setup, django_db_blocker):
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning", "--no-access-log"], cwd=str(REPO), env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # generous for a cold start on a loaded machine; ends when /healthz answers
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited early:\n{log_path.read_text()[-3000:]}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read()
             break
         except OSError:
             if time.time() > deadline:
