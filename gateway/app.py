@@ -6,7 +6,9 @@
 Settings (environment): ``GATEWAY_REFRESH_S`` (default 2: how often keys and deployments are
 reloaded), ``GATEWAY_FLUSH_S`` (default 1: request-log flush interval), ``GATEWAY_FLUSH_ROWS``
 (default 1000), ``GATEWAY_BUFFER_MAX`` (default 100000 rows kept while Postgres is down),
-``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413), plus
+``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413),
+``GATEWAY_STUDENT_TIMEOUT_S`` (default 60: seconds a student may take before the teacher
+answers instead; a teacher's own timeout is its ``timeout_s`` setting), plus
 the usual ``DATABASE_URL`` and the teachers' API-key variables.
 
 A request names a deployment by its slug as ``model``; the key must belong to the deployment's
@@ -37,7 +39,7 @@ from starlette.routing import Route as HttpRoute  # noqa: E402
 
 from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
-from gateway.state import Snapshot, load_snapshot  # noqa: E402
+from gateway.state import Snapshot, load_snapshot, student_timeout_s  # noqa: E402
 from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, loads_bounded  # noqa: E402
 from gateway.upstream import OWN_CODES, Reply, UpstreamError, chat, dumps, make_client  # noqa: E402
 
@@ -71,6 +73,7 @@ class Gateway:
         self.rng = random.Random()
         self.max_body_bytes = int(_env_float("GATEWAY_MAX_BODY_BYTES", 1_000_000))
         self.warming: set[str] = set()
+        student_timeout_s()  # a bad GATEWAY_STUDENT_TIMEOUT_S stops the gateway at start, naming it
 
     async def refresh(self) -> None:
         try:

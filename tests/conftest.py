@@ -240,7 +240,10 @@ def gateway_proc(django_db_setup, django_db_blocker):
 
     port = free_port()
     env = child_env()
-    env.update(GATEWAY_REFRESH_S="0.3", GATEWAY_FLUSH_S="0.2", OPENAI_API_KEY="sk-test-teacher")
+    # A student (SmolLM2 served on CPU) may take minutes on a loaded CI machine: the tests check
+    # routes, not speed, so the gateway waits for it instead of falling back after 60 s.
+    env.update(GATEWAY_REFRESH_S="0.3", GATEWAY_FLUSH_S="0.2", OPENAI_API_KEY="sk-test-teacher",
+               GATEWAY_STUDENT_TIMEOUT_S="600")
     log_path = Path(settings.DATA_DIR) / "test-gateway.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app", "--host", "127.0.0.1", "--port", str(port),

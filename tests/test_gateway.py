@@ -607,7 +607,10 @@ def smollm_server(project, owner):
     from projects.services.generation import teacher_create
     from tests.conftest import free_port
 
-    teacher_create(project=project, name="smol", provider="transformers", model="smollm2-135m-instruct", user=owner)
+    # timeout_s: how long the gateway waits for this teacher; scoring the labels over the long
+    # teacher prompt can take minutes on a loaded CI machine (the default 60 s gave a 504).
+    teacher_create(project=project, name="smol", provider="transformers", model="smollm2-135m-instruct", user=owner,
+                   timeout_s=600)
     model = Model(serve_target(teacher=f"{project.slug}:smol"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(model), host="127.0.0.1", port=port, log_level="warning"))
