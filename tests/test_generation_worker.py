@@ -106,7 +106,14 @@ def test_cancel_within_seconds_then_resume_finishes_each_slot_once(celery_worker
     assert run.status == "cancelled" and run.stop_reason == "cancelled by user"
     done_before = Sample.objects.filter(run=run).count()
     assert 4 <= done_before < 41
-    time.sleep(4.0)  # a chunk on the other worker process finishes its in-flight requests (grace 2 s)
+    # A chunk on the other worker process finishes its in-flight requests (grace 2 s): wait until
+    # the stub has none in flight (a loaded machine can take longer than the grace), then for the
+    # answers to be written.
+    deadline = time.time() + 120
+    while stub.in_flight:
+        assert time.time() < deadline, f"{stub.in_flight} requests still in flight after the cancel"
+        time.sleep(0.1)
+    time.sleep(4.0)
     done_before = Sample.objects.filter(run=run).count()
     time.sleep(1.0)
     assert Sample.objects.filter(run=run).count() == done_before  # nothing more after the cancel
