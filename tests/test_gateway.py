@@ -525,6 +525,21 @@ def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team
     assert theirs.team_id == other_team.pk
 
 
+def test_student_timeout_comes_from_the_environment(monkeypatch):
+    """GATEWAY_STUDENT_TIMEOUT_S: seconds a student may take (default 60); a value that is not a
+    positive number stops the gateway with a message naming the variable."""
+    from gateway.state import student_timeout_s
+
+    monkeypatch.delenv("GATEWAY_STUDENT_TIMEOUT_S", raising=False)
+    assert student_timeout_s() == 60.0
+    monkeypatch.setenv("GATEWAY_STUDENT_TIMEOUT_S", "600")
+    assert student_timeout_s() == 600.0
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv("GATEWAY_STUDENT_TIMEOUT_S", bad)
+        with pytest.raises(SystemExit, match=f"GATEWAY_STUDENT_TIMEOUT_S='{bad}' is not a positive number"):
+            student_timeout_s()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_log_rows_of_a_deleted_deployment_are_dropped_not_retried_forever(project, owner, teacher_stub, student_stub):
     """A deployment deleted while its request logs wait in the buffer: those rows are dropped and
