@@ -9,8 +9,9 @@ reloaded), ``GATEWAY_FLUSH_S`` (default 1: request-log flush interval), ``GATEWA
 ``GATEWAY_MAX_BODY_BYTES`` (default 1000000: a larger request body gets 413),
 ``GATEWAY_TEACHER_RETRIES`` (default 2: more tries of a teacher call that failed transiently),
 ``GATEWAY_RETRY_BACKOFF_S`` (default 0.25: the first backoff, doubled each try),
-``GATEWAY_RETRY_AFTER_MAX_S`` (default 5: the longest upstream Retry-After waited for), plus
-the usual ``DATABASE_URL`` and the teachers' API-key variables.
+``GATEWAY_RETRY_AFTER_MAX_S`` (default 5: the longest upstream Retry-After waited for),
+``GATEWAY_STUDENT_TIMEOUT_S`` (default 60: seconds a student may take before the teacher
+answers instead; a teacher's own timeout is its ``timeout_s`` setting), plus the usual ``DATABASE_URL`` and the teachers' API-key variables.
 
 A request names a deployment by its slug as ``model``; the key must belong to the deployment's
 team (otherwise: 404 ``model_not_found``, as for a model that does not exist). The last user
@@ -42,7 +43,7 @@ from starlette.routing import Route as HttpRoute  # noqa: E402
 
 from gateway import routing  # noqa: E402
 from gateway.logbuffer import LogBuffer  # noqa: E402
-from gateway.state import Route, Snapshot, load_snapshot  # noqa: E402
+from gateway.state import Route, Snapshot, load_snapshot, student_timeout_s  # noqa: E402
 from workers.pipeline.json_limits import MAX_DEPTH, JSONTooDeep, check_depth, loads_bounded  # noqa: E402
 from gateway.upstream import (OWN_CODES, Reply, RetryPolicy, UpstreamError, UpstreamStream, chat,  # noqa: E402
                               dumps, make_client, open_stream, retrying)
@@ -78,6 +79,7 @@ class Gateway:
         self.retry = RetryPolicy(retries=max(0, int(_env_float("GATEWAY_TEACHER_RETRIES", 2))),
                                  backoff_s=_env_float("GATEWAY_RETRY_BACKOFF_S", 0.25),
                                  retry_after_max_s=_env_float("GATEWAY_RETRY_AFTER_MAX_S", 5.0))
+        student_timeout_s()  # a bad GATEWAY_STUDENT_TIMEOUT_S stops the gateway at start, naming it
 
     async def refresh(self) -> None:
         try:
@@ -180,13 +182,16 @@ async def models(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """``{"status": "ok"}`` for probes. With a valid key also the key's team's deployment count
-    and the gateway's health (last refresh; request-log rows waiting for Postgres and dropped);
-    never other teams' counts or traffic."""
+    """``{"status": "ok"}`` for probes. With a valid key also the key's team's deployment count,
+    the version of each of its deployments the gateway serves now (``versions``: slug -> version,
+    so a script can wait until a change it saved is in effect) and the gateway's health (last
+    refresh, Unix seconds; request-log rows waiting for Postgres and dropped); never other
+    teams' deployments or traffic."""
     who = _auth(request)
     if who is None:
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "ok", "deployments": sum(r.team_id == who[1] for r in GW.snapshot.routes.values()),
+    mine = [r for r in GW.snapshot.routes.values() if r.team_id == who[1]]
+    return JSONResponse({"status": "ok", "deployments": len(mine), "versions": {r.slug: r.version for r in mine},
                          "refreshed_at": GW.refreshed_at, "log_buffered": len(GW.logs.rows),
                          "log_dropped": GW.logs.dropped})
 

@@ -47,12 +47,13 @@ class LogBuffer:
             await self.flush()
 
     async def flush(self) -> int:
-        """Write what is buffered; on a database error put it back (bounded). Returns rows written."""
+        """Write what is buffered; on a database error put it back (bounded), except the rows of a
+        deployment deleted meanwhile, which are dropped and counted. Returns rows written."""
         if not self.rows:
             return 0
         batch, self.rows = self.rows, []
         try:
-            await asyncio.to_thread(_insert, batch)
+            gone = await asyncio.to_thread(_insert, batch)
         except Exception as exc:  # noqa: BLE001 - the database may be down; keep serving
             log.warning("request log flush failed (%s rows kept): %s", len(batch), exc)
             self.rows[:0] = batch
@@ -61,15 +62,37 @@ class LogBuffer:
                 del self.rows[:drop]
                 self.dropped += drop
             return 0
-        self.written += len(batch)
-        return len(batch)
+        if gone:
+            # Not put back: they would fail every later flush, and with it all request logging.
+            log.warning("request log: %s rows dropped, their deployment was deleted", gone)
+            self.dropped += gone
+        self.written += len(batch) - gone
+        return len(batch) - gone
 
 
-def _insert(batch: list[dict]) -> None:
-    from django.db import close_old_connections
+def _insert(batch: list[dict]) -> int:
+    """Write ``batch`` in one transaction. Rows of a deployment deleted since they were buffered
+    are left out (a foreign-key error, not a database outage: kept, they would fail every later
+    flush). Returns how many were left out; raises on any other database error."""
+    from django.db import IntegrityError, close_old_connections, transaction
 
-    from projects.models import RequestLog
+    from projects.models import Deployment, RequestLog
 
     close_old_connections()
-    RequestLog.objects.bulk_create([RequestLog(**{k: r.get(k) for k in FIELDS if k in r}) for r in batch],
-                                   batch_size=2000)
+
+    def write(rows: list[dict]) -> None:
+        with transaction.atomic():
+            RequestLog.objects.bulk_create([RequestLog(**{k: r.get(k) for k in FIELDS if k in r}) for r in rows],
+                                           batch_size=2000)
+
+    try:
+        write(batch)
+        return 0
+    except IntegrityError:
+        live = set(Deployment.objects.filter(pk__in={r.get("deployment_id") for r in batch})
+                   .values_list("pk", flat=True))
+        keep = [r for r in batch if r.get("deployment_id") in live]
+        if len(keep) == len(batch):
+            raise
+        write(keep)
+        return len(batch) - len(keep)

@@ -88,6 +88,20 @@ def _teacher_upstream(dep, policy) -> Upstream:
                     price_out_per_1m=float(t.price_out_per_1m))
 
 
+def student_timeout_s() -> float:
+    """Seconds the gateway waits for a student's answer before falling back to the teacher:
+    ``GATEWAY_STUDENT_TIMEOUT_S`` (default 60; raise it for a slow student, e.g. a causal LM
+    served on CPU). Raises SystemExit naming the variable when it is not a positive number."""
+    raw = os.environ.get("GATEWAY_STUDENT_TIMEOUT_S") or "60"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise SystemExit(f"GATEWAY_STUDENT_TIMEOUT_S={raw!r} is not a positive number of seconds")
+    return value
+
+
 def _student_upstream(dep, policy) -> tuple[Upstream, str]:
     from projects.services import ServiceError
     from projects.services.security import artifact_folder
@@ -95,7 +109,7 @@ def _student_upstream(dep, policy) -> tuple[Upstream, str]:
     art = dep.student_artifact
     kind = "classifier" if art is not None and art.kind == "classifier" else "causal"
     common = dict(name=f"student of {dep.slug}", price_in_per_1m=float(dep.student_price_in_per_1m),
-                  price_out_per_1m=float(dep.student_price_out_per_1m), timeout_s=60.0)
+                  price_out_per_1m=float(dep.student_price_out_per_1m), timeout_s=student_timeout_s())
     if dep.student_url:
         model = dep.student_model or (f"artifact-{art.pk}" if art is not None else "student")
         return Upstream(base_url=_url(dep.student_url, "student_url", policy), model=model, temperature=0.0,

@@ -17,7 +17,7 @@ from tests.conftest import free_port
 
 
 @contextlib.contextmanager
-def llama_server(gguf: str | Path, *, alias: str, n_ctx: int = 2048, wait_s: float = 120):
+def llama_server(gguf: str | Path, *, alias: str, n_ctx: int = 2048, wait_s: float = 300):
     """Serve ``gguf`` as model ``alias``; yields the base URL (ending in ``/v1``). Fails the test
     when llama-cpp-python is missing or the server does not answer within ``wait_s`` seconds."""
     if importlib.util.find_spec("llama_cpp") is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import wait_gateway_key
+from gateway.readiness import wait_served
 from tests.llama_server import llama_server
 from tests.openai_stub import StubServer
 from tests.test_cli import distill, last_json
@@ -125,7 +125,8 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
             dep = deployment_create(project=project, name="capitals", teacher=teacher, user=owner,
                                     student_artifact=art.pk, student_url=base, student_share=1.0)
             _, key = gateway_key_create(team=project.team, name="tests", user=owner)
-            wait_gateway_key(gateway.base_url, key)  # its next reload (every 0.3 s here) has the deployment
+            # The gateway reloads keys and deployments every 0.3 s here: wait until it serves them.
+            wait_served(gateway.base_url, key, slug=dep.slug, version=dep.version, timeout_s=120)
             client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=300)
             raw = client.chat.completions.with_raw_response.create(
                 model="capitals", messages=hf_greedy["chat_messages"], max_tokens=N_TOKENS, temperature=0.0)
@@ -140,7 +141,7 @@ def test_export_gguf_serves_with_llama_cpp_and_behind_the_gateway(gateway, proje
                                                     "max_tokens": N_TOKENS, "temperature": 0.0})
         assert resp.choices[0].message.content == direct["choices"][0]["message"]["content"]
         assert resp.choices[0].message.content.startswith(hf_greedy["chat"][0].split()[0])
-    deadline = time.time() + 60  # the gateway flushes its request log every 0.2 s here
+    deadline = time.time() + 120  # the gateway flushes logs every 0.2 s; generous for a loaded machine
     while not (logs := list(RequestLog.objects.filter(deployment=dep))) and time.time() < deadline:
         time.sleep(0.1)
     assert [(x.route, x.status) for x in logs] == [("student", 200)]

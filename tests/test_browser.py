@@ -27,7 +27,8 @@ import pytest
 # safe to allow them. The live server answers from its own thread and is unaffected.
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
-from tests.conftest import PASSWORD, wait_gateway_key, wait_job  # noqa: E402
+from tests.conftest import PASSWORD, wait_job  # noqa: E402
+from gateway.readiness import wait_served  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,7 +37,7 @@ SHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
-TIMEOUT_MS = 15_000
+TIMEOUT_MS = 60_000  # page actions and waits: generous for a loaded CI machine (they end when the page is ready)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,14 @@ def wait_progress_ended(page, job_id: int, timeout_ms: int = 180_000) -> str:
     page.wait_for_selector(f"{sel}[data-status=succeeded], {sel}[data-status=failed], {sel}[data-status=cancelled]",
                            timeout=timeout_ms)
     return page.get_attribute(sel, "data-status")
+
+
+def wait_charts_drawn(page, n: int) -> None:
+    """Wait until at least ``n`` plotly charts (div.chart[id^=chart-]) have drawn their SVG: the
+    charts draw one after another, so waiting for one of them does not mean all are drawn."""
+    page.wait_for_function(
+        "n => [...document.querySelectorAll('div.chart[id^=chart-]')].filter(d => d.querySelector('svg.main-svg'))"
+        ".length >= n", arg=n)
 
 
 # --- Setup through the services and the ORM (what earlier steps produce) ---------------------
@@ -256,7 +265,7 @@ def test_jobs_page_shows_a_job_finish(page, owner, project, celery_worker):
 
     page.click(f"a[href='/jobs/{job.pk}/']")
     page.wait_for_selector(f"#job-{job.pk}-progress")
-    assert wait_progress_ended(page, job.pk, timeout_ms=60_000) == "succeeded"
+    assert wait_progress_ended(page, job.pk, timeout_ms=180_000) == "succeeded"
     assert page.get_attribute(f"#job-{job.pk}-progress progress", "value") == "100"
     shot(page, "06-job-detail")
     assert wait_job(job.pk, timeout=5).status == "succeeded"
@@ -282,7 +291,7 @@ def test_upload_csv(page, owner, project, celery_worker, tmp_path):
     page.set_input_files("#id_file", str(csv_path))
     shot(page, "07-queries-upload")
     page.click("button:has-text('Upload and import')")
-    page.wait_for_selector("[id^=dataset-][data-status=imported]", timeout=60_000)
+    page.wait_for_selector("[id^=dataset-][data-status=imported]", timeout=180_000)
     dataset = Dataset.objects.get(project=project)
     report = page.inner_text(f"#dataset-{dataset.pk} p.report")
     assert re.search(r"\b12\b queries imported", report), report
@@ -420,10 +429,11 @@ def test_evaluation_shows_its_charts(page, owner, project, celery_worker):
     assert wait_job(ev.job_id, timeout=300).status == "succeeded"
     # Results appear row by row while the job runs; the verdict box is drawn only by the finished
     # page (the self-poll swaps it in within 3 s of the job's end), so count rows after it.
-    page.wait_for_selector("section.verdict-box", timeout=30_000)
+    page.wait_for_selector("section.verdict-box", timeout=180_000)
     assert page.locator("table.eval-results tbody tr").count() >= 2
     # Drawn charts (their SVG): htmx's settle step may reset Plotly's class on swapped content.
     page.wait_for_selector("div.chart[id^=chart-] svg.main-svg")
+    wait_charts_drawn(page, 2)
     assert page.locator("div.chart[id^=chart-]:has(svg.main-svg)").count() >= 2
     shot(page, "15-evaluation")
 
@@ -510,8 +520,9 @@ def test_deployment_keys_gateway_monitoring_promote_and_rollback(page, owner, pr
         assert GatewayKey.objects.filter(team=project.team).count() == 1
 
         # Requests through the real gateway with the openai client and that key.
-        wait_gateway_key(gateway.base_url, raw)  # its next reload (every 0.3 s here) has the key and deployment
-        client = openai.OpenAI(base_url=gateway.base_url, api_key=raw, max_retries=0, timeout=60)
+        # The gateway reloads keys and deployments every 0.3 s here: wait until it serves them.
+        wait_served(gateway.base_url, raw, slug=dep.slug, version=dep.version, timeout_s=120)
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=raw, max_retries=0, timeout=300)
         routes = []
         for i, q in enumerate(SERVING_QUERIES):
             r = client.chat.completions.with_raw_response.create(model="support-bot", user=f"customer-{i}",
@@ -520,7 +531,7 @@ def test_deployment_keys_gateway_monitoring_promote_and_rollback(page, owner, pr
             routes.append(r.headers["x-distillhub-route"])
         counts = Counter(routes)
         assert set(counts) <= {"student", "fallback", "teacher"} and counts["student"] + counts["fallback"] >= 1
-        deadline = time.time() + 60
+        deadline = time.time() + 120  # flushed every 0.2 s; generous for a loaded machine
         while RequestLog.objects.filter(deployment=dep).count() < len(routes) and time.time() < deadline:
             time.sleep(0.2)
         logs = list(RequestLog.objects.filter(deployment=dep))
@@ -535,6 +546,7 @@ def test_deployment_keys_gateway_monitoring_promote_and_rollback(page, owner, pr
         assert shown == dict(counts)
         page.wait_for_selector("#chart-traffic svg.main-svg")
         page.wait_for_selector("#chart-latency svg.main-svg")
+        wait_charts_drawn(page, 3)
         assert page.locator("div.chart[id^=chart-]:has(svg.main-svg)").count() >= 3
         assert page.locator("table.table tbody tr").count() >= len(routes)  # the recent requests
         shot(page, "18-deployment-monitoring")
@@ -544,7 +556,7 @@ def test_deployment_keys_gateway_monitoring_promote_and_rollback(page, owner, pr
         page.click(f"#key-{key.pk} button:has-text('Revoke')")
         page.wait_for_selector(f"#key-{key.pk} td.state:has-text('revoked')")
         assert "revoked" in page.inner_text("main")
-        wait_gateway_key(gateway.base_url, raw, active=False)
+        wait_served(gateway.base_url, raw, known=False, timeout_s=120)  # the gateway has reloaded the keys
         with pytest.raises(openai.AuthenticationError) as exc:
             client.chat.completions.create(model="support-bot", messages=[{"role": "user", "content": "hi"}])
         assert exc.value.status_code == 401

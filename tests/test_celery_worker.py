@@ -34,7 +34,7 @@ def test_worker_records_failure(celery_worker, team):
 
 def test_cancel_stops_a_running_job_within_seconds(celery_worker, team):
     job = _queue(team, steps=200, sleep_s=0.1)
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # the worker may be busy on a loaded machine
     while Job.objects.get(pk=job.pk).status != JobStatus.RUNNING and time.time() < deadline:
         time.sleep(0.1)
     job_cancel(job=Job.objects.get(pk=job.pk))

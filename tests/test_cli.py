@@ -11,7 +11,7 @@ from django.db import connection
 REPO = Path(__file__).resolve().parent.parent
 
 
-def distill(*args, env=None, timeout: float = 120):
+def distill(*args, env=None, timeout: float = 600):
     """Run ``manage.py distill ARGS`` on the test database; ``timeout`` in seconds."""
     from django.conf import settings
 

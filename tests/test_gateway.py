@@ -17,7 +17,13 @@ from tests.gateway_stub import StudentStub
 from tests.openai_stub import StubServer
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
-REFRESH_WAIT = 1.0  # > GATEWAY_REFRESH_S in the gateway_proc fixture
+#: How long a test waits for the gateway (refreshing every 0.3 s, see the gateway_proc fixture)
+#: to serve a key or a deployment change just saved: generous, for a loaded CI machine; the wait
+#: ends as soon as /healthz shows it (gateway.readiness).
+SERVED_WAIT_S = 120.0
+#: The openai client's timeout for one request through the gateway: a cold model upstream on a
+#: loaded machine can take tens of seconds (no retries: a retried request would be logged twice).
+CLIENT_TIMEOUT_S = 300.0
 
 
 def _teacher_answer(text: str) -> str:
@@ -42,7 +48,18 @@ def student_stub():
     s.stop()
 
 
-def _setup(project, owner, teacher_stub, student_stub, **settings):
+def _served(gateway, key, dep=None, *, known=True):
+    """Wait until the gateway knows ``key`` (``known=False``: no longer) and serves ``dep`` at its
+    saved version (read again from the database)."""
+    from gateway.readiness import wait_served
+
+    if dep is not None:
+        dep.refresh_from_db()
+    wait_served(gateway.base_url, key, slug=dep.slug if dep is not None else None,
+                version=dep.version if dep is not None else None, known=known, timeout_s=SERVED_WAIT_S)
+
+
+def _setup(gateway, project, owner, teacher_stub, student_stub, **settings):
     from projects.services.deployments import deployment_create, gateway_key_create
     from projects.services.generation import teacher_create
 
@@ -52,12 +69,12 @@ def _setup(project, owner, teacher_stub, student_stub, **settings):
     dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
                             student_url=student_stub.base_url, student_model="student-lm", **settings)
     _, raw = gateway_key_create(team=project.team, name="tests", user=owner)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, raw, dep)
     return dep, raw
 
 
 def _client(gateway, key) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=CLIENT_TIMEOUT_S)
 
 
 def _ask(client, text, **kw):
@@ -66,7 +83,9 @@ def _ask(client, text, **kw):
     return raw.headers["x-distillhub-route"], raw.parse()
 
 
-def _wait_logs(dep, n, timeout=10.0, **filters):
+def _wait_logs(dep, n, timeout=120.0, **filters):
+    """The deployment's request logs once at least ``n`` are written (the gateway flushes every
+    0.2 s; generous deadline for a loaded machine, ends as soon as they are there)."""
     from projects.models import RequestLog
 
     deadline = time.time() + timeout
@@ -79,7 +98,7 @@ def _wait_logs(dep, n, timeout=10.0, **filters):
 
 
 def test_routing_share_within_statistical_bounds_and_sticky_users(gateway, project, owner, teacher_stub, student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.3)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.3)
     client = _client(gateway, key)
     n = 400
     with ThreadPoolExecutor(16) as pool:
@@ -98,7 +117,7 @@ def test_routing_share_within_statistical_bounds_and_sticky_users(gateway, proje
 
 
 def test_teacher_route_answers_with_project_prompt_and_logs_cost(gateway, project, owner, teacher_stub, student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     route, resp = _ask(_client(gateway, key), "my card has not arrived")
     assert route == "teacher"
     assert resp.choices[0].message.content == "card_arrival"
@@ -111,7 +130,7 @@ def test_teacher_route_answers_with_project_prompt_and_logs_cost(gateway, projec
 
 
 def test_low_confidence_student_answer_falls_back_to_teacher(gateway, project, owner, teacher_stub, student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
     client = _client(gateway, key)
     route, resp = _ask(client, "card arrived? [other]")
     assert route == "student" and resp.choices[0].message.content == "card_arrival"
@@ -127,7 +146,7 @@ def test_low_confidence_student_answer_falls_back_to_teacher(gateway, project, o
 
 def test_failing_student_falls_back_and_failing_teacher_returns_its_error(gateway, project, owner, teacher_stub,
                                                                           student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=1.0)
     client = _client(gateway, key)
     route, resp = _ask(client, "card [boom]")
     assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
@@ -145,7 +164,7 @@ def test_failing_student_falls_back_and_failing_teacher_returns_its_error(gatewa
 def test_shadow_measures_live_agreement(gateway, project, owner, teacher_stub, student_stub):
     from projects.selectors_serving import deployment_live_figures
 
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, shadow_share=1.0,
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=1.0, shadow_share=1.0,
                       promote_window=10, alert_window=10, alert_agreement=0.9)
     client = _client(gateway, key)
     for i in range(10):
@@ -161,7 +180,7 @@ def test_shadow_measures_live_agreement(gateway, project, owner, teacher_stub, s
 
 
 def test_streaming_sse(gateway, project, owner, teacher_stub, student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     client = _client(gateway, key)
     teacher_stub.answer = lambda text: "A longer teacher answer that comes in several pieces."
     stream = client.chat.completions.create(model="support-intents", messages=[{"role": "user", "content": "hi"}],
@@ -308,12 +327,12 @@ def test_key_revocation_and_bad_keys(gateway, project, owner, teacher_stub, stud
     from projects.models import GatewayKey
     from projects.services.deployments import gateway_key_revoke
 
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     client = _client(gateway, key)
     assert [m.id for m in client.models.list().data] == ["support-intents"]
     assert _ask(client, "hi")[0] == "teacher"
     gateway_key_revoke(key=GatewayKey.objects.get(team=project.team), user=owner)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, known=False)
     with pytest.raises(openai.AuthenticationError):
         _ask(client, "hi")
     with pytest.raises(openai.AuthenticationError):
@@ -327,9 +346,9 @@ def test_a_teams_key_never_reaches_another_teams_deployment(gateway, project, ow
                                                              teacher_stub, student_stub):
     from projects.services.deployments import gateway_key_create
 
-    dep, _ = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, _ = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     _, their_key = gateway_key_create(team=other_team, name="theirs", user=outsider)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, their_key)
     client = _client(gateway, their_key)
     with pytest.raises(openai.NotFoundError) as exc:
         _ask(client, "hi")
@@ -380,16 +399,16 @@ def test_real_classifier_student_in_the_gateway(gateway, project, owner, teacher
     dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner, student_artifact=art,
                             student_share=1.0)
     _, key = gateway_key_create(team=project.team, name="tests", user=owner)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, dep)
     client = _client(gateway, key)
     route, resp = _ask(client, "My card still has not arrived after two weeks.")
     assert route == "student" and resp.choices[0].message.content in LABELS
     assert resp.usage.prompt_tokens > 5
-    [row] = _wait_logs(dep, 1, timeout=60)
+    [row] = _wait_logs(dep, 1)
     assert 1 / 3 <= row.confidence <= 1.0
     # A threshold above what the (untrained) student can reach: the teacher answers.
     deployment_update(deployment=dep, user=owner, confidence_threshold=0.99)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, dep)
     route, resp = _ask(client, "I lost my card yesterday.")
     assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
     rows = _wait_logs(dep, 2)
@@ -624,8 +643,54 @@ def test_healthz_says_ok_and_shows_only_the_keys_team(project, owner, other_team
         assert c.get("/healthz", headers={"Authorization": "Bearer dh-wrong"}).json() == {"status": "ok"}
         mine = c.get("/healthz", headers={"Authorization": f"Bearer {key}"}).json()
         assert mine["status"] == "ok" and mine["deployments"] == 2 and "keys" not in mine
-        assert c.get("/healthz", headers={"Authorization": f"Bearer {their_key}"}).json()["deployments"] == 0
+        assert mine["versions"] == {"dep-a": 1, "dep-b": 1}
+        theirs_h = c.get("/healthz", headers={"Authorization": f"Bearer {their_key}"}).json()
+        assert theirs_h["deployments"] == 0 and theirs_h["versions"] == {}
     assert theirs.team_id == other_team.pk
+
+
+def test_student_timeout_comes_from_the_environment(monkeypatch):
+    """GATEWAY_STUDENT_TIMEOUT_S: seconds a student may take (default 60); a value that is not a
+    positive number stops the gateway with a message naming the variable."""
+    from gateway.state import student_timeout_s
+
+    monkeypatch.delenv("GATEWAY_STUDENT_TIMEOUT_S", raising=False)
+    assert student_timeout_s() == 60.0
+    monkeypatch.setenv("GATEWAY_STUDENT_TIMEOUT_S", "600")
+    assert student_timeout_s() == 600.0
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv("GATEWAY_STUDENT_TIMEOUT_S", bad)
+        with pytest.raises(SystemExit, match=f"GATEWAY_STUDENT_TIMEOUT_S='{bad}' is not a positive number"):
+            student_timeout_s()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_log_rows_of_a_deleted_deployment_are_dropped_not_retried_forever(project, owner, teacher_stub, student_stub):
+    """A deployment deleted while its request logs wait in the buffer: those rows are dropped and
+    counted; the others are written, and later flushes work (kept, the rows would fail every
+    flush after and stop all request logging)."""
+    import asyncio
+
+    from gateway.logbuffer import LogBuffer
+    from projects.models import RequestLog
+    from projects.services.deployments import deployment_create
+    from projects.services.generation import teacher_create
+
+    teacher = teacher_create(project=project, name="gpt", provider="openai", model="stub-teacher",
+                             base_url=teacher_stub.base_url, user=owner)
+    dep = deployment_create(project=project, name="kept", teacher=teacher, user=owner, student_url=student_stub.base_url, student_model="s")
+    gone = deployment_create(project=project, name="gone", teacher=teacher, user=owner,
+                             student_url=student_stub.base_url, student_model="s")
+    buf = LogBuffer()
+    for d, q in [(dep, "a"), (gone, "b"), (dep, "c")]:
+        buf.add(deployment_id=d.pk, version=1, route="teacher", status=200, query=q)
+    gone.delete()
+    assert asyncio.run(buf.flush()) == 2
+    assert (buf.rows, buf.dropped, buf.written) == ([], 1, 2)
+    buf.add(deployment_id=dep.pk, version=1, route="teacher", status=200, query="d")
+    assert asyncio.run(buf.flush()) == 1
+    assert list(RequestLog.objects.filter(deployment=dep).order_by("id").values_list("query", flat=True)) == [
+        "a", "c", "d"]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -681,14 +746,18 @@ def smollm_server(project, owner):
     from projects.services.generation import teacher_create
     from tests.conftest import free_port
 
-    teacher_create(project=project, name="smol", provider="transformers", model="smollm2-135m-instruct", user=owner)
+    # timeout_s: how long the gateway waits for this teacher; scoring the labels over the long
+    # teacher prompt can take minutes on a loaded CI machine (the default 60 s gave a 504).
+    teacher_create(project=project, name="smol", provider="transformers", model="smollm2-135m-instruct", user=owner,
+                   timeout_s=600)
     model = Model(serve_target(teacher=f"{project.slug}:smol"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(model), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
-    deadline = time.time() + 30
+    deadline = time.time() + 120
     while not server.started:
+        assert t.is_alive(), "the student server stopped while starting"
         assert time.time() < deadline, "the student server did not start"
         time.sleep(0.05)
     server.base_url = f"http://127.0.0.1:{port}/v1"
@@ -705,7 +774,8 @@ def test_causal_lm_student_confidence_is_its_mean_token_logprob(gateway, project
     from projects.services.generation import teacher_create
 
     # The served answer carries its mean token log-probability, and the per-token ones on request.
-    direct = openai.OpenAI(base_url=smollm_server.base_url, api_key="none", max_retries=0, timeout=120)
+    direct = openai.OpenAI(base_url=smollm_server.base_url, api_key="none", max_retries=0,
+                           timeout=CLIENT_TIMEOUT_S)
     raw = direct.chat.completions.with_raw_response.create(
         model=smollm_server.model_name, max_tokens=12, logprobs=True,
         messages=[{"role": "user", "content": "My card still has not arrived."}])
@@ -722,19 +792,19 @@ def test_causal_lm_student_confidence_is_its_mean_token_logprob(gateway, project
                             student_url=smollm_server.base_url, student_model=smollm_server.model_name,
                             student_share=1.0, confidence_threshold=-50.0)
     _, key = gateway_key_create(team=project.team, name="tests", user=owner)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, dep)
     client = _client(gateway, key)
     # A low threshold: the student's answer stands.
     route, resp = _ask(client, "My card still has not arrived.", max_tokens=12)
     assert route == "student" and resp.choices[0].message.content.strip()
-    [row] = _wait_logs(dep, 1, timeout=60)
+    [row] = _wait_logs(dep, 1)
     assert row.route == "student" and math.isfinite(row.confidence) and -50.0 < row.confidence < 0
     # A threshold no sampled answer reaches (mean log p of 0 means certainty): the teacher answers.
     deployment_update(deployment=dep, user=owner, confidence_threshold=-1e-9)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, dep)
     route, resp = _ask(client, "I lost my card yesterday.", max_tokens=12)
     assert route == "fallback" and resp.choices[0].message.content == "card_arrival"
-    rows = _wait_logs(dep, 2, timeout=60)
+    rows = _wait_logs(dep, 2)
     assert rows[1].route == "fallback" and math.isfinite(rows[1].confidence) and rows[1].confidence < -1e-9
     assert teacher_stub.total_completed == 1
 
@@ -758,13 +828,13 @@ def test_served_local_teacher_answers_a_label_and_its_answers_are_harvested_as_a
     dep = deployment_create(project=project, name="support-intents", teacher=teacher, user=owner,
                             teacher_url=smollm_server.base_url, student_artifact=art, student_share=0.0)
     _, key = gateway_key_create(team=project.team, name="tests", user=owner)
-    time.sleep(REFRESH_WAIT)
+    _served(gateway, key, dep)
     client = _client(gateway, key)
     queries = ["My card still has not arrived.", "Someone stole my card.", "My refund is not on my account."]
     for q in queries:
         route, resp = _ask(client, q)
         assert route == "teacher" and resp.choices[0].message.content in LABELS
-    rows = _wait_logs(dep, 3, timeout=60)
+    rows = _wait_logs(dep, 3)
     assert all(r.teacher_response in LABELS for r in rows)
     res = deployment_harvest(deployment=dep, user=owner)
     assert res["requests"] == 3 and res["accepted"] == 3 and res["rejected"] == 0
@@ -825,7 +895,7 @@ def test_demo_serve_deploys_the_demo_classifier_and_answers_through_the_gateway(
     assert all(a["answer"] in LABELS for a in res["answers"])
     dep = Project.objects.get(pk=project.pk).deployments.get()
     assert dep.student_artifact_id == art.pk and dep.confidence_threshold == res["threshold"]
-    rows = [r for r in _wait_logs(dep, n, timeout=60) if r.route != "shadow"]
+    rows = [r for r in _wait_logs(dep, n) if r.route != "shadow"]
     assert Counter(r.route for r in rows[:n]) == Counter(routes)
     assert all(r.confidence < res["threshold"] for r in rows if r.route == "fallback")
     assert all(r.confidence >= res["threshold"] for r in rows if r.route == "student")

@@ -81,7 +81,9 @@ def stub():
 
 
 def test_faults_end_in_the_right_status_and_reason(stub):
-    cfg = TeacherConfig(id=1, name="stub", provider="openai", model="m", base_url=stub.base_url, timeout_s=0.5, max_retries=1)
+    # A 3 s per-request timeout: short for the hang, long enough that the stub's real answers are
+    # never timed out on a loaded CI machine (0.5 s could be, and then the retry counts are off).
+    cfg = TeacherConfig(id=1, name="stub", provider="openai", model="m", base_url=stub.base_url, timeout_s=3.0, max_retries=1)
     texts = ["ok", "[429] busy", "[500] flaky", "[hang] slow", "[length] long", "[filter] nasty"]
     reason, gen, by_q, _ = _run(CLS, cfg, texts)
     assert reason is None
@@ -90,7 +92,7 @@ def test_faults_end_in_the_right_status_and_reason(stub):
     assert by_q[2].status == "accepted" and stub.attempts["[429] busy"] == 2
     assert by_q[3].status == "accepted" and stub.attempts["[500] flaky"] == 2
     # a hang: the per-request timeout fires, retried once, then failed as timeout
-    assert by_q[4].status == "failed" and by_q[4].failed_checks == ["timeout"] and "0.5 s" in by_q[4].error
+    assert by_q[4].status == "failed" and by_q[4].failed_checks == ["timeout"] and "3 s" in by_q[4].error
     assert stub.attempts["[hang] slow"] == 2
     assert by_q[5].status == "rejected" and by_q[5].failed_checks[0] == "truncated" and by_q[5].finish_reason == "length"
     assert by_q[6].status == "rejected" and by_q[6].response is None and "content_filter" in by_q[6].failed_checks

@@ -45,8 +45,9 @@ def _logs(dep, rows):
                    created_at=now) for route, q, s, t, agreed in rows])
 
 
-def _tick_through_worker(dep, done, timeout=60.0):
-    """Send the beat task to the worker and wait until ``done(dep)`` holds (no result backend)."""
+def _tick_through_worker(dep, done, timeout=300.0):
+    """Send the beat task to the worker and wait until ``done(dep)`` holds (no result backend).
+    Generous deadline: the worker may still be busy on a loaded machine; the wait ends when it holds."""
     from distillhub.celery import app
 
     app.send_task(TICK_TASK)

@@ -225,7 +225,7 @@ def test_a_trial_whose_fidelity_falls_is_pruned(celery_worker, team, owner, shar
     assert not run.artifacts.exists()
     import time
 
-    deadline = time.time() + 180  # the advance task queued when the trial ended
+    deadline = time.time() + 240  # the worker may be busy on a loaded machine; ends when the sweep does
     while Sweep.objects.get(pk=sweep.pk).status == "running":
         assert time.time() < deadline, "the sweep did not end"
         time.sleep(0.3)

@@ -52,17 +52,19 @@ def demo_threshold(*, project: Project, artifact: ModelArtifact, limit: int = TH
 
 
 def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str], None] = print,
-               wait_s: float = 5.0) -> dict:
+               wait_s: float = 120.0) -> dict:
     """Deploy the demo project's newest classifier student (student share 50 %, shadow 50 %,
     confidence threshold from ``demo_threshold``) against its teacher (``teacher_url``: where a
     local teacher is served), create a team key, ask the ``DEMO_QUERIES`` through the gateway at
     ``gateway_url`` (ends in ``/v1``), then add the logged teacher answers to the project's data
     (``deployment_harvest``) and print the route counts. Returns ``{deployment, key_prefix, key,
     threshold, answers: [{query, answer, route}], routes: {route: n}, harvest: {runs, requests,
-    accepted, rejected}}``. Raises InvalidState when the demo has not produced a classifier
-    student yet."""
+    accepted, rejected}}``. Before the first request it waits (up to ``wait_s`` seconds) until the
+    gateway serves the new key and this version of the deployment (its ``/healthz``; it reloads
+    them every few seconds), and after the last one until the request logs are written. Raises
+    InvalidState when the demo has not produced a classifier student yet, or the gateway does
+    not serve the deployment in time."""
     import logging
-    import time
 
     import openai
 
@@ -91,8 +93,14 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
     report(f"Deployment {dep.slug} v{dep.version}: classifier student #{art.pk} on 50 % of traffic, teacher "
            f"{teacher.name} on the rest and as fallback under confidence {threshold:g} ({how}); "
            f"key {row.prefix}… created.")
-    time.sleep(wait_s)  # the gateway reloads keys and deployments every few seconds
-    client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=2, timeout=120)
+    from gateway.readiness import GatewayNotReady, wait_served
+
+    try:  # the gateway reloads keys and deployments every few seconds: wait until it has these
+        wait_served(gateway_url, key, slug=dep.slug, version=dep.version, timeout_s=wait_s)
+    except GatewayNotReady as exc:
+        raise InvalidState(f"demo-serve: {exc}") from None
+    # No retries: a retried request (after a timeout) would be answered and logged twice.
+    client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0, timeout=300)
     from django.db.models import Max
 
     from projects.models import RequestLog
@@ -111,7 +119,7 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
                         "route": raw.headers.get("x-distillhub-route")})
         report(f"  [{answers[-1]['route']:>8}] {q} -> {answers[-1]['answer']}")
     routes = Counter(a["route"] for a in answers)
-    harvest = _harvest(dep, n=len(answers), since=since, wait_s=max(wait_s, 1.0) * 6)
+    harvest = _harvest(dep, n=len(answers), since=since, wait_s=wait_s)
     report(f"Routes: {routes['student']} answered by the student, {routes['fallback']} fell back to the teacher "
            f"(confidence under {threshold:g}), {routes['teacher']} routed to the teacher.")
     report(f"Harvested {harvest['requests']} logged teacher answers as production-traffic samples: "
