@@ -39,7 +39,7 @@ def merged_student(project, owner):
     folder.mkdir(parents=True)
     for f in Path(resolve_model(SMOLLM2)).iterdir():
         if f.suffix == ".safetensors":
-            (folder / f.name).symlink_to(f)
+            (folder / f.name).symlink_to(f.resolve())
         elif f.is_file():
             shutil.copy(f, folder / f.name)
     art = ModelArtifact.objects.create(project=project, training_run=run, kind="merged",

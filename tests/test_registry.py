@@ -122,7 +122,9 @@ def test_default_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("DISTILLHUB_MODEL_CACHE")
     assert default_cache_dir() == tmp_path / "data" / "models"
     monkeypatch.delenv("DISTILLHUB_DATA_DIR")
-    assert default_cache_dir() == Path(".data") / "models"
+    monkeypatch.chdir(tmp_path)
+    # Absolute, so a symlink or another process made from it points at the same folder.
+    assert default_cache_dir() == (tmp_path / ".data" / "models").resolve()
 
 
 def test_clear_quantizer_marker():

@@ -35,10 +35,12 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$DISTILLHUB_MODEL_CACHE``, else ``$DISTILLHUB_DATA_DIR/models``, else ``./.data/models``."""
+    """``$DISTILLHUB_MODEL_CACHE``, else ``$DISTILLHUB_DATA_DIR/models``, else ``./.data/models``,
+    made absolute (as settings.MODEL_CACHE_DIR is): the paths it yields end up in symlinks and
+    in other processes, where a relative path would point elsewhere."""
     if os.environ.get("DISTILLHUB_MODEL_CACHE"):
-        return Path(os.environ["DISTILLHUB_MODEL_CACHE"])
-    return Path(os.environ.get("DISTILLHUB_DATA_DIR") or ".data") / "models"
+        return Path(os.environ["DISTILLHUB_MODEL_CACHE"]).resolve()
+    return (Path(os.environ.get("DISTILLHUB_DATA_DIR") or ".data") / "models").resolve()
 
 
 def is_bundled(name: str) -> bool:
