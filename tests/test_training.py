@@ -141,17 +141,19 @@ def test_out_of_range_and_non_finite_hyperparameters_are_form_errors(owner_clien
         "extra": ["hyperparameter 'per_device_train_batch_size': '1e999999' is not a finite number (valid: [1, 1024])"]}
     assert errors(extra="bogus=1") == {
         "extra": ["hyperparameter 'bogus' is not a setting of classifier-kd; settings: activation_checkpointing, "
-                  "alpha, early_stopping_patience, eval_steps, gradient_accumulation_steps, learning_rate, "
-                  "logging_steps, lr_scheduler_type, max_grad_norm, max_length, max_steps, num_train_epochs, "
-                  "per_device_train_batch_size, seed, temperature, warmup_ratio, weight_decay"]}
+                  "alpha, early_stopping_patience, eval_steps, feature_weight, gradient_accumulation_steps, "
+                  "learning_rate, logging_steps, lr_scheduler_type, max_grad_norm, max_length, max_steps, "
+                  "num_train_epochs, per_device_train_batch_size, relation_weight, seed, teacher, temperature, "
+                  "warmup_ratio, weight_decay"]}
     assert errors(num_train_epochs="1e9") == {"num_train_epochs": ["Ensure this value is less than or equal to 100."]}
     assert errors(learning_rate="inf") == {"learning_rate": ["Enter a number."]}
     assert errors(lora_r="8") == {"lora_r": ["hyperparameter 'lora_r' is not a setting of classifier-kd; settings: "
                                              "activation_checkpointing, alpha, early_stopping_patience, eval_steps, "
-                                             "gradient_accumulation_steps, learning_rate, logging_steps, "
-                                             "lr_scheduler_type, max_grad_norm, max_length, max_steps, "
-                                             "num_train_epochs, per_device_train_batch_size, seed, temperature, "
-                                             "warmup_ratio, weight_decay"]}
+                                             "feature_weight, gradient_accumulation_steps, learning_rate, "
+                                             "logging_steps, lr_scheduler_type, max_grad_norm, max_length, "
+                                             "max_steps, num_train_epochs, per_device_train_batch_size, "
+                                             "relation_weight, seed, teacher, temperature, warmup_ratio, "
+                                             "weight_decay"]}
     from projects.services import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^hyperparameter 'num_train_epochs' must be in \[0.01, 100\], got 1e\+09"):
