@@ -322,3 +322,20 @@ def test_cross_tokenizer_logit_kd_from_api_logprobs_through_the_worker(celery_wo
     assert set(run.preflight["loss_components_last"]) == {"ce", "uld"}
     assert TrainingMetric.objects.filter(run=run, split="train").count() == 2
     assert {a["kind"] for a in res["artifacts"]} == {"adapter", "merged", "int8"}
+
+
+@pytest.mark.django_db
+def test_classifier_kd_feature_weight_is_refused_without_a_local_teacher(team, owner, shared_data):
+    from projects.services import InvalidInput
+
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=0)
+    # An API teacher only: the hidden-state term has nothing to match, named in the refusal
+    with pytest.raises(InvalidInput, match=r"^feature_weight > 0 \(classifier-kd\) matches a local"):
+        training_start(project=project, method="classifier-kd", user=owner, overrides={"feature_weight": 1})
+    assert not TrainingRun.objects.filter(project=project).exists()
+    # The relation term compares the soft labels: fine with an API teacher, no teacher recorded
+    run = training_start(project=project, method="classifier-kd", user=owner, overrides={"relation_weight": 2})
+    assert run.hyperparams["relation_weight"] == 2.0 and run.hyperparams["teacher"] == ""
+    _with_local_teacher(project)
+    run = training_start(project=project, method="classifier-kd", user=owner, overrides={"feature_weight": 0.5})
+    assert run.hyperparams["teacher"] == "smollm2-teacher" and run.hyperparams["feature_weight"] == 0.5
