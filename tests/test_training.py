@@ -339,3 +339,23 @@ def test_classifier_kd_feature_weight_is_refused_without_a_local_teacher(team, o
     _with_local_teacher(project)
     run = training_start(project=project, method="classifier-kd", user=owner, overrides={"feature_weight": 0.5})
     assert run.hyperparams["teacher"] == "smollm2-teacher" and run.hyperparams["feature_weight"] == 0.5
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(900)
+def test_classifier_kd_feature_and_relation_through_the_worker(celery_worker, team, owner, shared_data, capsys):
+    """The worker resolves the local teacher for classifier-kd with feature_weight > 0: SmolLM2's
+    mean-pooled query states (576-d) are matched through the projection, the relation term on the
+    soft labels, and the run records both components."""
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=1)
+    _with_local_teacher(project)
+    call_command("distill", "train", "--project", project.slug, "--method", "classifier-kd", "--student", "minilm-l6",
+                 "--set", "max_steps=2", "--set", "per_device_train_batch_size=6", "--set", "logging_steps=1",
+                 "--set", "feature_weight=0.5", "--set", "relation_weight=2", "--wait", "--json")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["status"] == "succeeded", res
+    run = TrainingRun.objects.get(pk=res["run"])
+    assert run.hyperparams["teacher"] == "smollm2-teacher"
+    assert run.preflight["kd_losses"] == ["response", "feature", "relation"] and run.preflight["teacher_hidden"] == 576
+    last = run.preflight["loss_components_last"]
+    assert set(last) == {"response", "feature", "relation"} and last["feature"] > 0 and last["relation"] > 0
