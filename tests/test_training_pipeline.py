@@ -411,8 +411,8 @@ def test_cross_tokenizer_settings_that_cannot_work_are_refused(tmp_path):
         train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0))
     with pytest.raises(TrainingRefused, match="need a teacher with the student's tokenizer"):
         train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0, feature_weight=1.0))
-    with pytest.raises(TrainingRefused, match="not a setting of classifier-kd"):
-        resolve_hyperparams("classifier-kd", "fast", {"feature_weight": 1.0})
+    with pytest.raises(TrainingRefused, match="'uld_weight' is not a setting of classifier-kd"):
+        resolve_hyperparams("classifier-kd", "fast", {"uld_weight": 1.0})  # feature/relation are, see below
     with pytest.raises(TrainingRefused, match="uld_weight"):
         resolve_hyperparams("logit-kd", "fast", {"uld_weight": -1})
 
