@@ -184,7 +184,7 @@ class TrainRow:
 @dataclass
 class TrainSpec:
     """Everything a run needs. ``hyperparams`` come from ``resolve_hyperparams``. ``teacher_model``:
-    a local causal teacher (logit-kd only). Paths are absolute folders. ``policy``: the
+    a local causal teacher (logit-kd; classifier-kd with ``feature_weight`` > 0). Paths are absolute folders. ``policy``: the
     operator's ``security.SecurityPolicy`` that ``student_model`` and ``teacher_model`` must pass
     before they are loaded (None: read from the environment); a refused one raises
     TrainingRefused."""
@@ -1081,8 +1081,8 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
             torch.manual_seed(int(hp.get("seed", 42)))
             projection = torch.nn.Linear(model.config.hidden_size, teacher_feats.shape[1])
 
-    def encode(rows: list[TrainRow]) -> list[dict]:
-        """Tokenised rows; ``row_id``: the row's index in train + validation rows."""
+    def encode(rows: list[TrainRow], start: int) -> list[dict]:
+        """Tokenised rows; ``row_id``: the row's index in train + validation rows (from ``start``)."""
         if not rows:
             return []
         enc = tok([r.query for r in rows], truncation=True, max_length=hp["max_length"])
@@ -1091,13 +1091,11 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
             hard = index.get(r.label, index.get(r.teacher_label, IGNORE_INDEX))
             out.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
                         "labels": hard, "teacher_probs": soft_targets(r, labels),
-                        "teacher_label": index.get(r.teacher_label, hard), "row_id": offset + i})
+                        "teacher_label": index.get(r.teacher_label, hard), "row_id": start + i})
         return out
 
-    offset = 0
-    train_ds = encode(spec.train_rows)
-    offset = len(spec.train_rows)  # teacher_feats rows: training then validation
-    val_ds = encode(spec.val_rows)
+    # teacher_feats holds the training rows, then the validation rows
+    train_ds, val_ds = encode(spec.train_rows, 0), encode(spec.val_rows, len(spec.train_rows))
     supervised = sum(1 for r in train_ds if r["labels"] != IGNORE_INDEX)
     preflight = {"rows": len(train_ds), "validation_rows": len(val_ds), "labels": len(labels),
                  "rows_with_soft_labels": sum(1 for r in spec.train_rows if r.label_probs),
@@ -1108,7 +1106,8 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
                  "device": "cuda" if torch.cuda.is_available() else "cpu", "ok": True, "refusal": ""}
     if fw > 0 or rw > 0:
         preflight["kd_losses"] = ["response"] + ["feature"] * (fw > 0) + ["relation"] * (rw > 0)
-        preflight["relation_teacher_repr"] = "soft labels" if rw > 0 else ""
+        if rw > 0:
+            preflight["relation_teacher_repr"] = "soft labels"
         if teacher_feats is not None:
             preflight.update(teacher_source="local teacher", teacher_hidden=int(teacher_feats.shape[1]))
     if not train_ds:
