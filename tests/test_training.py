@@ -141,17 +141,19 @@ def test_out_of_range_and_non_finite_hyperparameters_are_form_errors(owner_clien
         "extra": ["hyperparameter 'per_device_train_batch_size': '1e999999' is not a finite number (valid: [1, 1024])"]}
     assert errors(extra="bogus=1") == {
         "extra": ["hyperparameter 'bogus' is not a setting of classifier-kd; settings: activation_checkpointing, "
-                  "alpha, early_stopping_patience, eval_steps, gradient_accumulation_steps, learning_rate, "
-                  "logging_steps, lr_scheduler_type, max_grad_norm, max_length, max_steps, num_train_epochs, "
-                  "per_device_train_batch_size, seed, temperature, warmup_ratio, weight_decay"]}
+                  "alpha, early_stopping_patience, eval_steps, feature_weight, gradient_accumulation_steps, "
+                  "learning_rate, logging_steps, lr_scheduler_type, max_grad_norm, max_length, max_steps, "
+                  "num_train_epochs, per_device_train_batch_size, relation_weight, seed, teacher, temperature, "
+                  "warmup_ratio, weight_decay"]}
     assert errors(num_train_epochs="1e9") == {"num_train_epochs": ["Ensure this value is less than or equal to 100."]}
     assert errors(learning_rate="inf") == {"learning_rate": ["Enter a number."]}
     assert errors(lora_r="8") == {"lora_r": ["hyperparameter 'lora_r' is not a setting of classifier-kd; settings: "
                                              "activation_checkpointing, alpha, early_stopping_patience, eval_steps, "
-                                             "gradient_accumulation_steps, learning_rate, logging_steps, "
-                                             "lr_scheduler_type, max_grad_norm, max_length, max_steps, "
-                                             "num_train_epochs, per_device_train_batch_size, seed, temperature, "
-                                             "warmup_ratio, weight_decay"]}
+                                             "feature_weight, gradient_accumulation_steps, learning_rate, "
+                                             "logging_steps, lr_scheduler_type, max_grad_norm, max_length, "
+                                             "max_steps, num_train_epochs, per_device_train_batch_size, "
+                                             "relation_weight, seed, teacher, temperature, warmup_ratio, "
+                                             "weight_decay"]}
     from projects.services import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"^hyperparameter 'num_train_epochs' must be in \[0.01, 100\], got 1e\+09"):
@@ -320,3 +322,40 @@ def test_cross_tokenizer_logit_kd_from_api_logprobs_through_the_worker(celery_wo
     assert set(run.preflight["loss_components_last"]) == {"ce", "uld"}
     assert TrainingMetric.objects.filter(run=run, split="train").count() == 2
     assert {a["kind"] for a in res["artifacts"]} == {"adapter", "merged", "int8"}
+
+
+@pytest.mark.django_db
+def test_classifier_kd_feature_weight_is_refused_without_a_local_teacher(team, owner, shared_data):
+    from projects.services import InvalidInput
+
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=0)
+    # An API teacher only: the hidden-state term has nothing to match, named in the refusal
+    with pytest.raises(InvalidInput, match=r"^feature_weight > 0 \(classifier-kd\) matches a local"):
+        training_start(project=project, method="classifier-kd", user=owner, overrides={"feature_weight": 1})
+    assert not TrainingRun.objects.filter(project=project).exists()
+    # The relation term compares the soft labels: fine with an API teacher, no teacher recorded
+    run = training_start(project=project, method="classifier-kd", user=owner, overrides={"relation_weight": 2})
+    assert run.hyperparams["relation_weight"] == 2.0 and run.hyperparams["teacher"] == ""
+    _with_local_teacher(project)
+    run = training_start(project=project, method="classifier-kd", user=owner, overrides={"feature_weight": 0.5})
+    assert run.hyperparams["teacher"] == "smollm2-teacher" and run.hyperparams["feature_weight"] == 0.5
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(900)
+def test_classifier_kd_feature_and_relation_through_the_worker(celery_worker, team, owner, shared_data, capsys):
+    """The worker resolves the local teacher for classifier-kd with feature_weight > 0: SmolLM2's
+    mean-pooled query states (576-d) are matched through the projection, the relation term on the
+    soft labels, and the run records both components."""
+    project = curated_banking(team, owner, shared_data, n_labels=2, train_per_label=3, val_per_label=1)
+    _with_local_teacher(project)
+    call_command("distill", "train", "--project", project.slug, "--method", "classifier-kd", "--student", "minilm-l6",
+                 "--set", "max_steps=2", "--set", "per_device_train_batch_size=6", "--set", "logging_steps=1",
+                 "--set", "feature_weight=0.5", "--set", "relation_weight=2", "--wait", "--json")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["status"] == "succeeded", res
+    run = TrainingRun.objects.get(pk=res["run"])
+    assert run.hyperparams["teacher"] == "smollm2-teacher"
+    assert run.preflight["kd_losses"] == ["response", "feature", "relation"] and run.preflight["teacher_hidden"] == 576
+    last = run.preflight["loss_components_last"]
+    assert set(last) == {"response", "feature", "relation"} and last["feature"] > 0 and last["relation"] > 0

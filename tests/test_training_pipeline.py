@@ -411,8 +411,8 @@ def test_cross_tokenizer_settings_that_cannot_work_are_refused(tmp_path):
         train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0))
     with pytest.raises(TrainingRefused, match="need a teacher with the student's tokenizer"):
         train(_spec(tmp_path, "logit-kd", "smollm2-135m-instruct", task, rows, [], uld_weight=1.0, feature_weight=1.0))
-    with pytest.raises(TrainingRefused, match="not a setting of classifier-kd"):
-        resolve_hyperparams("classifier-kd", "fast", {"feature_weight": 1.0})
+    with pytest.raises(TrainingRefused, match="'uld_weight' is not a setting of classifier-kd"):
+        resolve_hyperparams("classifier-kd", "fast", {"uld_weight": 1.0})  # feature/relation are, see below
     with pytest.raises(TrainingRefused, match="uld_weight"):
         resolve_hyperparams("logit-kd", "fast", {"uld_weight": -1})
 
@@ -429,3 +429,72 @@ def test_sample_answer_probs_reads_stored_top_logprobs():
     assert p[:, 0].tolist() == pytest.approx([0.5, 0.7, 0.9])
     [p2] = sample_answer_probs([TrainRow(query="q", answer="ad", token_logprobs=lp[:2])])
     assert p2.flatten().tolist() == pytest.approx([0.5, 0.2, 0.7, 0.3])
+
+
+# --- classifier-kd with feature- and relation-based terms -------------------------------------
+
+
+def _classifier_kd_rows(shared_data, n=6):
+    labels, pairs = banking_rows(shared_data, "train", 3, 2)
+    task = TaskSpec(task_type="classification", labels=tuple(labels))
+    rows = [TrainRow(query=q, label=l, teacher_label=l, label_probs=soft(labels, l)) for q, l in pairs[:n]]
+    return task, rows
+
+
+def test_classifier_kd_relation_loss_on_the_teachers_soft_labels(tmp_path, shared_data):
+    task, rows = _classifier_kd_rows(shared_data)
+    spec = _spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], max_steps=2, per_device_train_batch_size=6,
+                 logging_steps=1, relation_weight=3.0)
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    metrics = _train_losses(events)
+    assert len(metrics) == 2
+    for m in metrics:
+        c = m["components"]
+        assert set(c) == {"response", "relation"} and c["response"] > 0 and c["relation"] > 0
+        assert m["loss"] == pytest.approx(c["response"] + 3.0 * c["relation"], rel=1e-3)
+    assert res.preflight["kd_losses"] == ["response", "relation"]
+    assert res.preflight["relation_teacher_repr"] == "soft labels"
+    assert res.preflight["loss_components_last"] == metrics[-1]["components"]
+    assert res.global_step == 2 and res.artifacts[0]["kind"] == "classifier"
+
+
+def test_classifier_kd_feature_loss_through_a_learned_projection(tmp_path, shared_data, monkeypatch):
+    import torch
+
+    from workers.pipeline import training as tp
+
+    task, rows = _classifier_kd_rows(shared_data, n=4)
+    spec = _spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, rows[:2], max_steps=2,
+                 per_device_train_batch_size=4, logging_steps=1, feature_weight=0.5, early_stopping_patience=0)
+    spec.teacher_model = _tiny_llama_teacher(tmp_path / "teacher")
+    seen = {}
+    real = tp.feature_kd_loss
+
+    def spy(student, teacher, projection=None):  # records what the real loss gets, changes nothing
+        seen.update(student=tuple(student.shape), teacher=tuple(teacher.shape), projection=projection)
+        return real(student, teacher, projection)
+
+    monkeypatch.setattr(tp, "feature_kd_loss", spy)
+    events = []
+    res = train(spec, report=lambda e, d: events.append((e, d)))
+    # MiniLM's 384-d pooled state is mapped to the tiny teacher's 32-d one by the learned Linear
+    assert seen["student"] == (2, 384) and seen["teacher"] == (2, 32)  # the last validation batch
+    assert isinstance(seen["projection"], torch.nn.Linear) and seen["projection"].weight.shape == (32, 384)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(42)  # the run's seed: the projection's initial weights
+        init = torch.nn.Linear(384, 32)
+    assert not torch.allclose(seen["projection"].weight.detach().cpu(), init.weight)  # it learned with the student
+    assert res.preflight["kd_losses"] == ["response", "feature"] and res.preflight["teacher_hidden"] == 32
+    for m in _train_losses(events):
+        c = m["components"]
+        assert c["feature"] > 0
+        assert m["loss"] == pytest.approx(c["response"] + 0.5 * c["feature"], rel=1e-3)
+    assert res.global_step == 2 and res.preflight["final_validation_fidelity"] is not None
+
+
+def test_classifier_kd_feature_weight_without_a_local_teacher_is_refused(tmp_path, shared_data):
+    task, rows = _classifier_kd_rows(shared_data, n=3)
+    spec = _spec(tmp_path, "classifier-kd", "minilm-l6", task, rows, [], max_steps=1, feature_weight=1.0)
+    with pytest.raises(TrainingRefused, match=r"^feature_weight > 0 \(classifier-kd\) matches a local"):
+        train(spec)

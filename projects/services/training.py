@@ -76,6 +76,18 @@ def _logit_kd_teacher(project: Project, hp: dict) -> str:
     return _local_teacher(project, name).name
 
 
+def _feature_teacher(project: Project, name: str) -> str:
+    """The local teacher whose hidden states a classifier-kd run with ``feature_weight`` > 0
+    matches: ``name``, else the project's first local teacher. Raises InvalidInput, naming
+    feature_weight, when the project has none (or ``name`` is not one)."""
+    if not Teacher.objects.filter(project=project, provider=Teacher.Provider.TRANSFORMERS).exists():
+        raise InvalidInput("feature_weight > 0 (classifier-kd) matches a local (transformers) teacher's hidden "
+                           "states, and this project has none: add one (e.g. smollm2-135m-instruct) or set "
+                           "feature_weight to 0; relation_weight works with an API teacher (it compares the soft "
+                           "labels)")
+    return _local_teacher(project, name).name
+
+
 def _student_kinds(method: str) -> tuple[str, ...]:
     return ("classifier",) if method == TrainingMethod.CLASSIFIER_KD else ("merged",)
 
@@ -128,7 +140,8 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
     local teacher when the run succeeds. Both are recorded in ``run.hyperparams``.
 
     Raises NotAllowed (viewer), InvalidInput (unknown method/preset/setting, a refused student
-    model, classifier-kd on a non-classification project, logit-kd without a local teacher,
+    model, classifier-kd on a non-classification project, logit-kd (or classifier-kd with
+    ``feature_weight`` > 0) without a local teacher,
     golden rows with a method other than sft-lora/sft-full, a ``student_size`` for another
     method or without a local teacher), InvalidState (no curated rows; no golden references).
 
@@ -159,6 +172,8 @@ def training_start(*, project: Project, method: str, student_model: str = "", us
                            "use sft-lora for this task")
     if method == TrainingMethod.LOGIT_KD:
         hp["teacher"] = _logit_kd_teacher(project, hp)
+    if method == TrainingMethod.CLASSIFIER_KD and float(hp.get("feature_weight", 0)) > 0:
+        hp["teacher"] = _feature_teacher(project, hp.get("teacher", ""))
     if rows_source not in ROWS_SOURCES:
         raise InvalidInput(f"rows_source: {rows_source!r} is not one of {', '.join(ROWS_SOURCES)}")
     if rows_source == "golden":

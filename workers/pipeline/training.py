@@ -63,6 +63,9 @@ _LOGIT_KD = {"temperature": 1.0, "alpha": 0.5, "teacher": "", "feature_weight": 
 #: The ``teacher`` value that makes a cross-tokenizer (uld_weight > 0) run learn from the samples'
 #: stored ``top_logprobs`` (an API teacher) instead of running a local teacher.
 TEACHER_FROM_SAMPLES = "samples"
+#: classifier-kd's feature/relation settings; 0 (off) by default: plain soft-label KD. The
+#: ``teacher`` (a local causal teacher) is only read when ``feature_weight`` > 0.
+_CLASSIFIER_KD = {"teacher": "", "feature_weight": 0.0, "relation_weight": 0.0}
 
 #: Hyperparameters by method and preset. Every value can be overridden; ``eval_steps`` 0 means
 #: validate (and checkpoint) once per epoch; ``max_steps`` -1 means "run the epochs".
@@ -74,9 +77,9 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "classifier-kd": {
         "seed": {**_COMMON, "per_device_train_batch_size": 32, "learning_rate": 5e-5, "num_train_epochs": 5.0,
-                 "lr_scheduler_type": "linear", "max_length": 128, "temperature": 4.0, "alpha": 0.5},
+                 "lr_scheduler_type": "linear", "max_length": 128, "temperature": 4.0, "alpha": 0.5, **_CLASSIFIER_KD},
         "fast": {**_COMMON, "per_device_train_batch_size": 16, "learning_rate": 2e-4, "num_train_epochs": 3.0,
-                 "lr_scheduler_type": "linear", "max_length": 64, "temperature": 4.0, "alpha": 0.5},
+                 "lr_scheduler_type": "linear", "max_length": 64, "temperature": 4.0, "alpha": 0.5, **_CLASSIFIER_KD},
     },
     "logit-kd": {
         "seed": {**_COMMON, **_LORA_SEED, **_LOGIT_KD},
@@ -127,14 +130,19 @@ HYPERPARAMS: dict[str, HyperParam] = {
     "target_modules": HyperParam(list, 1, 64, "LoRA's target linear layers, e.g. q_proj,v_proj"),
     "temperature": HyperParam(float, 0.01, 100.0, "KD softmax temperature T"),
     "alpha": HyperParam(float, 0.0, 1.0, "weight of the KD loss against the cross-entropy"),
-    "teacher": HyperParam(str, None, 300, "logit-kd: the project's local teacher to learn from (default: the first); "
-                          f"with uld_weight > 0, '{TEACHER_FROM_SAMPLES}': the API teacher's stored top_logprobs"),
-    "feature_weight": HyperParam(float, 0.0, 100.0, "logit-kd: weight of the FitNets hidden-state loss (Romero et al. "
-                                 "2015): MSE between the teacher's last hidden states and the student's through a "
-                                 "learned linear projection, on the answer tokens; 0: off"),
-    "relation_weight": HyperParam(float, 0.0, 100.0, "logit-kd: weight of the similarity-preserving loss (Tung & Mori "
-                                  "2019): MSE between the batch's normalised pairwise similarity matrices of the "
-                                  "mean-pooled answer hidden states of student and teacher; 0: off"),
+    "teacher": HyperParam(str, None, 300, "logit-kd, and classifier-kd with feature_weight > 0: the project's local "
+                          "teacher to learn from (default: the first); logit-kd with uld_weight > 0, "
+                          f"'{TEACHER_FROM_SAMPLES}': the API teacher's stored top_logprobs"),
+    "feature_weight": HyperParam(float, 0.0, 100.0, "weight of the FitNets hidden-state loss (Romero et al. 2015): "
+                                 "MSE between the teacher's hidden states and the student's through a learned linear "
+                                 "projection; logit-kd: last hidden states on the answer tokens; classifier-kd: the "
+                                 "local teacher's mean-pooled last hidden state over the query vs the student's "
+                                 "mean-pooled one; 0: off"),
+    "relation_weight": HyperParam(float, 0.0, 100.0, "weight of the similarity-preserving loss (Tung & Mori 2019): "
+                                  "MSE between the batch's normalised pairwise similarity matrices of student and "
+                                  "teacher; logit-kd: mean-pooled answer hidden states; classifier-kd: the student's "
+                                  "mean-pooled hidden state vs the teacher's soft-label vectors (works with API "
+                                  "teachers); 0: off"),
     "uld_weight": HyperParam(float, 0.0, 100.0, "logit-kd: > 0 allows a teacher with another tokenizer: the loss is "
                              "the student's cross-entropy on the teacher's answer + uld_weight x the Universal Logit "
                              "Distillation loss (Boizard et al. 2024); temperature and alpha are then unused; 0: off"),
@@ -176,7 +184,7 @@ class TrainRow:
 @dataclass
 class TrainSpec:
     """Everything a run needs. ``hyperparams`` come from ``resolve_hyperparams``. ``teacher_model``:
-    a local causal teacher (logit-kd only). Paths are absolute folders. ``policy``: the
+    a local causal teacher (logit-kd; classifier-kd with ``feature_weight`` > 0). Paths are absolute folders. ``policy``: the
     operator's ``security.SecurityPolicy`` that ``student_model`` and ``teacher_model`` must pass
     before they are loaded (None: read from the environment); a refused one raises
     TrainingRefused."""
@@ -729,6 +737,14 @@ def _load_logit_teacher(spec: TrainSpec, student_tok):
                               f"{spec.teacher_model!r} and student {spec.student_model!r} have different "
                               "vocabularies; set uld_weight > 0 (cross-tokenizer distillation, Universal Logit "
                               "Distillation) or use sft-lora (response-based distillation) instead")
+    return _load_frozen_causal(src), ttok
+
+
+def _load_frozen_causal(src: str):
+    """The causal LM at folder ``src`` in the run's dtype, frozen (eval, no grad), on the GPU
+    when there is one: a local teacher."""
+    from transformers import AutoModelForCausalLM
+
     cuda, dtype = _device()
     teacher = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     if getattr(teacher, "is_quantized", False):
@@ -736,7 +752,7 @@ def _load_logit_teacher(spec: TrainSpec, student_tok):
     teacher.eval().requires_grad_(False)
     if cuda:
         teacher.to("cuda")
-    return teacher, ttok
+    return teacher
 
 
 def _logit_kd_sources(spec: TrainSpec, student_tok, report):
@@ -842,6 +858,36 @@ def sample_answer_probs(rows: list[TrainRow]) -> list:
     return out
 
 
+class _KDComponentsMixin:
+    """Trainer mix-in shared by logit-kd and classifier-kd: ``_note(name, value)`` records an
+    unweighted loss term during training, ``log`` adds the mean of each since the last log as
+    ``kd_<name>`` (the report callback turns them into the metric's ``components``), and
+    ``create_optimizer`` adds ``kd_projection`` (the FitNets regressor, an ``nn.Linear`` or None)
+    to the optimizer so that it learns with the student (no weight decay)."""
+
+    kd_projection = None
+
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        if self.kd_projection is not None and not any(
+                any(p is q for q in g["params"]) for g in opt.param_groups for p in self.kd_projection.parameters()):
+            opt.add_param_group({"params": list(self.kd_projection.parameters()), "weight_decay": 0.0})
+        return opt
+
+    def _note(self, name: str, value) -> None:
+        if self.model.training:
+            sums = self.__dict__.setdefault("_kd_sums", {})
+            sums.setdefault(name, []).append(float(value.detach()))
+
+    def log(self, logs, *args, **kwargs):
+        sums = self.__dict__.get("_kd_sums")
+        if "loss" in logs and sums:
+            for k, v in sums.items():
+                logs[f"kd_{k}"] = sum(v) / len(v)
+            self._kd_sums = {}
+        return super().log(logs, *args, **kwargs)
+
+
 def _logit_kd_trainer_cls(teacher, hp: dict, *, teacher_probs: list | None = None, student_hidden: int = 0,
                           teacher_hidden: int = 0):
     """The SFTTrainer subclass for logit-kd. Same tokenizer (``teacher`` given): response loss
@@ -864,7 +910,7 @@ def _logit_kd_trainer_cls(teacher, hp: dict, *, teacher_probs: list | None = Non
             torch.manual_seed(int(hp.get("seed", 42)))
             projection = torch.nn.Linear(student_hidden, teacher_hidden)
 
-    class LogitKDTrainer(SFTTrainer):
+    class LogitKDTrainer(_KDComponentsMixin, SFTTrainer):
         """SFTTrainer whose loss is logit distillation (see ``_logit_kd_trainer_cls``)."""
 
         def __init__(self, *a, **kw):
@@ -886,25 +932,6 @@ def _logit_kd_trainer_cls(teacher, hp: dict, *, teacher_probs: list | None = Non
             super()._set_signature_columns_if_needed()
             if teacher_probs is not None and "row_id" not in self._signature_columns:
                 self._signature_columns = [*self._signature_columns, "row_id"]
-
-        def create_optimizer(self, model=None):
-            opt = super().create_optimizer(model)
-            if self.kd_projection is not None and not any(
-                    any(p is q for q in g["params"]) for g in opt.param_groups for p in self.kd_projection.parameters()):
-                # The FitNets regressor learns with the student (no weight decay).
-                opt.add_param_group({"params": list(self.kd_projection.parameters()), "weight_decay": 0.0})
-            return opt
-
-        def _note(self, name: str, value) -> None:
-            if self.model.training:
-                self._kd_sums.setdefault(name, []).append(float(value.detach()))
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs and self._kd_sums:
-                for k, v in self._kd_sums.items():
-                    logs[f"kd_{k}"] = sum(v) / len(v)
-                self._kd_sums = {}
-            return super().log(logs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
@@ -983,6 +1010,50 @@ def soft_targets(row: TrainRow, labels: list[str]) -> list[float]:
     return [p / z for p in probs]
 
 
+def teacher_query_features(teacher, ttok, queries: list[str], *, max_length: int, batch_size: int = 16):
+    """Feature-based classifier-kd (FitNets hints, Romero et al. 2015): the local causal
+    ``teacher``'s last hidden state mean-pooled over each query's tokens under its own
+    tokenizer ``ttok`` (the query text as is, cut to ``max_length`` teacher tokens; padding
+    excluded by the attention mask), computed without gradients in batches of ``batch_size``.
+    Returns a float32 CPU tensor [len(queries), D_t] (D_t: the teacher's hidden size)."""
+    import torch
+
+    if ttok.pad_token is None:
+        ttok.pad_token = ttok.eos_token or ttok.unk_token
+    device = next(teacher.parameters()).device
+    out = []
+    for i in range(0, len(queries), batch_size):
+        enc = ttok(list(queries[i:i + batch_size]), truncation=True, max_length=max_length, padding=True,
+                   return_tensors="pt")
+        ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        with torch.no_grad():
+            h = teacher(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1].float()
+        m = att.unsqueeze(-1).float()
+        out.append(((h * m).sum(1) / m.sum(1).clamp(min=1.0)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, teacher.config.hidden_size)
+
+
+def _classifier_teacher_features(spec: TrainSpec, report):
+    """classifier-kd with ``feature_weight`` > 0: ``teacher_query_features`` of the local teacher
+    ``spec.teacher_model`` for every training then validation row (the teacher is freed
+    afterwards). Raises TrainingRefused, naming feature_weight, without a local teacher."""
+    from transformers import AutoTokenizer
+
+    if not spec.teacher_model:
+        raise TrainingRefused("feature_weight > 0 (classifier-kd) matches a local (transformers) teacher's hidden "
+                              "states, and this run has none: add a local teacher to the project (or name one with "
+                              "teacher=NAME), or set feature_weight to 0; relation_weight works with any teacher "
+                              "(it compares the soft labels)")
+    src = _resolve(spec, spec.teacher_model, "teacher_model")
+    ttok = AutoTokenizer.from_pretrained(src)
+    teacher = _load_frozen_causal(src)
+    report("progress", {"progress": 0.02, "message": "teacher hidden states of the queries"})
+    feats = teacher_query_features(teacher, ttok, [r.query for r in spec.train_rows + spec.val_rows],
+                                   max_length=spec.hyperparams["max_length"])
+    del teacher
+    return feats
+
+
 def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
     import time
 
@@ -1001,8 +1072,17 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
     report("progress", {"progress": 0.01, "message": "loading the student"})
     model = AutoModelForSequenceClassification.from_pretrained(
         src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
+    # Feature- and relation-based terms (0: off), on the student's mean-pooled last hidden state.
+    fw, rw = float(hp.get("feature_weight", 0)), float(hp.get("relation_weight", 0))
+    teacher_feats = _classifier_teacher_features(spec, report) if fw > 0 else None
+    projection = None
+    if teacher_feats is not None:
+        with torch.random.fork_rng(devices=[]):  # the regressor's init follows the run's seed
+            torch.manual_seed(int(hp.get("seed", 42)))
+            projection = torch.nn.Linear(model.config.hidden_size, teacher_feats.shape[1])
 
-    def encode(rows: list[TrainRow]) -> list[dict]:
+    def encode(rows: list[TrainRow], start: int) -> list[dict]:
+        """Tokenised rows; ``row_id``: the row's index in train + validation rows (from ``start``)."""
         if not rows:
             return []
         enc = tok([r.query for r in rows], truncation=True, max_length=hp["max_length"])
@@ -1011,10 +1091,11 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
             hard = index.get(r.label, index.get(r.teacher_label, IGNORE_INDEX))
             out.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
                         "labels": hard, "teacher_probs": soft_targets(r, labels),
-                        "teacher_label": index.get(r.teacher_label, hard)})
+                        "teacher_label": index.get(r.teacher_label, hard), "row_id": start + i})
         return out
 
-    train_ds, val_ds = encode(spec.train_rows), encode(spec.val_rows)
+    # teacher_feats holds the training rows, then the validation rows
+    train_ds, val_ds = encode(spec.train_rows, 0), encode(spec.val_rows, len(spec.train_rows))
     supervised = sum(1 for r in train_ds if r["labels"] != IGNORE_INDEX)
     preflight = {"rows": len(train_ds), "validation_rows": len(val_ds), "labels": len(labels),
                  "rows_with_soft_labels": sum(1 for r in spec.train_rows if r.label_probs),
@@ -1023,6 +1104,12 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
                  "max_length": hp["max_length"], "temperature": hp["temperature"], "alpha": hp["alpha"],
                  "student_prompt_template": "{query}", "method": spec.method,
                  "device": "cuda" if torch.cuda.is_available() else "cpu", "ok": True, "refusal": ""}
+    if fw > 0 or rw > 0:
+        preflight["kd_losses"] = ["response"] + ["feature"] * (fw > 0) + ["relation"] * (rw > 0)
+        if rw > 0:
+            preflight["relation_teacher_repr"] = "soft labels"
+        if teacher_feats is not None:
+            preflight.update(teacher_source="local teacher", teacher_hidden=int(teacher_feats.shape[1]))
     if not train_ds:
         preflight.update(ok=False, refusal="no training rows")
     report("preflight", preflight)
@@ -1035,16 +1122,42 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
         padded["labels"] = torch.tensor([b["labels"] for b in batch])
         padded["teacher_probs"] = torch.tensor([b["teacher_probs"] for b in batch], dtype=torch.float32)
         padded["teacher_label"] = torch.tensor([b["teacher_label"] for b in batch])
+        padded["row_id"] = torch.tensor([b["row_id"] for b in batch])
         return dict(padded)
 
-    class KDTrainer(Trainer):
-        """Trainer with the soft-label KD loss (workers.pipeline.kd.soft_label_kd_loss)."""
+    need_hidden = fw > 0 or rw > 0
+
+    class KDTrainer(_KDComponentsMixin, Trainer):
+        """Trainer with the soft-label KD loss (workers.pipeline.kd.soft_label_kd_loss), plus
+        ``feature_weight`` x ``feature_kd_loss`` (the student's mean-pooled last hidden state
+        through ``kd_projection`` vs the local teacher's, ``teacher_query_features``) plus
+        ``relation_weight`` x ``relation_kd_loss`` (the student's mean-pooled hidden states vs the
+        rows' teacher soft-label vectors: relations between the teacher's output distributions)."""
+
+        kd_projection = projection
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        output_hidden_states=need_hidden)
             loss = soft_label_kd_loss(out.logits, inputs["teacher_probs"], inputs["labels"],
                                       temperature=hp["temperature"], alpha=hp["alpha"])
-            return (loss, out) if return_outputs else loss
+            if need_hidden:
+                self._note("response", loss)
+                h = out.hidden_states[-1].float()
+                m = inputs["attention_mask"].unsqueeze(-1).float()
+                pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+                if fw > 0:
+                    t = teacher_feats[inputs["row_id"].cpu()].to(pooled.device)
+                    f = feature_kd_loss(pooled, t, self.kd_projection.to(pooled.device))
+                    self._note("feature", f)
+                    loss = loss + fw * f
+                if rw > 0:
+                    r = relation_kd_loss(pooled, inputs["teacher_probs"])
+                    self._note("relation", r)
+                    loss = loss + rw * r
+            if return_outputs:  # predictions for the metrics: the logits only
+                return loss, {"logits": out.logits}
+            return loss
 
     def metrics(ev) -> dict:
         logits = ev.predictions[0] if isinstance(ev.predictions, tuple) else ev.predictions
@@ -1067,6 +1180,9 @@ def _train_classifier(spec: TrainSpec, report, check_stop) -> TrainResult:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
     result = _finish(trainer, state_box, spec, preflight, t0, tokens)
+    if state_box.get("components"):
+        result.preflight = {**preflight, "loss_components_last": state_box["components"]}
+        preflight = result.preflight
     if val_ds:
         state_box["mute"] = True  # the best model's figures; already logged at its step
         final = trainer.evaluate()

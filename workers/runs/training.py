@@ -184,7 +184,10 @@ def training_execute(*, job: Job, reporter) -> dict:
         student, policy = model_ref_resolve(project=run.project, ref=run.student_model, field="student_model",
                                             kinds=_student_kinds(run.method))
         teacher_model = None
-        if run.method == TrainingMethod.LOGIT_KD and run.hyperparams.get("teacher") != TEACHER_FROM_SAMPLES:
+        hp = run.hyperparams or {}
+        wants_teacher = (run.method == TrainingMethod.LOGIT_KD and hp.get("teacher") != TEACHER_FROM_SAMPLES) or (
+            run.method == TrainingMethod.CLASSIFIER_KD and float(hp.get("feature_weight", 0)) > 0)
+        if wants_teacher:
             teacher_model, tpolicy = model_ref_resolve(
                 project=run.project, ref=_local_teacher(run.project, run.hyperparams.get("teacher", "")).model,
                 field="teacher model", kinds=("merged",))
