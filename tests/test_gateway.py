@@ -208,7 +208,7 @@ def test_teacher_stream_reaches_the_client_before_the_upstream_finished(gateway,
                                                                          student_stub):
     """The stub holds its last word until the client has seen the first ones: a gateway that
     buffered the answer would get nothing to the client, and the stub would give up waiting."""
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=1.0, confidence_threshold=-0.5)
     client = _client(gateway, key)
     teacher_stub.answer = lambda text: "the teacher answers word by word"
     for text, route in (("hi", "student"), ("hi [unsure]", "fallback")):
@@ -241,7 +241,7 @@ def test_transient_teacher_errors_are_retried_and_others_are_not(gateway, projec
     """GATEWAY_TEACHER_RETRIES is 2 (the default): a 503 or a 429 (after its Retry-After: 1) then
     an answer gives 200; a persistent 500 is answered with the upstream's 500 after 3 tries; a 400
     and an insufficient_quota 429 are tried once. The stub counts the tries per query."""
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     client = _client(gateway, key)
     assert _ask(client, "card [503]")[1].choices[0].message.content == "card_arrival"
     assert teacher_stub.attempts["card [503]"] == 2
@@ -271,7 +271,7 @@ def test_transient_teacher_errors_are_retried_and_others_are_not(gateway, projec
 
 def test_a_teacher_stream_cut_off_midway_ends_with_an_error_event_and_is_logged(gateway, project, owner,
                                                                                 teacher_stub, student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     teacher_stub.answer = lambda text: "one two three four"
     stream = _client(gateway, key).chat.completions.create(
         model="support-intents", stream=True, messages=[{"role": "user", "content": "hi [cut]"}])
@@ -290,7 +290,7 @@ def test_a_teacher_stream_cut_off_midway_ends_with_an_error_event_and_is_logged(
 
 def test_a_client_leaving_a_teacher_stream_is_logged_with_what_it_got(gateway, project, owner, teacher_stub,
                                                                        student_stub):
-    dep, key = _setup(project, owner, teacher_stub, student_stub, student_share=0.0)
+    dep, key = _setup(gateway, project, owner, teacher_stub, student_stub, student_share=0.0)
     teacher_stub.answer = lambda text: "one two three"
     teacher_stub.stream_gate = threading.Event()
     stream = _client(gateway, key).chat.completions.create(
