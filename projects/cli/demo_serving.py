@@ -68,7 +68,9 @@ def demo_serve(*, gateway_url: str, teacher_url: str = "", report: Callable[[str
 
     import openai
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one "HTTP Request: POST …" line per answer
+    # Not one "HTTP Request: POST …" line per answer (the openai client logs through httpx2).
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from projects.services.deployments import deployment_create, deployment_update, gateway_key_create
 
