@@ -32,7 +32,6 @@ two cores). Last line: one JSON object with ``retention_<preset>``, ``speedup_<p
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -52,16 +51,9 @@ INSTRUCTIONS = "Classify the banking customer's message into one intent label. A
 def banking(split: str, labels: list[str] | None, n_labels: int, per_label: int) -> tuple[list[str], list[tuple]]:
     """(labels, [(text, gold label)]): the first ``per_label`` rows of each of the first
     ``n_labels`` intents (sorted by name) of BANKING77's ``split``."""
-    rows = list(csv.DictReader(open(DATA / "banking77" / f"{split}.csv", encoding="utf-8")))
-    labels = labels or sorted({r["category"] for r in rows})[:n_labels]
-    seen = {l: 0 for l in labels}
-    out = []
-    for r in rows:
-        c = r["category"]
-        if c in seen and seen[c] < per_label:
-            seen[c] += 1
-            out.append((r["text"], c))
-    return labels, out
+    from tests.training_data import banking_rows
+
+    return banking_rows(DATA, split, n_labels, per_label, labels=labels)
 
 
 def score_all(lm, messages: list[list[dict]], labels: list[str]) -> tuple[list[str], list[float]]:

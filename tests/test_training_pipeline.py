@@ -1,6 +1,5 @@
 """The training pipeline without Django: real sft-lora steps on the bundled SmolLM2, a
 classifier-kd run on BANKING77 with soft labels, the preflight cases and clear refusals."""
-import csv
 import json
 import math
 from pathlib import Path
@@ -12,24 +11,13 @@ import pytest
 # Two shared cores: one torch thread each trains several times faster than oversubscribed OpenMP.
 os.environ.setdefault("DISTILLHUB_TORCH_THREADS", "1")
 
+from tests.training_data import banking_rows
 from workers.pipeline.local_lm import LocalCausalLM
 from workers.pipeline.registry import resolve_model
 from workers.pipeline.security import SecurityPolicy
 from workers.pipeline.specs import TaskSpec
 from workers.pipeline.training import (TrainingRefused, TrainRow, TrainSpec, ensure_chat_template,
                                        resolve_hyperparams, split_validation, train)
-
-
-def banking_rows(shared_data: Path, split: str, n_labels: int, per_label: int):
-    rows = list(csv.DictReader(open(shared_data / "banking77" / f"{split}.csv", encoding="utf-8")))
-    labels = sorted({r["category"] for r in rows})[:n_labels]
-    out, seen = [], {l: 0 for l in labels}
-    for r in rows:
-        c = r["category"]
-        if c in seen and seen[c] < per_label:
-            seen[c] += 1
-            out.append((r["text"], c))
-    return labels, out
 
 
 def soft(labels, gold, p_gold=0.7):
